@@ -1,0 +1,65 @@
+"""The ``emerg-stream`` command: one sub-command per job in ``jobs/``.
+
+Each job module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``, and imports its heavy dependencies inside ``run`` so that
+``emerg-stream --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from emerg_stream.errors import EmergError
+
+#: sub-command -> module path (under ``jobs``). Order is the order of ``--help``.
+COMMANDS: dict[str, str] = {
+    "reproduce": "jobs.reproduce",
+    "train": "jobs.train",
+    "evaluate": "jobs.evaluate",
+    "explain": "jobs.explain",
+    "split": "jobs.split",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="emerg-stream",
+        description="EmerG cold-start CTR warm-up: offline reproduction and streaming jobs.",
+    )
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+    parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_path in COMMANDS.items():
+        module = importlib.import_module(module_path)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    from emerg_stream.logging import configure_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(json=True if args.log_json else None, level=args.log_level)
+    try:
+        code: int = args._run(args)
+    except EmergError as exc:
+        structlog.get_logger("emerg_stream.cli").error("command_failed", error=str(exc))
+        print(f"emerg-stream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ Column conventions of ``InteractionLog.table``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import pyarrow as pa
 
@@ -87,3 +87,92 @@ class InteractionLog:
     n: int
     k: int
     sources: dict[str, str] = field(default_factory=dict)
+
+
+def schema_to_dict(schema: LogSchema) -> dict[str, object]:
+    """A :class:`LogSchema` as plain JSON-able values (for manifests and checkpoints).
+
+    Args:
+        schema: The schema to serialise.
+
+    Returns:
+        A dict of str/int/list values that :func:`schema_from_dict` turns back.
+    """
+
+    def cols(specs: tuple[ColumnSpec, ...]) -> list[dict[str, object]]:
+        return [
+            {"name": c.name, "kind": c.kind, "side": c.side, "max_len": c.max_len} for c in specs
+        ]
+
+    return {
+        "item_id": schema.item_id,
+        "user_id": schema.user_id,
+        "label": schema.label,
+        "timestamp": schema.timestamp,
+        "item_features": cols(schema.item_features),
+        "user_features": cols(schema.user_features),
+    }
+
+
+def schema_from_dict(data: object) -> LogSchema:
+    """Rebuild a :class:`LogSchema` written by :func:`schema_to_dict`.
+
+    Args:
+        data: The dict (e.g. read from JSON or from a checkpoint).
+
+    Returns:
+        The schema.
+
+    Raises:
+        ValueError: ``data`` is not a valid serialised schema (callers wrap it in the
+            error of their context: a manifest, a checkpoint).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a log schema must be a dict, got {type(data).__name__}")
+    roles: dict[str, str] = {}
+    for key in ("item_id", "user_id", "label", "timestamp"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"log schema: '{key}' must be a non-empty string, got {value!r}")
+        roles[key] = value
+
+    def cols(key: str, side: str) -> tuple[ColumnSpec, ...]:
+        raw = data.get(key, [])
+        if not isinstance(raw, list):
+            raise ValueError(f"log schema: '{key}' must be a list")
+        out: list[ColumnSpec] = []
+        for i, c in enumerate(raw):
+            if not isinstance(c, dict):
+                raise ValueError(f"log schema: {key}[{i}] must be a dict")
+            name, kind, c_side, max_len = (
+                c.get("name"),
+                c.get("kind"),
+                c.get("side"),
+                c.get("max_len"),
+            )
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"log schema: {key}[{i}].name must be a non-empty string")
+            if kind not in ("categorical", "multi", "numeric"):
+                raise ValueError(f"log schema: {key}[{i}].kind {kind!r} is not a feature kind")
+            if c_side != side:
+                raise ValueError(f"log schema: {key}[{i}].side must be {side!r}, got {c_side!r}")
+            if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+                raise ValueError(f"log schema: {key}[{i}].max_len must be an int >= 1")
+            out.append(
+                ColumnSpec(
+                    name=name,
+                    kind=cast(FeatureKind, kind),
+                    side=cast(Side, side),
+                    max_len=max_len,
+                )
+            )
+        return tuple(out)
+
+    return LogSchema(
+        item_id=roles["item_id"],
+        user_id=roles["user_id"],
+        label=roles["label"],
+        timestamp=roles["timestamp"],
+        item_features=cols("item_features", "item"),
+        user_features=cols("user_features", "user"),
+    )

@@ -1,0 +1,86 @@
+"""EmerG: item-specific feature graphs + graph message passing + attention over orders."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.model.config import ModelConfig
+from emerg_stream.model.graph import GraphGenerator, refine
+from emerg_stream.model.interaction import GraphInteraction, OrderAttention, Predictor
+
+
+class EmerG(ItemModel):
+    """The EmerG network, composed of named parts.
+
+    ``embedding`` (FeatureEmbedding) -> ``generator`` (GraphGenerator, the hypernetwork)
+    -> refinement -> ``interaction`` (GraphInteraction) -> ``attention`` (OrderAttention)
+    -> ``predictor`` (Predictor).
+
+    φ_i = {"adj": raw graph A_i ``[F, F]``, "id": ID embedding ``[D]``}.
+
+    Args:
+        config: Model shape and ablation switches.
+    """
+
+    phi_names = ("adj", "id")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        f, d = config.n_fields, config.dim
+        self.generator = GraphGenerator(len(config.side_fields) * d, f, config.hyper_hidden)
+        self.shared_graph = (
+            nn.Parameter(torch.randn(f, f) * 0.1) if config.graph_mode == "shared" else None
+        )
+        self.interaction = GraphInteraction(d, config.layers, config.activation)
+        self.attention = OrderAttention(d, config.heads, config.head_dim)
+        self.predictor = Predictor(f, d)
+
+    @property
+    def noise_dim(self) -> int:
+        """ID-embedding noise, plus the graph's for the random-graph ablation."""
+        f = self.config.n_fields
+        return self.config.dim + (f * f if self.config.graph_mode == "random" else 0)
+
+    def cold_params(self, tokens: Tensor, weights: Tensor, noise: Tensor) -> Phi:
+        """φ⁰ = (generated graph, fresh small random ID embedding); see ItemModel."""
+        cfg = self.config
+        n, f = tokens.shape[0], cfg.n_fields
+        noise = noise.to(tokens.device)
+        if cfg.graph_mode == "hyper":
+            adj = self.generator(self.side_input(tokens, weights))
+        elif cfg.graph_mode == "shared":
+            if self.shared_graph is None:
+                raise RuntimeError("shared graph missing")
+            adj = self.shared_graph.expand(n, f, f)
+        else:
+            adj = noise[:, cfg.dim :].reshape(n, f, f)
+        return {"adj": adj, "id": noise[:, : cfg.dim] * cfg.id_init_std}
+
+    def graphs(self, adj: Tensor) -> Tensor:
+        """Refined per-layer graphs ``[I, L, F, F]`` from raw ``[I, F, F]``."""
+        cfg = self.config
+        return refine(
+            adj, cfg.layers, cfg.topk, use_mask=cfg.use_mask, sparsify=cfg.topk_ratio < 1.0
+        )
+
+    def orders(
+        self, tokens: Tensor, weights: Tensor, phi: Phi, row_index: Tensor | None = None
+    ) -> Tensor:
+        """Message-passing outputs h^(0)..h^(L), ``[B, L+1, F, D]``."""
+        graphs = self.graphs(phi["adj"])
+        id_emb = phi["id"]
+        if row_index is not None:
+            graphs, id_emb = graphs[row_index], id_emb[row_index]
+        e = self.embed_with_id(tokens, weights, id_emb)
+        out: Tensor = self.interaction(e, graphs)
+        return out
+
+    def forward(
+        self, tokens: Tensor, weights: Tensor, phi: Phi, row_index: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B]``; see ItemModel.forward."""
+        h = self.orders(tokens, weights, phi, row_index)
+        out: Tensor = self.predictor(self.attention(h))
+        return out

@@ -1,0 +1,113 @@
+"""Refinement and message passing: properties that a wrong equation would break."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emerg_stream.model.graph import GraphGenerator, minmax_norm, refine, topk_sparsify
+from emerg_stream.model.interaction import GraphInteraction
+
+
+def _raw(seed: int, b: int, f: int) -> torch.Tensor:
+    return torch.randn(b, f, f, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), b=st.integers(1, 4), f=st.integers(2, 9), layers=st.integers(1, 4)
+)
+def test_refined_graphs_are_symmetric_bounded_with_unit_diagonal(seed, b, f, layers):
+    k = f + 1 + (seed % (f * f - f))  # keeps the diagonal (all ones) plus at least the max
+    g = refine(_raw(seed, b, f), layers, min(k, f * f))
+    assert g.shape == (b, layers, f, f)
+    assert torch.allclose(g, g.transpose(-1, -2))
+    assert g.min() >= 0 and g.max() <= 1 + 1e-12
+    diag = torch.diagonal(g, dim1=-2, dim2=-1)
+    assert torch.allclose(diag, torch.ones_like(diag))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), f=st.integers(2, 9), frac=st.floats(0.05, 1.0))
+def test_topk_keeps_exactly_k_entries_the_largest(seed, f, frac):
+    m = minmax_norm(_raw(seed, 3, f))
+    k = max(1, int(frac * f * f))
+    s = topk_sparsify(m, k)
+    kept = (s != 0).flatten(1)
+    # the minimum of a min-max scaled matrix is 0, so it may be "kept" as a zero
+    assert (kept.sum(1) <= k).all() and (kept.sum(1) >= k - 1).all()
+    for i in range(3):
+        flat, sflat = m[i].flatten(), s[i].flatten()
+        smallest_kept = sflat[sflat != 0].min()
+        assert (flat[sflat == 0] <= smallest_kept + 1e-12).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), f=st.integers(3, 9), layers=st.integers(2, 4))
+def test_mask_is_monotone_over_orders(seed, f, layers):
+    g = refine(_raw(seed, 2, f), layers, k=(f * f) // 3 + f)
+    for layer in range(1, layers):
+        newly = (g[:, layer] != 0) & (g[:, layer - 1] == 0)
+        assert not newly.any(), "a pair disconnected at a lower order got connected"
+
+
+def test_without_mask_higher_orders_can_connect_more_pairs():
+    # A path graph 0-1-2-3: (0,2) is a 2-hop pair, absent at order 1.
+    raw = torch.full((1, 4, 4), -1.0, dtype=torch.float64)
+    for a, b in [(0, 1), (1, 2), (2, 3)]:
+        raw[0, a, b] = raw[0, b, a] = 0.5
+    masked = refine(raw, 2, k=10, use_mask=True)
+    free = refine(raw, 2, k=10, use_mask=False)
+    assert masked[0, 1, 0, 2] == 0
+    assert free[0, 1, 0, 2] > 0
+
+
+def test_second_order_graph_is_normalised_square_of_first():
+    raw = _raw(3, 1, 5)
+    g = refine(raw, 2, k=25, sparsify=False, use_mask=False)
+    a1 = g[0, 0]
+    sq = a1 @ a1
+    expect = (sq - sq.min()) / (sq.max() - sq.min())
+    expect.fill_diagonal_(1.0)
+    assert torch.allclose(g[0, 1], expect)
+
+
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("s", [0.5, 2.0, 3.0])
+def test_layer_l_is_an_order_l_plus_1_interaction(activation, s):
+    """Scaling every field embedding by s scales layer l's output by s**(l+1).
+
+    A residual connection, neighbours sending h^(l-1) instead of h^(0), or a missing
+    element-wise product would all break this.
+    """
+    torch.manual_seed(0)
+    layers = 3
+    gi = GraphInteraction(dim=8, layers=layers, activation=activation).double()
+    e = torch.randn(4, 6, 8, dtype=torch.float64)
+    graphs = refine(_raw(1, 4, 6), layers, k=20)
+    base = gi(e, graphs)
+    scaled = gi(s * e, graphs)
+    for layer in range(layers + 1):
+        assert torch.allclose(scaled[:, layer], s ** (layer + 1) * base[:, layer], atol=1e-9)
+
+
+def test_message_passing_uses_the_graph():
+    torch.manual_seed(0)
+    gi = GraphInteraction(dim=4, layers=1, activation="identity").double()
+    e = torch.randn(1, 3, 4, dtype=torch.float64)
+    g = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    g[0, 0, 0, 1] = 1.0  # field 0 hears only field 1
+    out = gi(e, g)[:, 1]
+    w = gi.weights[0].weight
+    assert torch.allclose(out[0, 0], e[0, 0] * (w @ e[0, 1]))
+    assert torch.allclose(out[0, 2], torch.zeros(4, dtype=torch.float64))
+
+
+def test_generator_rows_are_independent_mlps():
+    gen = GraphGenerator(in_dim=6, n_fields=4, hidden=5)
+    z = torch.randn(2, 6)
+    out = gen(z)
+    r = 2
+    expect = torch.relu(z @ gen.w1[r] + gen.b1[r]) @ gen.w2[r] + gen.b2[r]
+    assert out.shape == (2, 4, 4)
+    assert torch.allclose(out[:, r], expect, atol=1e-6)

@@ -75,6 +75,7 @@ def refine(
     power = a1
     for _ in range(1, layers):
         power = power @ a1
+        power = 0.5 * (power + power.transpose(-1, -2))  # exact symmetry despite rounding
         nxt = minmax_norm(power)
         if use_mask:
             nxt = nxt * (out[-1] != 0).to(nxt.dtype)

@@ -1,0 +1,169 @@
+"""``emerg-stream reproduce``: the whole protocol for several methods and seeds."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from emerg_stream.data import holdout_validation, load_dataset, split_log, write_split
+from emerg_stream.features import FeatureSpec
+from emerg_stream.meta.checkpoint import save_checkpoint
+from emerg_stream.meta.evaluate import PHASES, run_phases
+from emerg_stream.meta.pipeline import (
+    METHODS,
+    Prepared,
+    Protocol,
+    final_config,
+    prepare,
+    select_protocol,
+    train_model,
+)
+from emerg_stream.meta.train import TrainConfig
+
+log = structlog.get_logger(__name__)
+
+PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from emerg_stream.errors import ConfigError
+
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def summarize(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds of each phase's AUC and F1."""
+    out: dict[str, dict[str, float]] = {}
+    for phase in PHASES:
+        aucs = np.array([m[phase]["auc"] for m in per_seed.values()])
+        f1s = np.array([m[phase]["f1"] for m in per_seed.values()])
+        out[phase] = {
+            "auc_mean": float(aucs.mean()),
+            "auc_std": float(aucs.std()),
+            "f1_mean": float(f1s.mean()),
+            "f1_std": float(f1s.std()),
+        }
+    return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Per-phase AUC and F1 (mean ± std over seeds, in %) of every method."""
+    head = "| method | " + " | ".join(f"AUC {PHASE_LABELS[p]}" for p in PHASES)
+    head += " | " + " | ".join(f"F1 {PHASE_LABELS[p]}" for p in PHASES) + " |"
+    sep = "|---" * (1 + 2 * len(PHASES)) + "|"
+    lines = [head, sep]
+    for method, res in results["methods"].items():
+        s = res["summary"]
+        auc = " | ".join(f"{100 * s[p]['auc_mean']:.2f} ± {100 * s[p]['auc_std']:.2f}" for p in PHASES)
+        f1 = " | ".join(f"{100 * s[p]['f1_mean']:.2f} ± {100 * s[p]['f1_std']:.2f}" for p in PHASES)
+        lines.append(f"| {method} | {auc} | {f1} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_phis(path: Path, ids: list[str], phis: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Store each phase's φ of every new item (for ``explain`` and the report)."""
+    arrays: dict[str, np.ndarray] = {"item_ids": np.array(ids)}
+    for phase, phi in phis.items():
+        for name, value in phi.items():
+            arrays[f"{phase}.{name}"] = value.numpy()
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+def reproduce(
+    dataset: str,
+    out: Path,
+    *,
+    methods: tuple[str, ...] = METHODS,
+    seeds: int = 3,
+    data_dir: str | None = None,
+    device: str = "auto",
+    cfg: TrainConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run split, selection, training and phased evaluation; write results to ``out``.
+
+    Returns:
+        The content of ``out/results.json``.
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    cfg = cfg or TrainConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    ilog = load_dataset(dataset, data_dir)
+    split = split_log(ilog)
+    manifest = write_split(split, out / "split")
+    spec = FeatureSpec.fit(split.schema, split.old)
+    (out / "feature_spec.json").write_text(json.dumps(spec.to_dict()) + "\n")
+    val_split = holdout_validation(split, frac=0.2, seed=0)
+    val: Prepared = prepare(val_split, spec)
+    data: Prepared = prepare(split, spec)
+    log.info(
+        "data_prepared",
+        dataset=ilog.name,
+        old_rows=len(data.old_rows),
+        new_items=len(data.new.items),
+        test_rows=len(data.new.test),
+        val_items=len(val.new.items),
+    )
+    results: dict[str, Any] = {
+        "dataset": ilog.name,
+        "command": " ".join(sys.argv),
+        "device": str(dev),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "train_config": asdict(cfg),
+        "split": {k: manifest[k] for k in ("row_counts", "item_counts") if k in manifest},
+        "methods": {},
+    }
+    for method in methods:
+        t0 = time.perf_counter()
+        protocol: Protocol = select_protocol(method, spec, val, cfg, device=dev, progress=progress)
+        per_seed: dict[int, dict[str, dict[str, float]]] = {}
+        for seed in range(seeds):
+            fcfg = final_config(cfg, protocol, seed)
+            model = train_model(method, spec, data, fcfg, device=dev, progress=progress)
+            metrics, phis = run_phases(model, data.new, protocol.warmup, salt=seed, device=dev)
+            per_seed[seed] = metrics
+            log.info("seed_evaluated", method=method, seed=seed,
+                     auc={p: round(100 * m["auc"], 2) for p, m in metrics.items()})
+            save_checkpoint(
+                out / "checkpoints" / f"{method}-seed{seed}",
+                model,
+                spec.to_dict(),
+                {
+                    "method": method,
+                    "dataset": ilog.name,
+                    "seed": seed,
+                    "noise_salt": seed,
+                    "warmup": asdict(protocol.warmup),
+                    "train_config": asdict(fcfg),
+                    "split": {"n": split.n, "k": split.k},
+                    "old_item_ids": list(data.old_items.ids),
+                },
+            )
+            if seed == 0:
+                save_phis(out / f"phis-{method}.npz", data.new.items.ids, phis)
+        results["methods"][method] = {
+            "protocol": protocol.to_dict(),
+            "seeds": {str(s): m for s, m in per_seed.items()},
+            "summary": summarize(per_seed),
+            "wall_time_s": round(time.perf_counter() - t0, 1),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(results))
+    return results

@@ -10,7 +10,7 @@ Example (paths are relative to the YAML file)::
     user_id: visitor
     label: clicked               # values 0/1 (or true/false) ...
     label_threshold: 4           # ... or: label = value >= threshold
-    timestamp: ts                # integer time, or a timestamp column
+    timestamp: ts                # integer time, a timestamp column (kept in its unit), ISO text
     item_features:
       - {name: category, kind: categorical}
       - {name: tags, kind: multi, separator: "|", max_len: 5}
@@ -22,6 +22,8 @@ Example (paths are relative to the YAML file)::
 Column types in the log follow :mod:`emerg_stream.data.log`: ids and categorical
 features become strings, multi features ``list<string>`` (split on ``separator`` when the
 column holds strings; a parquet list column is taken as is), numeric ``float64``.
+Errors about values name the file, the column and the data row (counted from 1, the
+CSV header not counted).
 """
 
 from __future__ import annotations
@@ -275,7 +277,8 @@ def _first_null(col: pa.ChunkedArray) -> int:
 def _ids(raw: pa.Table, name: str, path: Path) -> pa.Array:
     col = raw.column(name)
     if col.null_count:
-        raise DataError(f"{path}: id column '{name}' is empty in data row {_first_null(col)}")
+        row = _first_null(col) + 1
+        raise DataError(f"{path}: id column '{name}' is empty in data row {row}")
     try:
         return pc.cast(col.combine_chunks(), pa.string())
     except pa.ArrowException as exc:
@@ -285,7 +288,8 @@ def _ids(raw: pa.Table, name: str, path: Path) -> pa.Array:
 def _labels(raw: pa.Table, name: str, threshold: float | None, path: Path) -> pa.Array:
     col = raw.column(name).combine_chunks()
     if col.null_count:
-        raise DataError(f"{path}: label column '{name}' is empty in data row {_first_null(col)}")
+        row = _first_null(col) + 1
+        raise DataError(f"{path}: label column '{name}' is empty in data row {row}")
     try:
         values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowException as exc:
@@ -297,27 +301,46 @@ def _labels(raw: pa.Table, name: str, threshold: float | None, path: Path) -> pa
         i = int(bad[0])
         raise DataError(
             f"{path}: label column '{name}' must hold 0/1 (or set label_threshold): "
-            f"data row {i} has {col[i].as_py()!r}"
+            f"data row {i + 1} has {col[i].as_py()!r}"
         )
     return pa.array(values.astype(np.int8))
 
 
 def _timestamps(raw: pa.Table, name: str, path: Path) -> pa.Array:
+    """The timestamp column as int64, shape [R].
+
+    Integers as is; a timestamp column in its own unit (no rounding, so no new ties);
+    dates in seconds; text holding integers or ISO times.
+    """
     col = raw.column(name).combine_chunks()
     if col.null_count:
         raise DataError(
-            f"{path}: timestamp column '{name}' is empty in data row {_first_null(col)}"
+            f"{path}: timestamp column '{name}' is empty in data row {_first_null(col) + 1}"
         )
     typ = col.type
     if pa.types.is_integer(typ):
         return pc.cast(col, pa.int64())
-    if pa.types.is_timestamp(typ) or pa.types.is_date(typ):
-        seconds = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
-        return seconds
+    if pa.types.is_timestamp(typ):
+        return pc.cast(col, pa.int64())
+    if pa.types.is_date(typ):
+        return pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
     if pa.types.is_floating(typ):
         values = col.to_numpy(zero_copy_only=False)
         if np.all(np.isfinite(values)) and np.all(values == np.round(values)):
             return pa.array(values.astype(np.int64))
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        text = pc.utf8_trim_whitespace(col)
+        is_int = np.asarray(pc.match_substring_regex(text, r"^-?\d+$"), dtype=bool)
+        try:
+            if is_int.all():
+                return pc.cast(text, pa.int64())
+            return pc.cast(pc.cast(text, pa.timestamp("s")), pa.int64())
+        except pa.ArrowException:
+            i = int(np.flatnonzero(~is_int)[0]) if not is_int.all() else 0
+            raise DataError(
+                f"{path}: timestamp column '{name}': data row {i + 1} has {col[i].as_py()!r}, "
+                "not an integer or an ISO time"
+            ) from None
     raise DataError(
         f"{path}: timestamp column '{name}' must hold integers or timestamps, got {typ}"
     )

@@ -1,0 +1,77 @@
+"""Shared fixtures. Others may append fixtures below; keep each one documented."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_data_dir() -> Path | None:
+    """The real datasets' folder: ``$EMERG_DATA_DIR``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("EMERG_DATA_DIR")
+    candidate = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real datasets' folder; skips the test when it is absent."""
+    found = find_data_dir()
+    if found is None:
+        pytest.skip("real data absent: set EMERG_DATA_DIR or provide ../shared/data")
+    return found
+
+
+#: Schema of the logs built by ``make_log``: one feature of each kind per side.
+TINY_SCHEMA = LogSchema(
+    item_id="item",
+    user_id="user",
+    label="label",
+    timestamp="ts",
+    item_features=(
+        ColumnSpec("cat", "categorical", "item"),
+        ColumnSpec("tags", "multi", "item", max_len=3),
+        ColumnSpec("price", "numeric", "item"),
+    ),
+    user_features=(ColumnSpec("city", "categorical", "user"),),
+)
+
+Row = tuple[str, str, int, int]
+
+
+@pytest.fixture
+def make_log() -> Callable[..., InteractionLog]:
+    """Factory: ``make_log(rows, n=..., k=...)`` with rows ``(item, user, ts, label)``.
+
+    Features are derived from the ids (``cat`` = item id's first letter, ``tags`` = two
+    tags, ``price`` = row position, ``city`` = user id's last letter); a ``seq`` column
+    holds each row's position in the file, to check ordering.
+    """
+
+    def build(rows: Sequence[Row], n: int = 9, k: int = 2, name: str = "tiny") -> InteractionLog:
+        items = [r[0] for r in rows]
+        users = [r[1] for r in rows]
+        table = pa.table(
+            {
+                "item": pa.array(items, pa.string()),
+                "user": pa.array(users, pa.string()),
+                "ts": pa.array([r[2] for r in rows], pa.int64()),
+                "label": pa.array([r[3] for r in rows], pa.int8()),
+                "cat": pa.array([i[:1] for i in items], pa.string()),
+                "tags": pa.array([[f"t{i[:1]}", "common"] for i in items], pa.list_(pa.string())),
+                "price": pa.array([float(j) for j in range(len(rows))], pa.float64()),
+                "city": pa.array([u[-1:] for u in users], pa.string()),
+                "seq": pa.array(range(len(rows)), pa.int64()),
+            }
+        )
+        return InteractionLog(name=name, table=table, schema=TINY_SCHEMA, n=n, k=k)
+
+    return build

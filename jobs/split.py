@@ -36,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
         "split_written",
         dataset=split.name,
         out=str(args.out),
-        rows=manifest["rows"],
+        rows=manifest["row_counts"],
         seconds=round(time.perf_counter() - started, 2),
     )
     print(f"dataset {split.name}: N={split.n} K={split.k} -> {args.out}")
     print(f"{'part':<8}{'rows':>10}{'items':>8}")
     for part in PARTS:
-        print(f"{part:<8}{manifest['rows'][part]:>10,}{manifest['items'][part]:>8,}")
+        print(f"{part:<8}{manifest['row_counts'][part]:>10,}{manifest['item_counts'][part]:>8,}")
     dropped = f"{split.dropped_items:,} items ({split.dropped_rows:,} rows)"
     print(f"dropped {dropped} with fewer than 3K rows")
     return 0

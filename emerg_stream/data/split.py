@@ -219,9 +219,9 @@ def write_split(split: Split, out_dir: str | Path) -> dict[str, Any]:
         out_dir: Folder to write into (created if needed; existing parts are replaced).
 
     Returns:
-        The manifest: name, n, k, schema, rows and items per part, dropped items and
-        rows, sha256 of every input file (``sources``) and of every written parquet
-        (``files``).
+        The manifest: name, n, k, schema, ``row_counts`` and ``item_counts`` per part,
+        dropped items and rows, sha256 of every input file (``sources``) and of every
+        written parquet (``files``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,8 +235,8 @@ def write_split(split: Split, out_dir: str | Path) -> dict[str, Any]:
         "name": split.name,
         "n": split.n,
         "k": split.k,
-        "rows": split.row_counts(),
-        "items": split.item_counts(),
+        "row_counts": split.row_counts(),
+        "item_counts": split.item_counts(),
         "dropped_items": split.dropped_items,
         "dropped_rows": split.dropped_rows,
         "sources": dict(sorted(split.sources.items())),

@@ -175,8 +175,8 @@ def test_write_and_read_split_round_trip(make_log, tmp_path) -> None:
 
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["rows"] == split.row_counts()
-    assert manifest["items"] == split.item_counts()
+    assert manifest["row_counts"] == split.row_counts()
+    assert manifest["item_counts"] == split.item_counts()
     assert (manifest["n"], manifest["k"], manifest["name"]) == (9, 2, "tiny-ds")
     assert (manifest["dropped_items"], manifest["dropped_rows"]) == (1, 5)
     assert manifest["sources"] == {"x/input.dat": "ab" * 32}

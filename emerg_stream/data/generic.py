@@ -43,6 +43,9 @@ from emerg_stream.data._files import sha256_file, source_key
 from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
 from emerg_stream.errors import ConfigError, DataError
 
+#: max_len of a multi feature whose YAML gives none.
+DEFAULT_MULTI_MAX_LEN = 8
+
 
 class FeatureConfig(BaseModel):
     """One feature column of a generic dataset."""
@@ -205,10 +208,6 @@ def read_generic(yaml_path: str | Path) -> InteractionLog:
         k=cfg.split.k,
         sources={source_key(p): sha256_file(p) for p in (yaml_path, log_path)},
     )
-
-
-#: max_len of a multi feature whose YAML gives none.
-DEFAULT_MULTI_MAX_LEN = 8
 
 
 def _default_max_len(kind: str) -> int:

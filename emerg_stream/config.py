@@ -1,0 +1,283 @@
+"""Runtime settings of the jobs, read from the environment (pydantic-settings).
+
+Every root class reads variables with the prefix ``EMERG_``; nested sections use ``__``::
+
+    EMERG_KAFKA__BOOTSTRAP_SERVERS=broker-1:9093,broker-2:9093
+    EMERG_KAFKA__SECURITY_PROTOCOL=SASL_SSL
+    EMERG_KAFKA__SASL_MECHANISM=SCRAM-SHA-512
+    EMERG_KAFKA__SASL_USERNAME=emerg
+    EMERG_KAFKA__SASL_PASSWORD=...            # a SecretStr: never shown by repr/str/logs
+    EMERG_KAFKA__EXTRA='{"linger.ms": "5"}'   # any other librdkafka setting, as JSON
+    EMERG_TOPICS__ITEMS=prod.emerg.items
+    EMERG_GROUP_ID=emerg-worker               # WorkerSettings only
+
+Settings are frozen. :meth:`KafkaSettings.as_librdkafka` is the one place that renders
+librdkafka's dotted keys and unwraps secrets. Build settings with :func:`load_settings` to
+get a :class:`~emerg_stream.errors.ConfigError` (one readable line per problem) instead of
+a pydantic traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emerg_stream.errors import ConfigError
+
+__all__ = [
+    "KafkaSettings",
+    "SecurityProtocol",
+    "Settings",
+    "TopicSettings",
+    "WorkerSettings",
+    "load_settings",
+]
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+_REDACTED = "***"
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster (``EMERG_KAFKA__*``).
+
+    Args:
+        bootstrap_servers: Comma-separated ``host:port`` list.
+        security_protocol: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+        sasl_mechanism: Required with a ``SASL_*`` protocol.
+        sasl_username: SASL user (PLAIN / SCRAM).
+        sasl_password: SASL password (PLAIN / SCRAM); a secret.
+        ssl_ca_location: CA bundle that signed the brokers' certificates.
+        ssl_certificate_location: Client certificate (mutual TLS).
+        ssl_key_location: Client private key (mutual TLS).
+        ssl_key_password: Password of the client key; a secret.
+        client_id: ``client.id`` reported to the brokers (shows in their logs and quotas).
+        extra: Any other librdkafka setting, passed through verbatim. It may not repeat a
+            key that a typed field renders.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    client_id: str = "emerg-stream"
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> KafkaSettings:
+        if not self.bootstrap_servers.strip():
+            raise ValueError("bootstrap_servers is empty")
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                f"sasl_mechanism is set but security_protocol is {self.security_protocol}; "
+                "use SASL_SSL or SASL_PLAINTEXT"
+            )
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
+        clash = sorted(set(self.extra) & set(self._typed_keys()))
+        if clash:
+            raise ValueError(f"extra repeats keys rendered by typed settings: {clash}")
+        return self
+
+    def _typed_keys(self) -> dict[str, str | SecretStr | None]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol.lower(),
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": _path(self.ssl_ca_location),
+            "ssl.certificate.location": _path(self.ssl_certificate_location),
+            "ssl.key.location": _path(self.ssl_key_location),
+            "ssl.key.password": self.ssl_key_password,
+            "client.id": self.client_id,
+        }
+
+    def as_librdkafka(self, *, redact: bool = False) -> dict[str, str]:
+        """Render the librdkafka configuration (the only place secrets are unwrapped).
+
+        Args:
+            redact: Replace secret values with ``***`` (for logging the configuration).
+
+        Returns:
+            Dotted librdkafka keys; unset options are left out, ``extra`` is merged in.
+        """
+        conf: dict[str, str] = {}
+        for key, value in self._typed_keys().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                conf[key] = _REDACTED if redact else value.get_secret_value()
+            else:
+                conf[key] = value
+        conf.update(self.extra)
+        return conf
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+class TopicSettings(BaseModel):
+    """Topic names and sizes (``EMERG_TOPICS__*``).
+
+    Partition counts and per-topic configs normally come from ``infra/topics.yaml``
+    (see :mod:`emerg_stream.stream.topics`); the two overrides below win over it.
+
+    Args:
+        items: ItemEvent topic (key = item id).
+        interactions: Interaction topic; co-partitioned with ``items``.
+        item_params: ItemParams topic (compacted).
+        predictions: Prediction topic.
+        dead_letter: DeadLetter topic.
+        changelog: ItemState changelog (compacted).
+        partitions: If set, the partition count of every topic except the dead-letter
+            one (keeps items and interactions co-partitioned).
+        replication: If set, the replication factor of every topic.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    items: str = "emerg.items"
+    interactions: str = "emerg.interactions"
+    item_params: str = "emerg.item-params"
+    predictions: str = "emerg.predictions"
+    dead_letter: str = "emerg.dead-letter"
+    changelog: str = "emerg.state-changelog"
+    partitions: int | None = Field(default=None, ge=1)
+    replication: int | None = Field(default=None, ge=1)
+
+    def names(self) -> dict[str, str]:
+        """Return role -> topic name, for the six roles of ``infra/topics.yaml``."""
+        return {
+            "items": self.items,
+            "interactions": self.interactions,
+            "item_params": self.item_params,
+            "predictions": self.predictions,
+            "dead_letter": self.dead_letter,
+            "changelog": self.changelog,
+        }
+
+    @model_validator(mode="after")
+    def _check(self) -> TopicSettings:
+        names = list(self.names().values())
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"one topic name used for two roles: {dup}")
+        if any(not n.strip() for n in names):
+            raise ValueError("a topic name is empty")
+        return self
+
+
+class Settings(BaseSettings):
+    """Root settings every job shares: the cluster and the topics.
+
+    Args:
+        kafka: Connection to the cluster.
+        topics: Topic names.
+        schema_registry_url: Confluent Schema Registry; unset = the checked-in id
+            manifest (``EMERG_SCHEMA_REGISTRY_URL``, also read by the codec).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMERG_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    schema_registry_url: str | None = None
+
+
+class WorkerSettings(Settings):
+    """Settings of the warm-up worker (``emerg-stream worker``).
+
+    Args:
+        group_id: Consumer group; its members split the partitions.
+        checkpoint: Model checkpoint (shared parameters, feature spec, model version).
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+        batch_max_records: Most records per poll batch.
+        batch_timeout_ms: Longest wait for a batch to fill.
+        pending_max: Interactions held for items not announced yet, in total; beyond it
+            the oldest go to the dead-letter topic.
+        dedupe_window: Event ids remembered per item for de-duplication.
+        metrics_port: Prometheus port on 127.0.0.1; ``None`` = no metrics server.
+        session_timeout_ms: Consumer ``session.timeout.ms``. Keep it small (6000): the
+            join wait of a group grows with it (about 23 s at librdkafka's 45000).
+        heartbeat_interval_ms: Consumer ``heartbeat.interval.ms`` (below a third of the
+            session timeout); a fast heartbeat makes rebalances fast.
+        startup_retries: Attempts to reach the brokers at start before giving up.
+        startup_backoff_ms: First wait between those attempts; doubles each time.
+        startup_backoff_max_ms: Cap of that wait.
+    """
+
+    group_id: str = "emerg-worker"
+    checkpoint: Path = Path("runs/checkpoint.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_max_records: int = Field(default=512, ge=1)
+    batch_timeout_ms: int = Field(default=200, ge=0)
+    pending_max: int = Field(default=10_000, ge=0)
+    dedupe_window: int = Field(default=1_000, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    session_timeout_ms: int = Field(default=6_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    startup_retries: int = Field(default=10, ge=0)
+    startup_backoff_ms: int = Field(default=500, ge=0)
+    startup_backoff_max_ms: int = Field(default=10_000, ge=0)
+
+    @model_validator(mode="after")
+    def _check_worker(self) -> WorkerSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third "
+                f"of session_timeout_ms ({self.session_timeout_ms})"
+            )
+        if self.startup_backoff_max_ms < self.startup_backoff_ms:
+            raise ValueError("startup_backoff_max_ms is below startup_backoff_ms")
+        return self
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], overrides: Mapping[str, Any] | None = None) -> S:
+    """Build settings from the environment (and explicit overrides), errors as ConfigError.
+
+    Args:
+        cls: The settings class, e.g. :class:`WorkerSettings`.
+        overrides: Field values that win over the environment (from a command line),
+            e.g. ``{"kafka": {"bootstrap_servers": "127.0.0.1:9092"}}``.
+
+    Raises:
+        ConfigError: Listing every invalid setting with its environment variable.
+    """
+    try:
+        return cls(**dict(overrides or {}))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "__".join(str(p) for p in err["loc"]).upper()
+            where = f"EMERG_{loc}" if loc else cls.__name__
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from exc

@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "jobs.evaluate",
     "explain": "jobs.explain",
     "split": "jobs.split",
+    "broker": "jobs.broker",
+    "topics": "jobs.topics",
 }
 
 

@@ -120,9 +120,10 @@ def schema_dir() -> Path:
         if not (path / _MANIFEST).is_file():
             raise ConfigError(f"${SCHEMA_DIR_ENV}={env} holds no {_MANIFEST}")
         return path
-    repo = Path(__file__).resolve().parents[2] / "schemas"
-    if (repo / _MANIFEST).is_file():
-        return repo
+    checkout = Path(__file__).resolve().parents[2]
+    repo = checkout / "schemas"
+    if (checkout / "pyproject.toml").is_file() and (repo / _MANIFEST).is_file():
+        return repo  # a source checkout (editable install); not site-packages/schemas
     packaged = packaged_schema_dir()
     if (packaged / _MANIFEST).is_file():
         return packaged

@@ -312,15 +312,19 @@ class EmbeddedBroker:
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in _terminate
             prefix="emerg-tansu-", suffix=".log", delete=False
         )
-        self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_pdeathsig_hook(),
-        )
+        try:
+            self._proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig_hook(),
+            )
+        except OSError as exc:
+            self._terminate()  # closes and removes the log file
+            raise ConfigError(f"cannot run the Tansu binary {binary}: {exc}") from exc
 
     def _wait_ready(self, port: int) -> None:
         """Wait for a TCP accept, then (without authentication) a metadata answer."""

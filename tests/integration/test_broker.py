@@ -159,3 +159,10 @@ def test_broker_job_prints_bootstrap_and_stops_on_signal(how: str) -> None:
     assert "broker_stopped" in err
     with pytest.raises(KafkaException):
         admin(line).list_topics(timeout=1.0)
+
+
+def test_a_missing_binary_is_a_config_error(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(binary=tmp_path / "no-tansu")
+    with pytest.raises(ConfigError, match="cannot run the Tansu binary"):
+        broker.start()
+    assert not broker.running

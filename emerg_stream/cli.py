@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "split": "jobs.split",
     "broker": "jobs.broker",
     "topics": "jobs.topics",
+    "replay": "jobs.replay",
 }
 
 

@@ -164,7 +164,9 @@ def split_log(log: InteractionLog, n: int | None = None, k: int | None = None) -
     )
 
 
-def holdout_validation(split: Split, frac: float = 0.2, seed: int = 0) -> Split:
+def holdout_validation(
+    split: Split, frac: float = 0.2, seed: int = 0, max_test_rows: int | None = None
+) -> Split:
     """A validation split made from old items only, for model selection.
 
     ``round(frac * #old items)`` old items, drawn with ``numpy.random.default_rng(seed)``
@@ -177,6 +179,9 @@ def holdout_validation(split: Split, frac: float = 0.2, seed: int = 0) -> Split:
         split: The public split.
         frac: Fraction of old items held out, in (0, 1).
         seed: Seed of the draw.
+        max_test_rows: Keep at most this many test rows per pseudo-new item (the first
+            ones in time). ``split.n - 3 * split.k`` makes pseudo-new items look like
+            real new items, which never have more; ``None`` keeps every row.
 
     Returns:
         The validation split (same n, k, schema, sources; name ``<name>.holdout``).
@@ -196,6 +201,9 @@ def holdout_validation(split: Split, frac: float = 0.2, seed: int = 0) -> Split:
     keep = old.filter(pa.array(~is_held))
     pseudo = old.filter(pa.array(is_held))
     order, rank, _ = _item_order(pseudo, split.schema)
+    if max_test_rows is not None:
+        within = rank < 3 * split.k + max_test_rows
+        order, rank = order[within], rank[within]
     warm_a, warm_b, warm_c, test = _phase_parts(pseudo, order, rank, split.k)
     return Split(
         old=keep,

@@ -113,7 +113,7 @@ def _score(metrics: dict[str, dict[str, float]]) -> float:
 
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))  # noqa: NPY002 - torch/numpy global seeding for init
+    np.random.seed(seed % (2**32))
 
 
 def train_model(
@@ -135,7 +135,9 @@ def train_model(
         if on_epoch is not None:
             on_epoch(stage, epoch, model)
 
-    pretrain(model, data.old_rows, data.old_items, cfg, device=device, progress=progress, on_epoch=hook)
+    pretrain(
+        model, data.old_rows, data.old_items, cfg, device=device, progress=progress, on_epoch=hook
+    )
     if method != "deepfm":
         meta_train(
             model,
@@ -175,7 +177,9 @@ def select_protocol(
         metrics, _ = run_phases(model, val.new, default, salt=cfg.seed, device=device)
         score = _score(metrics)
         curve.append({"stage": stage, "epoch": epoch, "score": score})
-        log.info("validation_epoch", method=method, stage=stage, epoch=epoch, mean_auc=round(score, 4))
+        log.info(
+            "validation_epoch", method=method, stage=stage, epoch=epoch, mean_auc=round(score, 4)
+        )
         if score > best["score"]:
             best.update(
                 score=score,
@@ -186,8 +190,14 @@ def select_protocol(
         model.train()
 
     model = train_model(
-        method, spec, val, cfg, device=device, progress=progress,
-        model_overrides=model_overrides, on_epoch=on_epoch,
+        method,
+        spec,
+        val,
+        cfg,
+        device=device,
+        progress=progress,
+        model_overrides=model_overrides,
+        on_epoch=on_epoch,
     )
     model.load_state_dict(best["state"])
     model.eval()
@@ -198,8 +208,14 @@ def select_protocol(
         metrics, _ = run_phases(model, val.new, wcfg, salt=cfg.seed, device=device)
         trials.append((_score(metrics), wcfg, metrics))
     score, chosen, metrics = max(trials, key=lambda t: t[0])
-    log.info("protocol_selected", method=method, pretrain_epochs=pre, meta_epochs=meta,
-             warmup=asdict(chosen), mean_auc=round(score, 4))
+    log.info(
+        "protocol_selected",
+        method=method,
+        pretrain_epochs=pre,
+        meta_epochs=meta,
+        warmup=asdict(chosen),
+        mean_auc=round(score, 4),
+    )
     return Protocol(
         pretrain_epochs=pre,
         meta_epochs=meta,
@@ -210,7 +226,9 @@ def select_protocol(
 
 def final_config(cfg: TrainConfig, protocol: Protocol, seed: int) -> TrainConfig:
     """The training config of a final run: chosen epochs, this seed."""
-    return replace(cfg, seed=seed, pretrain_epochs=protocol.pretrain_epochs, meta_epochs=protocol.meta_epochs)
+    return replace(
+        cfg, seed=seed, pretrain_epochs=protocol.pretrain_epochs, meta_epochs=protocol.meta_epochs
+    )
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

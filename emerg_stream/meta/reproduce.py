@@ -68,7 +68,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = [head, sep]
     for method, res in results["methods"].items():
         s = res["summary"]
-        auc = " | ".join(f"{100 * s[p]['auc_mean']:.2f} ± {100 * s[p]['auc_std']:.2f}" for p in PHASES)
+        auc = " | ".join(
+            f"{100 * s[p]['auc_mean']:.2f} ± {100 * s[p]['auc_std']:.2f}" for p in PHASES
+        )
         f1 = " | ".join(f"{100 * s[p]['f1_mean']:.2f} ± {100 * s[p]['f1_std']:.2f}" for p in PHASES)
         lines.append(f"| {method} | {auc} | {f1} |")
     return "\n".join(lines) + "\n"
@@ -108,8 +110,12 @@ def reproduce(
     manifest = write_split(split, out / "split")
     spec = FeatureSpec.fit(split.schema, split.old)
     (out / "feature_spec.json").write_text(json.dumps(spec.to_dict()) + "\n")
-    val_split = holdout_validation(split, frac=0.2, seed=0)
-    val: Prepared = prepare(val_split, spec)
+    # Selection sees neither the new items nor the pseudo-new items' ids: its own spec is
+    # fitted on the remaining old items, and pseudo-new items keep at most N - 3K test
+    # rows each, as real new items do.
+    val_split = holdout_validation(split, frac=0.2, seed=0, max_test_rows=split.n - 3 * split.k)
+    val_spec = FeatureSpec.fit(val_split.schema, val_split.old)
+    val: Prepared = prepare(val_split, val_spec)
     data: Prepared = prepare(split, spec)
     log.info(
         "data_prepared",
@@ -130,15 +136,21 @@ def reproduce(
     }
     for method in methods:
         t0 = time.perf_counter()
-        protocol: Protocol = select_protocol(method, spec, val, cfg, device=dev, progress=progress)
+        protocol: Protocol = select_protocol(
+            method, val_spec, val, cfg, device=dev, progress=progress
+        )
         per_seed: dict[int, dict[str, dict[str, float]]] = {}
         for seed in range(seeds):
             fcfg = final_config(cfg, protocol, seed)
             model = train_model(method, spec, data, fcfg, device=dev, progress=progress)
             metrics, phis = run_phases(model, data.new, protocol.warmup, salt=seed, device=dev)
             per_seed[seed] = metrics
-            log.info("seed_evaluated", method=method, seed=seed,
-                     auc={p: round(100 * m["auc"], 2) for p, m in metrics.items()})
+            log.info(
+                "seed_evaluated",
+                method=method,
+                seed=seed,
+                auc={p: round(100 * m["auc"], 2) for p, m in metrics.items()},
+            )
             save_checkpoint(
                 out / "checkpoints" / f"{method}-seed{seed}",
                 model,

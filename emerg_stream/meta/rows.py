@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-
-class EncodedLike(Protocol):
-    """What the feature encoder produces (numpy arrays)."""
-
-    tokens: np.ndarray
-    weights: np.ndarray
-    item_ids: np.ndarray
-    labels: np.ndarray
-    timestamps: np.ndarray
+from emerg_stream.features import Encoded
 
 
 @dataclass
@@ -76,7 +67,7 @@ class ItemSet:
         return ItemSet(self.ids, self.tokens.to(device), self.weights.to(device))
 
 
-def item_set_from(encoded: EncodedLike) -> tuple[ItemSet, np.ndarray]:
+def item_set_from(encoded: Encoded) -> tuple[ItemSet, np.ndarray]:
     """Items of an encoded table in order of first appearance, and each row's item index."""
     ids, first, inverse = np.unique(encoded.item_ids, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
@@ -90,7 +81,7 @@ def item_set_from(encoded: EncodedLike) -> tuple[ItemSet, np.ndarray]:
     return items, rank[inverse.reshape(-1)]
 
 
-def rows_for(encoded: EncodedLike, items: ItemSet) -> Rows:
+def rows_for(encoded: Encoded, items: ItemSet) -> Rows:
     """Rows of an encoded table indexed into ``items``; unknown items raise ``KeyError``."""
     pos = {item_id: i for i, item_id in enumerate(items.ids)}
     idx = np.fromiter((pos[str(i)] for i in encoded.item_ids), dtype=np.int64)

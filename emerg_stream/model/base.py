@@ -84,7 +84,7 @@ class ItemModel(nn.Module, ABC):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embedding = FeatureEmbedding(config.vocab_size, config.dim)
+        self.embedding = FeatureEmbedding(config.vocab_size, config.dim, config.embed_init_std)
         self.side_fields: Tensor
         self.register_buffer(
             "side_fields", torch.tensor(config.side_fields, dtype=torch.long), persistent=False

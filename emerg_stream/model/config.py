@@ -33,6 +33,7 @@ class ModelConfig:
             so layer l stays a degree-(l+1) form of the embeddings).
         mlp_hidden: Hidden widths of the DeepFM deep part and the MetaE generator.
         id_init_std: Std of the fresh random ID embedding a new item starts with.
+        embed_init_std: Std of the initial embedding table.
     """
 
     kind: Literal["emerg", "deepfm", "metae"]
@@ -51,6 +52,7 @@ class ModelConfig:
     activation: Activation = "relu"
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01
+    embed_init_std: float = 0.01
 
     def __post_init__(self) -> None:
         if self.n_fields < 2 or not 1 <= self.n_item_fields < self.n_fields:

@@ -20,12 +20,13 @@ class FeatureEmbedding(nn.Module):
     Args:
         vocab_size: Rows of the table.
         dim: d.
+        init_std: Std of the initial vectors.
     """
 
-    def __init__(self, vocab_size: int, dim: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, init_std: float = 0.01) -> None:
         super().__init__()
         self.table = nn.Embedding(vocab_size, dim, padding_idx=0)
-        nn.init.normal_(self.table.weight, std=0.01)
+        nn.init.normal_(self.table.weight, std=init_std)
         with torch.no_grad():
             self.table.weight[0].zero_()
 

@@ -244,3 +244,14 @@ def test_split_job_writes_parts_and_prints_counts(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "test" in out and "dropped 1 items (5 rows)" in out
     assert read_split(tmp_path / "out").row_counts()["warm_a"] == 6
+
+
+def test_holdout_caps_test_rows_per_pseudo_new_item(make_log) -> None:
+    rows = [("a", f"u{j}", j, j % 2) for j in range(30)] + [("b", f"u{j}", j, 1) for j in range(30)]
+    log = make_log(rows, n=9, k=2)
+    split = split_log(log)
+    capped = holdout_validation(split, frac=0.5, seed=0, max_test_rows=3)
+    assert capped.warm_a.num_rows == 2 and capped.warm_c.num_rows == 2
+    assert capped.test.num_rows == 3
+    # the kept test rows are the earliest ones after the warm-up rows
+    assert sorted(capped.test.column("ts").to_pylist()) == [6, 7, 8]

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "broker": "jobs.broker",
     "topics": "jobs.topics",
     "replay": "jobs.replay",
+    "ranker": "jobs.ranker",
 }
 
 

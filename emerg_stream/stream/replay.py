@@ -40,7 +40,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -71,9 +71,12 @@ __all__ = [
     "TIME_UNITS_MS",
     "ReplayCounts",
     "ReplayPlan",
+    "assign_from_beginning",
     "event_id",
     "plan_replay",
+    "read_assigned_to_end",
     "read_to_end",
+    "reader_conf",
     "replay",
     "replay_records",
 ]
@@ -462,15 +465,11 @@ def read_to_end(
     *,
     timeout_s: float = 60.0,
 ) -> Iterator[Message]:
-    """Every record of ``topic`` from the beginning up to its end when the read started.
+    """Every record of ``topic`` from the beginning up to (at least) its end at the start.
 
     Assigns all partitions (no group membership, no commits) and stops when every
-    partition reached its end. The end of a partition is the larger of the ``ListOffsets``
-    high watermark and the high watermark of the first fetch response: the embedded Tansu
-    broker answers ``ListOffsets`` with the base offset of the last *batch* plus one,
-    which is short of the true end whenever that batch holds several records; its fetch
-    responses carry the true one. Records with errors raise. Tombstones are yielded
-    (``value()`` is ``None``).
+    partition reached its end (see :func:`read_assigned_to_end`). Records with errors
+    raise. Tombstones are yielded (``value()`` is ``None``).
 
     Args:
         consumer_conf: librdkafka settings; a ``group.id`` is made up if absent (it is
@@ -485,52 +484,107 @@ def read_to_end(
         ConfigError: The topic does not exist.
         TransientError: The end was not reached before the deadline, or the broker failed.
     """
+    consumer = Consumer(reader_conf(consumer_conf))
+    try:
+        ends = assign_from_beginning(consumer, [topic], timeout_s=timeout_s)
+        yield from read_assigned_to_end(consumer, ends, timeout_s=timeout_s)
+    finally:
+        consumer.close()
+
+
+def reader_conf(consumer_conf: Mapping[str, str]) -> dict[str, str]:
+    """Consumer settings of a reader that assigns partitions itself and never commits."""
     conf = dict(consumer_conf)
     conf.setdefault("group.id", f"emerg-reader-{uuid.uuid4().hex[:12]}")
     conf.update({"enable.auto.commit": "false", "enable.partition.eof": "false"})
     conf.setdefault("auto.offset.reset", "earliest")
-    consumer = Consumer(conf)
+    return conf
+
+
+def assign_from_beginning(
+    consumer: Consumer, topics: Sequence[str], *, timeout_s: float = 30.0
+) -> dict[tuple[str, int], int]:
+    """Assign every partition of ``topics`` from its first offset (no group membership).
+
+    Args:
+        consumer: A consumer made with :func:`reader_conf` settings.
+        topics: Topics to read.
+        timeout_s: Deadline of each metadata / offsets request.
+
+    Returns:
+        ``(topic, partition)`` -> listed high watermark (a lower bound of the end on
+        Tansu; 0 for an empty partition), for :func:`read_assigned_to_end`.
+
+    Raises:
+        ConfigError: A topic does not exist.
+        TransientError: The broker did not answer.
+    """
+    ends: dict[tuple[str, int], int] = {}
+    assignment = []
+    for topic in topics:
+        for p, (lo, hi) in _end_offsets(consumer, topic, timeout_s).items():
+            ends[(topic, p)] = hi if hi > lo else 0
+            assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+    consumer.assign(assignment)
+    return ends
+
+
+def read_assigned_to_end(
+    consumer: Consumer, listed: Mapping[tuple[str, int], int], *, timeout_s: float = 60.0
+) -> Iterator[Message]:
+    """Read the partitions assigned by :func:`assign_from_beginning` up to their ends.
+
+    The end of a partition is the larger of the ``ListOffsets`` high watermark and the
+    high watermark of the first fetch response: the embedded Tansu broker answers
+    ``ListOffsets`` with the base offset of the last *batch* plus one, which is short of
+    the true end whenever that batch holds several records; its fetch responses carry the
+    true end. Every record consumed is yielded, also one written after the read began
+    that came in the same fetch (so a live consumer loses nothing); the read stops once
+    every partition reached its end.
+
+    Args:
+        consumer: The consumer (left open and assigned).
+        listed: From :func:`assign_from_beginning`.
+        timeout_s: Deadline of the whole read.
+
+    Yields:
+        Records (tombstones included), in offset order within each partition.
+
+    Raises:
+        TransientError: The end was not reached before the deadline, or a record error.
+    """
     deadline = time.monotonic() + timeout_s
-    try:
-        listed = _end_offsets(consumer, topic, timeout_s)
-        # partition -> end offset; None until the first fetch response told the true end
-        todo: dict[int, int | None] = {p: None for p, (lo, hi) in listed.items() if hi > lo}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(listed)])
-        while todo:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransientError(
-                    f"reading {topic} to its end timed out after {timeout_s}s; partitions not "
-                    f"done (partition: end offset): {dict(sorted(todo.items()))}"
-                )
-            msgs = consumer.consume(num_messages=1000, timeout=min(left, 0.5))
-            for msg in msgs:
-                err = msg.error()
-                if err is not None:
-                    raise TransientError(f"reading {topic}: {err.str()}")
-                p, off = msg.partition(), msg.offset()
-                if p is None or off is None:
-                    continue
-                if p in todo and todo[p] is None:
-                    _, fetched = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), cached=True
-                    )
-                    todo[p] = max(listed[p][1], int(fetched))
-                end = todo.get(p)
-                if end is None:
-                    continue  # partition done: written after its end was reached
-                if off + 1 >= end:
-                    del todo[p]
-                if off < end:
-                    yield msg
-            if not msgs and todo:
-                # Compaction can leave a gap at the end: the position says we are past it.
-                for tp in consumer.position([TopicPartition(topic, p) for p in todo]):
-                    end = todo.get(tp.partition)
-                    if end is not None and tp.offset >= end:
-                        del todo[tp.partition]
-    finally:
-        consumer.close()
+    # (topic, partition) -> end offset; None until the first fetch response told the end
+    todo: dict[tuple[str, int], int | None] = {tp: None for tp, hi in listed.items() if hi > 0}
+    while todo:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(
+                f"reading to the end timed out after {timeout_s}s; not done "
+                f"((topic, partition): end offset): {dict(sorted(todo.items()))}"
+            )
+        msgs = consumer.consume(num_messages=1000, timeout=min(left, 0.5))
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                raise TransientError(f"reading {msg.topic()}: {err.str()}")
+            topic, p, off = msg.topic(), msg.partition(), msg.offset()
+            if topic is None or p is None or off is None:
+                continue
+            key = (topic, p)
+            if key in todo and todo[key] is None:
+                _, fetched = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+                todo[key] = max(listed[key], int(fetched))
+            end = todo.get(key)
+            if end is not None and off + 1 >= end:
+                del todo[key]
+            yield msg
+        if not msgs and todo:
+            # Compaction can leave a gap at the end: the position says we are past it.
+            for tp in consumer.position([TopicPartition(t, p) for t, p in todo]):
+                end = todo.get((tp.topic, tp.partition))
+                if end is not None and tp.offset >= end:
+                    del todo[(tp.topic, tp.partition)]
 
 
 def _end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tuple[int, int]]:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "topics": "jobs.topics",
     "replay": "jobs.replay",
     "ranker": "jobs.ranker",
+    "evaluate-stream": "jobs.evaluate_stream",
 }
 
 

@@ -1,0 +1,392 @@
+"""Stream evaluation: the offline per-phase table, computed from what the stream published.
+
+The worker publishes, per item, versioned params tagged with their phase (``cold``,
+``warm_a``, ``warm_b``, ``warm_c``, then ``common``). This module reads the whole
+item-params topic (every partition, from the beginning to its end: bounded), keeps for
+each item the highest version of each phase, and scores every new item's held-out test
+rows (the rows the replay left out) with the params in force after each phase:
+
+* after ``cold``: the item's last ``cold`` params;
+* after ``warm_a`` / ``warm_b`` / ``warm_c``: the last params of that phase, or, if the
+  item never reached it, of its latest earlier phase.
+
+AUC (pooled over all test rows) and F1 (threshold at the mean score) per phase then
+form the same table as the offline ``reproduce``; with the same checkpoint and seed,
+the two agree up to float noise when the worker applied the offline warm-up protocol.
+Params of another model version are refused (:class:`~emerg_stream.errors.ModelError`).
+
+It also reads the predictions topic: the *prequential* AUC, each interaction scored
+with the params in force before it was applied (de-duplicated by event id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from emerg_stream.data.log import InteractionLog
+from emerg_stream.data.split import Split, split_log
+from emerg_stream.errors import DataError, SchemaError
+from emerg_stream.features import FeatureSpec, encode
+from emerg_stream.io.avro import AvroSerde
+from emerg_stream.io.records import ItemParams, Prediction
+from emerg_stream.meta.checkpoint import Checkpoint
+from emerg_stream.meta.evaluate import PHASES, NewItemData, cold_start, predict, run_phases
+from emerg_stream.meta.metrics import f1_at_mean, roc_auc
+from emerg_stream.meta.reproduce import markdown_table, summarize
+from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
+from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.model.base import Phi
+from emerg_stream.serving.ranker import check_params, params_to_phi
+from emerg_stream.stream.replay import read_to_end
+
+__all__ = [
+    "PublishedParams",
+    "StreamEvaluation",
+    "collect_params",
+    "comparison_table",
+    "evaluate_stream",
+    "offline_phases",
+    "prequential_metrics",
+    "warmup_config",
+]
+
+log = structlog.get_logger(__name__)
+
+Metrics = dict[str, dict[str, float]]
+
+
+@dataclass
+class PublishedParams:
+    """What the item-params topic holds, per item and phase.
+
+    Args:
+        last: item id -> phase -> the record of the highest version of that phase.
+        records: Records read (tombstones included).
+        tombstones: Null values (deleted items).
+        undecodable: Values that failed to decode (skipped).
+    """
+
+    last: dict[str, dict[str, ItemParams]] = field(default_factory=dict)
+    records: int = 0
+    tombstones: int = 0
+    undecodable: int = 0
+
+
+def collect_params(
+    consumer_conf: Mapping[str, str],
+    topic: str,
+    checkpoint: Checkpoint,
+    *,
+    timeout_s: float = 120.0,
+) -> PublishedParams:
+    """Read the item-params topic to its end, keeping the last version of each phase.
+
+    A compacted topic may already have dropped an item's earlier versions; a phase whose
+    params are gone counts as not reached (the fallback of :func:`phase_phis` applies).
+
+    Args:
+        consumer_conf: librdkafka settings.
+        topic: The item-params topic.
+        checkpoint: Params must belong to its model version.
+        timeout_s: Deadline of the read.
+
+    Returns:
+        The params by item and phase.
+
+    Raises:
+        ModelError: A record of another model version (naming both) or of a bad shape.
+        TransientError: The end of the topic was not reached in time.
+    """
+    serde = AvroSerde(ItemParams, topic=topic)
+    out = PublishedParams()
+    for msg in read_to_end(consumer_conf, topic, timeout_s=timeout_s):
+        out.records += 1
+        value = msg.value()
+        if value is None:
+            out.tombstones += 1
+            continue
+        try:
+            rec = serde.decode(value)
+        except SchemaError as exc:
+            out.undecodable += 1
+            log.warning("item_params_undecodable", offset=msg.offset(), error=str(exc))
+            continue
+        check_params(rec, checkpoint)
+        phases = out.last.setdefault(rec["item_id"], {})
+        held = phases.get(rec["phase"])
+        if held is None or rec["version"] > held["version"]:
+            phases[rec["phase"]] = rec
+    log.info(
+        "item_params_read",
+        topic=topic,
+        records=out.records,
+        items=len(out.last),
+        tombstones=out.tombstones,
+        undecodable=out.undecodable,
+    )
+    return out
+
+
+def phase_phis(
+    published: PublishedParams,
+    items: ItemSet,
+    checkpoint: Checkpoint,
+    fallback: Phi | None = None,
+) -> tuple[dict[str, Phi], dict[str, dict[str, int]], list[str]]:
+    """φ of every item after each phase, from the published params.
+
+    Args:
+        published: From :func:`collect_params`.
+        items: The new items, ``[I]``.
+        checkpoint: The model.
+        fallback: ``[I, ...]`` φ for items with no params at all (e.g. locally computed
+            cold-start params); ``None`` leaves them out of the result (``missing``).
+
+    Returns:
+        ``(phis, coverage, missing)``: phase -> φ ``[I, ...]``; phase -> {"published":
+        items with params of that phase, "earlier": items using an earlier phase's,
+        "fallback": items using ``fallback``}; ids of the items with no params at all.
+    """
+    missing = [i for i in items.ids if not published.last.get(i)]
+    phis: dict[str, Phi] = {}
+    coverage: dict[str, dict[str, int]] = {}
+    for q, phase in enumerate(PHASES):
+        chosen: list[ItemParams | None] = []
+        cov = {"published": 0, "earlier": 0, "fallback": 0}
+        for item in items.ids:
+            by_phase = published.last.get(item, {})
+            rec = next((by_phase[p] for p in reversed(PHASES[: q + 1]) if p in by_phase), None)
+            if rec is None:
+                cov["fallback"] += 1
+            elif rec["phase"] == phase:
+                cov["published"] += 1
+            else:
+                cov["earlier"] += 1
+            chosen.append(rec)
+        coverage[phase] = cov
+        present = [r for r in chosen if r is not None]
+        stacked = params_to_phi(present, checkpoint) if present else None
+        if fallback is None:
+            if stacked is not None and len(present) == len(chosen):
+                phis[phase] = stacked
+            continue
+        phi = {k: v.detach().clone().cpu() for k, v in fallback.items()}
+        rows = [j for j, r in enumerate(chosen) if r is not None]
+        if stacked is not None:
+            for k in phi:
+                phi[k][rows] = stacked[k]
+        phis[phase] = phi
+    return phis, coverage, missing
+
+
+def warmup_config(meta: Mapping[str, Any]) -> WarmupConfig:
+    """The warm-up protocol a checkpoint was evaluated with (``meta["warmup"]``)."""
+    w = dict(meta.get("warmup", {}))
+    if "betas" in w:
+        w["betas"] = tuple(w["betas"])
+    return WarmupConfig(**w)
+
+
+@dataclass
+class _NewItems:
+    items: ItemSet
+    test: Rows
+    warm: dict[str, Rows]
+
+
+def _new_items(split: Split, spec: FeatureSpec) -> _NewItems:
+    enc_a = encode(spec, split.warm_a)
+    items, _ = item_set_from(enc_a)
+    warm = {"warm_a": rows_for(enc_a, items)}
+    for phase in ("warm_b", "warm_c"):
+        warm[phase] = rows_for(encode(spec, split.part(phase)), items)
+    return _NewItems(items, rows_for(encode(spec, split.test), items), warm)
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    return {"auc": roc_auc(labels, scores), "f1": f1_at_mean(labels, scores)}
+
+
+def offline_phases(
+    checkpoint: Checkpoint, split: Split, *, device: torch.device | str = "cpu"
+) -> Metrics:
+    """The offline protocol (``run_phases``) with the checkpoint's warm-up and salt."""
+    spec = FeatureSpec.from_dict(checkpoint.feature_spec)
+    new = _new_items(split, spec)
+    metrics, _ = run_phases(
+        checkpoint.model,
+        NewItemData(new.items, new.warm, new.test),
+        warmup_config(checkpoint.meta),
+        salt=int(checkpoint.meta.get("noise_salt", 0)),
+        device=torch.device(device),
+    )
+    return metrics
+
+
+def prequential_metrics(
+    consumer_conf: Mapping[str, str], topic: str, *, timeout_s: float = 120.0
+) -> dict[str, dict[str, float]]:
+    """Prequential AUC from the predictions topic (one score per event id, the first).
+
+    Returns:
+        ``{"all" | "new" | <phase>: {"auc": ..., "n": ...}}``; ``new`` leaves out
+        interactions of old items (phase ``old``); AUC is NaN with one class only.
+    """
+    serde = AvroSerde(Prediction, topic=topic)
+    seen: set[str] = set()
+    labels: list[int] = []
+    scores: list[float] = []
+    phases: list[str] = []
+    duplicates = 0
+    for msg in read_to_end(consumer_conf, topic, timeout_s=timeout_s):
+        value = msg.value()
+        if value is None:
+            continue
+        try:
+            rec = serde.decode(value)
+        except SchemaError:
+            continue
+        if rec["event_id"] in seen:
+            duplicates += 1
+            continue
+        seen.add(rec["event_id"])
+        labels.append(rec["label"])
+        scores.append(rec["score"])
+        phases.append(rec["phase"])
+    y, s, ph = np.asarray(labels), np.asarray(scores), np.asarray(phases, dtype=object)
+    groups = {"all": np.ones(len(y), dtype=bool), "new": ph != "old"}
+    for phase in dict.fromkeys(phases):
+        groups[str(phase)] = ph == phase
+    out = {
+        name: {"auc": roc_auc(y[m], s[m]) if m.any() else float("nan"), "n": float(m.sum())}
+        for name, m in groups.items()
+    }
+    log.info("predictions_read", topic=topic, predictions=len(y), duplicates=duplicates)
+    return out
+
+
+@dataclass
+class StreamEvaluation:
+    """The result of :func:`evaluate_stream`.
+
+    Args:
+        stream: phase -> {"auc", "f1"} from the published params.
+        coverage: phase -> how many items used that phase's own params, an earlier
+            phase's, or the local fallback.
+        missing_items: New items without any published params.
+        n_items: New items evaluated.
+        n_test_rows: Held-out test rows scored.
+        model_version: Of the checkpoint (and of every params record read).
+        params_records: Records read from the item-params topic.
+        offline: phase -> {"auc", "f1"} of the offline protocol (when asked).
+        prequential: From the predictions topic (when asked).
+    """
+
+    stream: Metrics
+    coverage: dict[str, dict[str, int]]
+    missing_items: list[str]
+    n_items: int
+    n_test_rows: int
+    model_version: str
+    params_records: int
+    offline: Metrics | None = None
+    prequential: dict[str, dict[str, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def evaluate_stream(
+    checkpoint: Checkpoint,
+    ilog: InteractionLog,
+    consumer_conf: Mapping[str, str],
+    params_topic: str,
+    *,
+    predictions_topic: str | None = None,
+    offline: bool = False,
+    allow_missing: bool = False,
+    timeout_s: float = 120.0,
+    device: torch.device | str = "cpu",
+) -> StreamEvaluation:
+    """Score the held-out test rows with the params the stream published (module docstring).
+
+    Args:
+        checkpoint: The checkpoint the worker ran with.
+        ilog: The dataset's log (split with the checkpoint's N and K).
+        consumer_conf: librdkafka settings.
+        params_topic: The item-params topic.
+        predictions_topic: Also compute the prequential AUC from it.
+        offline: Also run the offline protocol with the same checkpoint, for comparison.
+        allow_missing: Score items without any published params with their locally
+            computed cold-start params instead of failing.
+        timeout_s: Deadline of each topic read.
+        device: Torch device.
+
+    Returns:
+        The evaluation.
+
+    Raises:
+        DataError: New items without published params (unless ``allow_missing``).
+        ModelError: Params of another model version.
+    """
+    dev = torch.device(device)
+    split_meta = checkpoint.meta.get("split", {})
+    split = split_log(ilog, split_meta.get("n"), split_meta.get("k"))
+    if checkpoint.meta.get("dataset") not in (None, ilog.name):
+        log.warning("dataset_differs", checkpoint=checkpoint.meta["dataset"], dataset=ilog.name)
+    spec = FeatureSpec.from_dict(checkpoint.feature_spec)
+    new = _new_items(split, spec)
+    published = collect_params(consumer_conf, params_topic, checkpoint, timeout_s=timeout_s)
+    salt = int(checkpoint.meta.get("noise_salt", 0))
+    fallback = cold_start(checkpoint.model, new.items, salt=salt, device=dev)
+    fallback = {k: v.cpu() for k, v in fallback.items()}
+    phis, coverage, missing = phase_phis(published, new.items, checkpoint, fallback)
+    if missing and not allow_missing:
+        raise DataError(
+            f"{len(missing)} of {len(new.items)} new items have no params in {params_topic} "
+            f"(first: {missing[:5]}): the worker has not processed the whole replay yet (is it "
+            "running, did the replay finish, is the lag 0?); pass allow_missing to score them "
+            "with local cold-start params"
+        )
+    labels = new.test.labels.numpy()
+    stream = {
+        phase: _metrics(labels, predict(checkpoint.model, new.test, phis[phase], device=dev))
+        for phase in PHASES
+    }
+    result = StreamEvaluation(
+        stream=stream,
+        coverage=coverage,
+        missing_items=missing,
+        n_items=len(new.items),
+        n_test_rows=len(new.test),
+        model_version=checkpoint.model_version,
+        params_records=published.records,
+    )
+    if offline:
+        result.offline = offline_phases(checkpoint, split, device=dev)
+    if predictions_topic is not None:
+        result.prequential = prequential_metrics(
+            consumer_conf, predictions_topic, timeout_s=timeout_s
+        )
+    return result
+
+
+def comparison_table(ev: StreamEvaluation) -> str:
+    """The per-phase AUC/F1 table (``reproduce``'s format) of the stream and offline runs."""
+    methods: dict[str, Any] = {"stream": {"summary": summarize({0: ev.stream})}}
+    if ev.offline is not None:
+        methods["offline"] = {"summary": summarize({0: ev.offline})}
+    text = markdown_table({"methods": methods})
+    if ev.offline is not None:
+        diffs = ", ".join(
+            f"{p} {100 * (ev.stream[p]['auc'] - ev.offline[p]['auc']):+.3f}" for p in PHASES
+        )
+        text += f"\nAUC stream - offline (points): {diffs}\n"
+    return text

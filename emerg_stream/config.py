@@ -221,6 +221,9 @@ class WorkerSettings(Settings):
         batch_timeout_ms: Longest wait for a batch to fill.
         pending_max: Interactions held for items not announced yet, in total; beyond it
             the oldest go to the dead-letter topic.
+        pending_max_age_ms: How long (in event time: the partition's largest event time
+            read minus the interaction's own) an interaction waits for its item's
+            announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
         metrics_port: Prometheus port on 127.0.0.1; ``None`` = no metrics server.
         session_timeout_ms: Consumer ``session.timeout.ms``. Keep it small (6000): the
@@ -238,6 +241,7 @@ class WorkerSettings(Settings):
     batch_max_records: int = Field(default=512, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=0)
     pending_max: int = Field(default=10_000, ge=0)
+    pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     session_timeout_ms: int = Field(default=6_000, ge=1_000)

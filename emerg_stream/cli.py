@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "replay": "jobs.replay",
     "ranker": "jobs.ranker",
     "evaluate-stream": "jobs.evaluate_stream",
+    "data": "jobs.data",
 }
 
 

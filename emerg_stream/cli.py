@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "ranker": "jobs.ranker",
     "evaluate-stream": "jobs.evaluate_stream",
     "data": "jobs.data",
+    "config": "jobs.config",
 }
 
 

@@ -29,6 +29,8 @@ class WarmupConfig:
         optimizer: ``sgd`` or ``adam`` (per-entry state, so batching changes nothing).
         betas: Adam's betas.
         eps: Adam's epsilon.
+        lr_scale: Per-entry multipliers of ``lr`` by φ name, e.g. ``{"adj": 0.0}`` keeps
+            the graph fixed (an ablation) and ``{"adj": 10.0}`` speeds its adaptation.
     """
 
     steps: int = 5
@@ -36,6 +38,7 @@ class WarmupConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lr_scale: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr < 0:
@@ -55,8 +58,9 @@ class _Stepper:
 
     def step(self, phi: Phi, grads: dict[str, Tensor]) -> Phi:
         cfg = self.cfg
+        scale = dict(cfg.lr_scale)
         if cfg.optimizer == "sgd":
-            return {k: phi[k] - cfg.lr * grads[k] for k in phi}
+            return {k: phi[k] - cfg.lr * scale.get(k, 1.0) * grads[k] for k in phi}
         self.t += 1
         b1, b2 = cfg.betas
         out: Phi = {}
@@ -66,7 +70,7 @@ class _Stepper:
             self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
             m_hat = self.m[k] / (1 - b1**self.t)
             v_hat = self.v[k] / (1 - b2**self.t)
-            out[k] = phi[k] - cfg.lr * m_hat / (v_hat.sqrt() + cfg.eps)
+            out[k] = phi[k] - cfg.lr * scale.get(k, 1.0) * m_hat / (v_hat.sqrt() + cfg.eps)
         return out
 
 

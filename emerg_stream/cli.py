@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "broker": "jobs.broker",
     "topics": "jobs.topics",
     "replay": "jobs.replay",
+    "worker": "jobs.worker",
     "ranker": "jobs.ranker",
     "evaluate-stream": "jobs.evaluate_stream",
     "data": "jobs.data",

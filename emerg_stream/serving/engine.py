@@ -1,0 +1,185 @@
+"""The batched tensor side of the worker: a micro-batch's φ on the device.
+
+:class:`TorchBatchSession` implements :class:`emerg_stream.stream.handler.BatchSession`.
+It stacks the φ of every item of the batch once (``adj [I, F, F]``, ``id [I, D]``),
+encodes each item's row of item fields once (``[I, F, T]``), and then:
+
+* ``score``: one forward pass over all rows of a round; a row's item fields are copied
+  from its item's encoded row (``tokens[:, :n_item] = item_tokens[slots, :n_item]``), so
+  only the user fields are encoded per row;
+* ``update``: one :func:`emerg_stream.meta.warmup.warm_up` call over all crossing items
+  (each item's loss is the mean over its own rows), written back into the stacked φ;
+* ``params``: the only device -> host copy, for the params that get published.
+
+No loop over items runs on the device path; the Python loops here build the feature
+dicts handed to the vectorised encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from emerg_stream.features import FeatureSpec, encode_records
+from emerg_stream.io.records import SupportRow
+from emerg_stream.meta.rows import Rows
+from emerg_stream.meta.warmup import WarmupConfig, warm_up
+from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.stream.handler import ItemFeatures, ParamsArrays
+
+__all__ = ["FeatureColumns", "TorchBatchSession"]
+
+
+class FeatureColumns:
+    """Turns records' feature maps into the flat column dicts the encoder reads.
+
+    Only columns of the right side *and* kind are taken (the worker dead-letters records
+    whose maps contradict the spec before they get here); ids go last so a feature map
+    cannot overwrite them.
+
+    Args:
+        spec: The checkpoint's feature spec.
+    """
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.item_id = spec.schema.item_id
+        self.user_id = spec.schema.user_id
+        self.n_item_fields = spec.n_item_fields
+        self._kinds: dict[str, dict[str, str]] = {"item": {}, "user": {}}
+        for f in spec.fields:
+            if f.name not in (self.item_id, self.user_id):
+                self._kinds[f.side][f.name] = f.kind
+
+    def item_record(self, item: ItemFeatures) -> dict[str, Any]:
+        """Flat record of an item's fields (user fields absent)."""
+        kinds = self._kinds["item"]
+        out: dict[str, Any] = {}
+        for name, token in item.categorical.items():
+            if kinds.get(name) == "categorical":
+                out[name] = token
+        for name, tokens in item.multi.items():
+            if kinds.get(name) == "multi":
+                out[name] = list(tokens)
+        for name, number in item.numeric.items():
+            if kinds.get(name) == "numeric":
+                out[name] = number
+        out[self.item_id] = item.item_id
+        return out
+
+    def user_record(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Flat record of an interaction's user fields (item fields absent)."""
+        kinds = self._kinds["user"]
+        out: dict[str, Any] = {}
+        for kind in ("categorical", "multi", "numeric"):
+            for name, value in row[kind].items():
+                if kinds.get(name) == kind:
+                    out[name] = value
+        out[self.user_id] = row["user_id"]
+        return out
+
+    def encode_items(self, items: Sequence[ItemFeatures]) -> tuple[Tensor, Tensor]:
+        """``tokens [I, F, T]`` long and ``weights [I, F, T]`` float32 (CPU) of items."""
+        enc = encode_records(self.spec, [self.item_record(i) for i in items])
+        return torch.from_numpy(enc.tokens), torch.from_numpy(enc.weights)
+
+    def encode_users(self, rows: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
+        """``tokens [B, F, T]`` and ``weights [B, F, T]`` (CPU); item fields are OOV."""
+        enc = encode_records(self.spec, [self.user_record(r) for r in rows])
+        return torch.from_numpy(enc.tokens), torch.from_numpy(enc.weights)
+
+
+class TorchBatchSession:
+    """φ of one micro-batch's items on a device (see the module docstring).
+
+    Args:
+        model: The item model (eval mode, on ``device``).
+        columns: Record -> column mapping of the checkpoint's spec.
+        items: ``[I]`` items of the batch.
+        params: ``[I]`` their current φ (rows of ``trained`` items are ignored).
+        trained: ``[I]`` items that use trained params (old items).
+        warmup: The checkpoint's warm-up protocol.
+        device: Where φ lives during the batch.
+    """
+
+    def __init__(
+        self,
+        model: ItemModel,
+        columns: FeatureColumns,
+        items: Sequence[ItemFeatures],
+        params: ParamsArrays,
+        trained: npt.NDArray[np.bool_],
+        warmup: WarmupConfig,
+        device: torch.device,
+    ) -> None:
+        n, f = len(items), model.config.n_fields
+        if len(params) != n or trained.shape != (n,):
+            raise ValueError(f"{n} items but {len(params)} params and {trained.shape} flags")
+        self.model = model
+        self.columns = columns
+        self.warmup = warmup
+        self.device = device
+        tokens, weights = columns.encode_items(items)
+        self._item_tokens = tokens.to(device)
+        self._item_weights = weights.to(device)
+        self.phi: Phi = {
+            "adj": torch.from_numpy(params.adjacency).to(device).reshape(n, f, f).clone(),
+            "id": torch.from_numpy(params.id_embedding).to(device).clone(),
+        }
+        old = np.flatnonzero(trained)
+        if old.size:
+            idx = torch.from_numpy(old).to(device)
+            with torch.no_grad():
+                tp = model.trained_params(self._item_tokens[idx], self._item_weights[idx])
+            for k in self.phi:
+                self.phi[k][idx] = tp[k].detach().to(self.phi[k].dtype)
+
+    def _rows(self, slots: Tensor, rows: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
+        tokens, weights = self.columns.encode_users(rows)
+        tokens, weights = tokens.to(self.device), weights.to(self.device)
+        m = self.columns.n_item_fields
+        tokens[:, :m] = self._item_tokens[slots, :m]
+        weights[:, :m] = self._item_weights[slots, :m]
+        return tokens, weights
+
+    def score(
+        self, slots: npt.NDArray[np.int64], rows: Sequence[SupportRow]
+    ) -> npt.NDArray[np.float64]:
+        """Click probabilities ``[B]``; see :class:`~emerg_stream.stream.handler.BatchSession`."""
+        if len(rows) == 0:
+            return np.zeros(0, dtype=np.float64)
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        tokens, weights = self._rows(idx, rows)
+        with torch.no_grad():
+            logits = self.model(tokens, weights, self.phi, idx)
+        out: npt.NDArray[np.float64] = torch.sigmoid(logits).double().cpu().numpy()
+        return out
+
+    def update(self, slots: npt.NDArray[np.int64], support: Sequence[Sequence[SupportRow]]) -> None:
+        """One warm-up phase of ``slots`` on their support rows, in place."""
+        if len(slots) == 0:
+            return
+        lens = np.fromiter((len(s) for s in support), dtype=np.int64, count=len(support))
+        flat = [r for rows in support for r in rows]
+        row_slots = torch.from_numpy(np.repeat(np.asarray(slots, dtype=np.int64), lens))
+        tokens, weights = self._rows(row_slots.to(self.device), flat)
+        labels = torch.tensor([float(r["label"]) for r in flat], dtype=torch.float32)
+        item = torch.from_numpy(np.repeat(np.arange(len(slots), dtype=np.int64), lens))
+        rows = Rows(tokens, weights, labels.to(self.device), item.to(self.device))
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        current = {k: v[idx] for k, v in self.phi.items()}
+        new = warm_up(self.model, current, rows, self.warmup)
+        for k in self.phi:
+            self.phi[k][idx] = new[k].to(self.phi[k].dtype)
+
+    def params(self, slots: npt.NDArray[np.int64]) -> ParamsArrays:
+        """Current φ of ``slots`` on the host (float32)."""
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        adj = self.phi["adj"][idx].reshape(len(idx), -1).float().cpu().numpy()
+        emb = self.phi["id"][idx].float().cpu().numpy()
+        return ParamsArrays(np.ascontiguousarray(adj), np.ascontiguousarray(emb))

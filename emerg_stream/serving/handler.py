@@ -1,0 +1,164 @@
+"""The worker's model handler: a checkpoint behind the stream's handler protocol.
+
+:class:`TorchWarmupHandler` implements :class:`emerg_stream.stream.handler.WarmupHandler`
+with the exact offline functions, so the stream publishes the offline protocol's φ:
+
+* cold start = :func:`emerg_stream.meta.evaluate.cold_start` with the checkpoint's noise
+  salt (``meta["noise_salt"]``): φ⁰ depends only on the item id and its side features;
+* an update = one :func:`emerg_stream.meta.warmup.warm_up` phase with the checkpoint's
+  warm-up protocol (``meta["warmup"]``), on the item's K rows since the last threshold;
+* old items (``meta["old_item_ids"]``) use ``model.trained_params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from emerg_stream.errors import ConfigError, ModelError
+from emerg_stream.features import FeatureSpec
+from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
+from emerg_stream.meta.evaluate import cold_start
+from emerg_stream.meta.rows import ItemSet
+from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
+from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays
+
+__all__ = ["TorchWarmupHandler", "resolve_device", "warmup_config"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU.
+
+    Raises:
+        ConfigError: ``cuda`` asked for without a CUDA device, or an unknown name.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def warmup_config(raw: Any) -> WarmupConfig:
+    """The warm-up protocol stored in a checkpoint's meta (JSON-like dict).
+
+    Raises:
+        ModelError: Missing or invalid.
+    """
+    if not isinstance(raw, dict):
+        raise ModelError(f"checkpoint meta has no warm-up protocol (meta['warmup'] = {raw!r})")
+    try:
+        kw = dict(raw)
+        if "betas" in kw:
+            kw["betas"] = tuple(float(b) for b in kw["betas"])
+        return WarmupConfig(**kw)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"invalid warm-up protocol in the checkpoint: {exc}") from exc
+
+
+class TorchWarmupHandler:
+    """A loaded checkpoint serving the worker (see the module docstring).
+
+    Args:
+        checkpoint: The loaded checkpoint (its model is moved to ``device``).
+        device: Where φ and the model live.
+
+    Raises:
+        ModelError: The checkpoint's meta lacks what the stream needs (``noise_salt``,
+            ``warmup``, ``split.k``) or its feature spec is invalid.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+        meta = checkpoint.meta
+        try:
+            self._salt = int(meta["noise_salt"])
+            self._k = int(meta["split"]["k"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"checkpoint meta lacks noise_salt or split.k (needed by the worker): {exc!r}"
+            ) from exc
+        if self._k < 1:
+            raise ModelError(f"checkpoint split.k must be positive, got {self._k}")
+        self._warmup = warmup_config(meta.get("warmup"))
+        self._old = frozenset(str(i) for i in meta.get("old_item_ids", []))
+        self.spec = FeatureSpec.from_dict(checkpoint.feature_spec)
+        self.device = device
+        self.model = checkpoint.model.to(device).eval()
+        self._version = checkpoint.model_version
+        self.columns = FeatureColumns(self.spec)
+        self._fields = tuple(
+            FieldInfo(f.name, f.side, f.kind)
+            for f in self.spec.fields
+            if f.name not in (self.spec.schema.item_id, self.spec.schema.user_id)
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> TorchWarmupHandler:
+        """Load and verify a checkpoint directory (see :func:`load_checkpoint`)."""
+        dev = resolve_device(device)
+        return cls(load_checkpoint(path, device=dev), dev)
+
+    @property
+    def model_version(self) -> str:
+        """The checkpoint's content hash."""
+        return self._version
+
+    @property
+    def n_fields(self) -> int:
+        """F."""
+        return self.model.config.n_fields
+
+    @property
+    def dim(self) -> int:
+        """D."""
+        return self.model.config.dim
+
+    @property
+    def k(self) -> int:
+        """Rows per warm-up phase."""
+        return self._k
+
+    @property
+    def old_item_ids(self) -> frozenset[str]:
+        """Items of the training set."""
+        return self._old
+
+    @property
+    def fields(self) -> Sequence[FieldInfo]:
+        """Feature columns (ids excluded)."""
+        return self._fields
+
+    @property
+    def warmup(self) -> WarmupConfig:
+        """The warm-up protocol of every update."""
+        return self._warmup
+
+    def cold_start(self, items: Sequence[ItemFeatures]) -> ParamsArrays:
+        """φ⁰ of ``items`` in one batched hypernetwork call."""
+        if not items:
+            return ParamsArrays.zeros(0, self.n_fields, self.dim)
+        tokens, weights = self.columns.encode_items(items)
+        item_set = ItemSet([i.item_id for i in items], tokens, weights)
+        phi = cold_start(self.model, item_set, salt=self._salt, device=self.device)
+        adj = phi["adj"].reshape(len(items), -1).float().cpu().numpy()
+        emb = phi["id"].float().cpu().numpy()
+        return ParamsArrays(np.ascontiguousarray(adj), np.ascontiguousarray(emb))
+
+    def open_batch(
+        self,
+        items: Sequence[ItemFeatures],
+        params: ParamsArrays,
+        trained: npt.NDArray[np.bool_],
+    ) -> TorchBatchSession:
+        """A session holding the batch's φ on the device."""
+        return TorchBatchSession(
+            self.model, self.columns, items, params, trained, self._warmup, self.device
+        )

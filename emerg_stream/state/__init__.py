@@ -1,0 +1,28 @@
+"""The item-task state store: per item its side features, phase, support set and φ.
+
+No torch and no Kafka here: the worker (``emerg_stream.stream.worker``) owns the store,
+the changelog codec turns an item into an ``ItemState`` record and back.
+"""
+
+from emerg_stream.state.dedupe import RecentIds
+from emerg_stream.state.item import ItemTask
+from emerg_stream.state.phases import (
+    COLD,
+    COMMON,
+    OLD,
+    WARM_PHASES,
+    crossed_phase,
+)
+from emerg_stream.state.store import PartitionItems, StateStore
+
+__all__ = [
+    "COLD",
+    "COMMON",
+    "OLD",
+    "WARM_PHASES",
+    "ItemTask",
+    "PartitionItems",
+    "RecentIds",
+    "StateStore",
+    "crossed_phase",
+]

@@ -1,0 +1,185 @@
+"""Partition progress and the partition mark: what makes a checkpoint exact.
+
+A checkpoint (see :mod:`emerg_stream.stream.worker` for the order) writes, per input
+partition ``p`` that changed, the changed items' ``ItemState`` records and then one
+**partition mark** to changelog partition ``p``. The mark is a small control record
+under the reserved key :data:`MARK_KEY` (JSON; no item id starts with a NUL byte) that
+says which input records the states before it reflect:
+
+* ``positions``: the next offset to read on ``items`` ``p`` and ``interactions`` ``p``;
+* ``pending``: offsets below that position that are *not* reflected yet (interactions
+  still waiting for their item);
+* ``counts``: the outcome counters of partition ``p`` since the beginning;
+* ``stream_time`` and the ``model_version`` the states belong to.
+
+Restoring reads the changelog partition and keeps only the states up to the *last* mark
+(states after it belong to a checkpoint that did not complete), then resumes reading
+at the mark: ``items`` at its position, ``interactions`` at the first pending offset (or
+the position), skipping the records below the position that are not pending. So the
+state, the counters and the input position always agree, even when the process died
+between the changelog flush and the offset commit: no record is applied or counted twice.
+The group's committed offsets are written too (the same resume points) and are what a
+partition without any mark starts from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from emerg_stream.errors import SchemaError
+from emerg_stream.stream.metrics import ROLES, OutcomeCounts
+
+__all__ = ["MARK_KEY", "MARK_VERSION", "PartitionMark", "PartitionProgress"]
+
+#: Changelog key of partition marks (never a valid item id).
+MARK_KEY = b"\x00emerg:partition-mark"
+MARK_VERSION = 1
+
+
+@dataclass
+class PartitionMark:
+    """The control record ending a checkpoint of one partition (see the module docstring)."""
+
+    partition: int
+    model_version: str
+    positions: dict[str, int]
+    pending: list[int]
+    stream_time: int
+    counts: OutcomeCounts
+    written_time: int = 0
+
+    def encode(self) -> bytes:
+        """JSON bytes."""
+        return json.dumps(
+            {
+                "v": MARK_VERSION,
+                "partition": self.partition,
+                "model_version": self.model_version,
+                "positions": self.positions,
+                "pending": self.pending,
+                "stream_time": self.stream_time,
+                "counts": self.counts.to_dict(),
+                "written_time": self.written_time,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> PartitionMark:
+        """Parse a mark.
+
+        Raises:
+            SchemaError: Not a mark of a known version.
+        """
+        try:
+            raw: Any = json.loads(data or b"")
+            if raw.get("v") != MARK_VERSION:
+                raise ValueError(f"unknown mark version {raw.get('v')!r}")
+            return cls(
+                partition=int(raw["partition"]),
+                model_version=str(raw["model_version"]),
+                positions={str(k): int(v) for k, v in raw["positions"].items()},
+                pending=sorted(int(o) for o in raw["pending"]),
+                stream_time=int(raw["stream_time"]),
+                counts=OutcomeCounts.from_dict(raw["counts"]),
+                written_time=int(raw.get("written_time", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SchemaError(f"invalid partition mark in the changelog: {exc}") from exc
+
+
+@dataclass
+class PartitionProgress:
+    """Where one input partition stands (both topics), and its counters.
+
+    Args:
+        partition: The partition number.
+        positions: Role -> next offset to read (absent until known).
+        stream_time: Largest event time read from the partition (ms).
+        counts: Outcome counters since the beginning (restored from the last mark).
+        skip_until: Interactions below this offset were already applied ...
+        skip_keep: ... except these (pending at the last mark): they are read again.
+        dirty: Something changed since the last mark.
+    """
+
+    partition: int
+    positions: dict[str, int] = field(default_factory=dict)
+    stream_time: int = 0
+    counts: OutcomeCounts = field(default_factory=OutcomeCounts)
+    skip_until: int = 0
+    skip_keep: frozenset[int] = frozenset()
+    dirty: bool = False
+
+    @classmethod
+    def from_mark(cls, mark: PartitionMark) -> PartitionProgress:
+        """Progress resumed from a restored mark."""
+        positions = dict(mark.positions)
+        if mark.pending:
+            positions["interactions"] = mark.pending[0]
+        return cls(
+            partition=mark.partition,
+            positions=positions,
+            stream_time=mark.stream_time,
+            counts=mark.counts,
+            skip_until=mark.positions.get("interactions", 0),
+            skip_keep=frozenset(mark.pending),
+        )
+
+    def start_offsets(self) -> dict[str, int | None]:
+        """Role -> offset to resume reading at (``None``: the group's committed offset)."""
+        return {role: self.positions.get(role) for role in ROLES}
+
+    def skips(self, offset: int) -> bool:
+        """Whether an interaction at ``offset`` was applied before the restore."""
+        return offset < self.skip_until and offset not in self.skip_keep
+
+    def advance(self, role: str, offset: int) -> None:
+        """Record that ``offset`` of ``role`` was read."""
+        if offset + 1 > self.positions.get(role, 0):
+            self.positions[role] = offset + 1
+        self.dirty = True
+
+    def observe_time(self, event_time: int) -> None:
+        """Advance the stream time."""
+        if event_time > self.stream_time:
+            self.stream_time = event_time
+
+    def unresolved(self, pending: list[int]) -> list[int]:
+        """Offsets not reflected in the state yet.
+
+        Those waiting in the buffer now, and those pending at the restore that were not
+        read again yet.
+        """
+        pos = self.positions.get("interactions", 0)
+        again = [o for o in self.skip_keep if o >= pos]
+        return sorted(set(pending) | set(again))
+
+    def mark(self, model_version: str, pending: list[int], now_ms: int) -> PartitionMark:
+        """The mark of the current progress (``pending``: offsets waiting in the buffer)."""
+        positions = dict(self.positions)
+        if "interactions" in positions or self.skip_until:
+            positions["interactions"] = max(positions.get("interactions", 0), self.skip_until)
+        return PartitionMark(
+            partition=self.partition,
+            model_version=model_version,
+            positions=positions,
+            pending=self.unresolved(pending),
+            stream_time=self.stream_time,
+            counts=OutcomeCounts.from_dict(self.counts.to_dict()),
+            written_time=now_ms,
+        )
+
+    def commit_offsets(self, pending: list[int]) -> dict[str, int]:
+        """Role -> offset to commit for the group (the resume point of each topic)."""
+        out: dict[str, int] = {}
+        if "items" in self.positions:
+            out["items"] = self.positions["items"]
+        unresolved = self.unresolved(pending)
+        pos = max(self.positions.get("interactions", 0), self.skip_until)
+        if unresolved:
+            out["interactions"] = min(unresolved[0], pos)
+        elif "interactions" in self.positions or self.skip_until:
+            out["interactions"] = pos
+        return out

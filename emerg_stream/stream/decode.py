@@ -1,0 +1,108 @@
+"""Decode and validate input records; a bad record becomes a :class:`Rejected` value.
+
+What is rejected (each with its ``error_kind``, see :mod:`emerg_stream.stream.dlq`):
+a null value, bytes that are not a framed Avro value of the topic's record (short,
+wrong magic byte, truncated, trailing bytes, missing fields), an unknown schema id or
+one of another record type, an empty item or event id, a label other than 0/1, a NaN or
+infinite numeric feature, and a feature sent in the map of a kind the checkpoint's spec
+contradicts (e.g. a numeric field in the ``categorical`` map). Fields the spec does not
+know are ignored, and unknown *values* of known categorical fields are not errors: the
+encoder maps them to out-of-vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from emerg_stream.errors import SchemaError
+from emerg_stream.io.avro import AvroSerde, peek_schema_id
+from emerg_stream.io.records import Interaction, ItemEvent
+from emerg_stream.stream import dlq
+from emerg_stream.stream.envelope import Inbound
+from emerg_stream.stream.handler import FieldInfo
+
+__all__ = ["RecordDecoder", "Rejected"]
+
+_KINDS = ("categorical", "multi", "numeric")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Why a record cannot be processed."""
+
+    kind: str
+    message: str
+
+
+class RecordDecoder:
+    """Decoder + validator of the two input topics.
+
+    Args:
+        fields: The checkpoint's feature columns (side and kind of each).
+        items_topic: Name of the items topic (schema registry subject).
+        interactions_topic: Name of the interactions topic.
+    """
+
+    def __init__(
+        self, fields: Sequence[FieldInfo], *, items_topic: str, interactions_topic: str
+    ) -> None:
+        self.items: AvroSerde[ItemEvent] = AvroSerde(ItemEvent, topic=items_topic)
+        self.interactions: AvroSerde[Interaction] = AvroSerde(Interaction, topic=interactions_topic)
+        self._kinds: dict[str, dict[str, str]] = {"item": {}, "user": {}}
+        for f in fields:
+            self._kinds[f.side][f.name] = f.kind
+
+    @staticmethod
+    def _decode(serde: AvroSerde[Any], msg: Inbound) -> Any:
+        if msg.value is None:
+            return Rejected(dlq.NULL_VALUE, "null value (tombstone) on an input topic")
+        try:
+            schema_id = peek_schema_id(msg.value)
+        except SchemaError as exc:
+            return Rejected(dlq.DECODE, str(exc))
+        try:
+            return serde.decode(msg.value)
+        except SchemaError as exc:
+            kind = dlq.DECODE if schema_id == serde.schema_id else dlq.SCHEMA_ID
+            return Rejected(kind, str(exc))
+
+    def _features(self, side: str, rec: Mapping[str, Any]) -> Rejected | None:
+        kinds = self._kinds[side]
+        for kind in _KINDS:
+            for name, value in rec[kind].items():
+                want = kinds.get(name)
+                if want is not None and want != kind:
+                    return Rejected(
+                        dlq.BAD_FEATURE,
+                        f"{side} feature {name!r} is {want} in the checkpoint's spec but was "
+                        f"sent in the {kind!r} map",
+                    )
+                if kind == "numeric" and not math.isfinite(value):
+                    return Rejected(dlq.NONFINITE_FEATURE, f"numeric feature {name!r} is {value!r}")
+        return None
+
+    def item(self, msg: Inbound) -> ItemEvent | Rejected:
+        """The ``ItemEvent`` of ``msg``, or why it is rejected."""
+        rec = self._decode(self.items, msg)
+        if isinstance(rec, Rejected):
+            return rec
+        if not rec["item_id"]:
+            return Rejected(dlq.MISSING_FIELD, "empty item_id")
+        bad = self._features("item", rec)
+        return rec if bad is None else bad
+
+    def interaction(self, msg: Inbound) -> Interaction | Rejected:
+        """The ``Interaction`` of ``msg``, or why it is rejected."""
+        rec = self._decode(self.interactions, msg)
+        if isinstance(rec, Rejected):
+            return rec
+        for name in ("item_id", "event_id"):
+            if not rec[name]:
+                return Rejected(dlq.MISSING_FIELD, f"empty {name}")
+        if rec["label"] not in (0, 1):
+            return Rejected(dlq.BAD_LABEL, f"label must be 0 or 1, got {rec['label']}")
+        bad = self._features("user", rec)
+        return rec if bad is None else bad

@@ -1,0 +1,467 @@
+"""The warm-up worker: one consumer-group member turning items + clicks into params.
+
+Per micro-batch (``consume`` up to ``batch_max_records`` within ``batch_timeout_ms``) the
+:class:`~emerg_stream.stream.processor.WarmupProcessor` decodes, cold-starts new items,
+scores and applies interactions in prequential rounds and runs the batched warm-up
+updates; then the worker checkpoints. **Checkpoint order** (at-least-once delivery,
+idempotent effects):
+
+1. produce the batch's outputs (ItemParams, Predictions, DeadLetters) and **flush**;
+2. produce every changed item's ``ItemState`` and then the partition mark to changelog
+   partition ``p`` (explicitly the input partition's number) and **flush**;
+3. **commit** the input offsets (the resume points) synchronously; the consumer runs
+   with ``enable.auto.commit=false`` and ``enable.auto.offset.store=false``, so nothing
+   is committed before the outputs and the state are flushed;
+4. write the stats file (if any).
+
+A crash before step 2 completes replays the records since the previous mark: params
+versions are recomputed identically (φ depends only on the item's records) and
+re-published under the same version; predictions and dead letters may appear twice. A
+crash between steps 2 and 3 resumes from the mark, which is authoritative, so nothing
+is applied or counted twice (see :mod:`emerg_stream.stream.checkpointing`).
+
+Rebalances use the eager ``range`` assignor: it gives a member the same partition
+numbers of the two co-partitioned topics (cooperative-sticky does not promise that, and
+on Tansu it took ~11 s per rebalance against ~4 s for eager). On revoke the worker
+checkpoints and drops the partitions' state; on assign it restores them from the
+changelog (a separate assigned consumer) before any record is processed, and seeks to
+the marks. ``stop()`` (SIGTERM/SIGINT in the job) ends the loop after the current batch,
+checkpoints and closes. Bad records never stop the loop (dead letters); broker, flush
+and commit failures propagate so the orchestrator restarts the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from confluent_kafka import (
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from emerg_stream.config import WorkerSettings
+from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.stream.changelog import restore_partitions
+from emerg_stream.stream.checkpointing import PartitionMark
+from emerg_stream.stream.envelope import Inbound, Outbound
+from emerg_stream.stream.handler import WarmupHandler
+from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
+from emerg_stream.stream.processor import BatchSummary, WarmupProcessor
+from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.topics import check_copartitioned, topic_partitions
+
+__all__ = ["Worker", "consumer_conf", "producer_conf"]
+
+log = structlog.get_logger(__name__)
+
+_FLUSH_TIMEOUT_S = 30.0
+_RESTORE_TIMEOUT_S = 120.0
+
+
+def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
+    """Settings (librdkafka keys) of the group consumer.
+
+    Raises:
+        ConfigError: ``extra`` asks for another assignor than ``range``.
+    """
+    conf = settings.kafka.as_librdkafka()
+    strategy = conf.get("partition.assignment.strategy", "range")
+    if strategy != "range":
+        raise ConfigError(
+            f"partition.assignment.strategy={strategy!r}: the worker needs the eager 'range' "
+            f"assignor (same partition numbers of items and interactions on one member)"
+        )
+    conf.update(
+        {
+            "group.id": settings.group_id,
+            "partition.assignment.strategy": "range",
+            "enable.auto.commit": "false",
+            "enable.auto.offset.store": "false",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": str(settings.session_timeout_ms),
+            "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
+        }
+    )
+    return conf
+
+
+def producer_conf(settings: WorkerSettings) -> dict[str, str]:
+    """Settings (librdkafka keys) of the idempotent output producer."""
+    conf = settings.kafka.as_librdkafka()
+    for key in ("partition.assignment.strategy",):
+        conf.pop(key, None)
+    conf.setdefault("linger.ms", "2")
+    conf.update({"enable.idempotence": "true", "acks": "all"})
+    return conf
+
+
+class Worker:
+    """One member of the worker group (see the module docstring).
+
+    Args:
+        settings: Worker settings (cluster, topics, group, batch and buffer sizes).
+        handler: The model side (``emerg_stream.serving.handler.TorchWarmupHandler``).
+        stats_path: JSON file rewritten after every checkpoint (counters, partitions).
+        metrics: Prometheus metrics (default: a fresh registry; served if
+            ``settings.metrics_port`` is set).
+        exit_when_idle_s: Stop by itself after this long without a record (``None``:
+            run until :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handler: WarmupHandler,
+        *,
+        stats_path: Path | None = None,
+        metrics: WorkerMetrics | None = None,
+        exit_when_idle_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.topics = settings.topics
+        self.stats_path = stats_path
+        self.metrics = metrics or WorkerMetrics()
+        self.exit_when_idle_s = exit_when_idle_s
+        self.processor = WarmupProcessor(
+            handler,
+            settings.topics,
+            dedupe_window=settings.dedupe_window,
+            pending_max=settings.pending_max,
+            pending_max_age_ms=settings.pending_max_age_ms,
+            metrics=self.metrics,
+        )
+        self._stop = threading.Event()
+        self._failed = False
+        self._delivery_error: KafkaError | None = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._restorer: Consumer | None = None
+        self._last_activity = time.monotonic()
+        self._marks: dict[int, PartitionMark] = {}
+        self.batches = 0
+        self.checkpoints = 0
+        self.rebalances = 0
+
+    # -- public ----------------------------------------------------------------------
+
+    @property
+    def counts(self) -> OutcomeCounts:
+        """Outcomes counted by this process since it started."""
+        return self.processor.counts
+
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch, checkpoint and close (thread-safe)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Check the topics, join the group and process until stopped.
+
+        Raises:
+            ConfigError: Topics missing or not co-partitioned, or a bad assignor setting.
+            TransientError: Broker, flush or commit failures (restart the job).
+            ModelError: Restored state of another model version.
+        """
+        with structlog.contextvars.bound_contextvars(
+            job="worker",
+            consumer_group=self.settings.group_id,
+            model_version=self.handler.model_version,
+        ):
+            self._run()
+
+    # -- loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        n = self._preflight()
+        base = self.settings.kafka.as_librdkafka()
+        base.pop("partition.assignment.strategy", None)
+        self._producer = Producer(producer_conf(self.settings))
+        self._restorer = Consumer(reader_conf(base))
+        self._consumer = Consumer(consumer_conf(self.settings))
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port)
+        self._consumer.subscribe(
+            [self.topics.items, self.topics.interactions],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log.info("worker_started", partitions=n, pid=os.getpid())
+        batch_s = self.settings.batch_timeout_ms / 1000
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(self.settings.batch_max_records, timeout=batch_s)
+                batch = self._inbound(msgs)
+                if batch:
+                    self._last_activity = time.monotonic()
+                    self._handle(batch)
+                elif self._idle():
+                    log.info("worker_idle_exit", idle_s=self.exit_when_idle_s)
+                    break
+            self._checkpoint()
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self._close()
+
+    def _preflight(self) -> int:
+        conf: dict[str, str | int | float | bool] = dict(self.settings.kafka.as_librdkafka())
+        admin = AdminClient(conf)
+        n = check_copartitioned(admin, self.topics.items, self.topics.interactions)
+        outputs = [
+            self.topics.item_params,
+            self.topics.predictions,
+            self.topics.dead_letter,
+            self.topics.changelog,
+        ]
+        counts = topic_partitions(admin, outputs)
+        missing = [t for t in outputs if t not in counts]
+        if missing:
+            raise ConfigError(
+                f"topic(s) {', '.join(missing)} do not exist; create them with "
+                f"`emerg-stream topics create`"
+            )
+        if counts[self.topics.changelog] < n:
+            raise ConfigError(
+                f"changelog {self.topics.changelog!r} has {counts[self.topics.changelog]} "
+                f"partitions, fewer than the {n} input partitions it mirrors"
+            )
+        return n
+
+    def _idle(self) -> bool:
+        if self.exit_when_idle_s is None:
+            return False
+        return time.monotonic() - self._last_activity > self.exit_when_idle_s
+
+    def _inbound(self, msgs: Sequence[Message]) -> list[Inbound]:
+        batch = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise TransientError(f"fatal consumer error: {err.str()}")
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer_error", error=err.str(), code=err.code())
+                continue
+            topic, p, off = m.topic(), m.partition(), m.offset()
+            if topic is None or p is None or off is None:
+                continue
+            batch.append(Inbound(topic, p, off, m.key(), m.value()))
+        return batch
+
+    def _handle(self, batch: list[Inbound]) -> None:
+        t0 = time.perf_counter()
+        outputs, summary = self.processor.process(batch)
+        self._produce(outputs)
+        self._flush()
+        t1 = time.perf_counter()
+        cp_items = self._checkpoint()
+        self.batches += 1
+        self._log_batch(batch, summary, t0, t1, cp_items)
+
+    def _log_batch(
+        self, batch: list[Inbound], summary: BatchSummary, t0: float, t1: float, cp_items: int
+    ) -> None:
+        log.info(
+            "batch_processed",
+            records=summary.records,
+            skipped=summary.skipped,
+            first_offset=min(m.offset for m in batch),
+            partitions=sorted({m.partition for m in batch}),
+            new_items=summary.new_items,
+            items=summary.counts.items,
+            interactions=summary.counts.interactions,
+            pending=summary.pending,
+            rounds=summary.rounds,
+            updated_items=summary.updated_items,
+            params=summary.params,
+            predictions=summary.predictions,
+            update_ms=round(summary.update_s * 1000, 1),
+            process_ms=round((t1 - t0) * 1000, 1),
+            checkpoint_ms=round((time.perf_counter() - t1) * 1000, 1),
+            states_written=cp_items,
+        )
+
+    # -- producing and checkpointing -------------------------------------------------
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None and self._delivery_error is None:
+            self._delivery_error = err
+
+    def _produce(self, records: list[Outbound]) -> None:
+        producer = self._producer
+        if producer is None:
+            raise TransientError("the producer is closed")
+        for r in records:
+            while True:
+                try:
+                    if r.partition is None:
+                        producer.produce(r.topic, r.value, r.key, on_delivery=self._on_delivery)
+                    else:
+                        producer.produce(
+                            r.topic, r.value, r.key, r.partition, on_delivery=self._on_delivery
+                        )
+                    break
+                except BufferError:
+                    producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def _flush(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        left = producer.flush(_FLUSH_TIMEOUT_S)
+        if left:
+            raise TransientError(f"{left} records not delivered within {_FLUSH_TIMEOUT_S}s")
+        if self._delivery_error is not None:
+            err, self._delivery_error = self._delivery_error, None
+            raise TransientError(f"delivery failed: {err.str()}")
+
+    def _checkpoint(self, *, in_revoke: bool = False) -> int:
+        """Changelog + marks, flush, commit; returns the item states written."""
+        t0 = time.perf_counter()
+        cp = self.processor.checkpoint()
+        if not cp.records:
+            return 0
+        self._produce(cp.records)
+        self._flush()
+        self._marks.update(cp.marks)
+        if cp.offsets and self._consumer is not None:
+            tps = [TopicPartition(t, p, o) for (t, p), o in sorted(cp.offsets.items())]
+            try:
+                self._consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                if not in_revoke:
+                    raise TransientError(f"offset commit failed: {exc}") from exc
+                # The marks just flushed are authoritative; the next owner resumes there.
+                log.warning("commit_failed_on_revoke", error=str(exc))
+        self.checkpoints += 1
+        self.metrics.checkpoint.observe(time.perf_counter() - t0)
+        self._write_stats()
+        return cp.items
+
+    def _write_stats(self) -> None:
+        if self.stats_path is None:
+            return
+        stats: dict[str, Any] = {
+            "pid": os.getpid(),
+            "group": self.settings.group_id,
+            "model_version": self.handler.model_version,
+            "updated_time": int(time.time() * 1000),
+            "batches": self.batches,
+            "checkpoints": self.checkpoints,
+            "rebalances": self.rebalances,
+            "partitions": self.processor.partitions,
+            "items_in_state": len(self.processor.store),
+            "pending": len(self.processor.pending),
+            "process": self.processor.counts.to_dict(),
+            "marks": {
+                str(p): {"positions": m.positions, "counts": m.counts.to_dict()}
+                for p, m in sorted(self._marks.items())
+            },
+        }
+        tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=1) + "\n")
+        tmp.replace(self.stats_path)
+
+    # -- rebalance callbacks (run inside consume) ------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            self.rebalances += 1
+            by_topic: dict[str, set[int]] = {
+                self.topics.items: set(),
+                self.topics.interactions: set(),
+            }
+            for tp in partitions:
+                by_topic.setdefault(tp.topic, set()).add(tp.partition)
+            numbers = by_topic[self.topics.items]
+            if numbers != by_topic[self.topics.interactions]:
+                raise ConfigError(
+                    f"assigned items partitions {sorted(numbers)} but interactions partitions "
+                    f"{sorted(by_topic[self.topics.interactions])}: not co-assigned"
+                )
+            if self._restorer is None:
+                raise TransientError("restore consumer is closed")
+            restored = restore_partitions(
+                self._restorer,
+                self.topics.changelog,
+                sorted(numbers),
+                self.processor.codec,
+                timeout_s=_RESTORE_TIMEOUT_S,
+            )
+            tps = []
+            for p in sorted(numbers):
+                r = restored[p]
+                starts = self.processor.assign(p, r.items, r.mark)
+                if r.mark is not None:
+                    self._marks[p] = r.mark
+                for role, topic in (
+                    ("items", self.topics.items),
+                    ("interactions", self.topics.interactions),
+                ):
+                    off = starts[role]
+                    tps.append(TopicPartition(topic, p, OFFSET_STORED if off is None else off))
+            consumer.assign(tps)
+            self._last_activity = time.monotonic()
+            log.info(
+                "partitions_assigned",
+                partitions=sorted(numbers),
+                items=sum(len(r.items) for r in restored.values()),
+                starts={f"{tp.topic}[{tp.partition}]": tp.offset for tp in tps},
+            )
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = sorted({tp.partition for tp in partitions})
+        try:
+            if not self._failed:
+                self._checkpoint(in_revoke=True)
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            for p in numbers:
+                self.processor.revoke(p)
+            consumer.unassign()
+        log.info("partitions_revoked", partitions=numbers)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = sorted({tp.partition for tp in partitions})
+        for p in numbers:
+            self.processor.revoke(p)
+        log.warning("partitions_lost", partitions=numbers)
+
+    def _close(self) -> None:
+        if self._consumer is not None:
+            # close() revokes: the revoke callback checkpoints (unless the loop failed).
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(_FLUSH_TIMEOUT_S)
+            self._producer = None
+        if self._restorer is not None:
+            self._restorer.close()
+            self._restorer = None
+        self._write_stats()
+        log.info(
+            "worker_stopped",
+            batches=self.batches,
+            checkpoints=self.checkpoints,
+            counts=self.processor.counts.to_dict(),
+        )

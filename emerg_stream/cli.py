@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "evaluate-stream": "jobs.evaluate_stream",
     "data": "jobs.data",
     "config": "jobs.config",
+    "report": "jobs.report",
 }
 
 

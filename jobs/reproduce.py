@@ -24,6 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="max pretraining epochs")
     parser.add_argument("--meta-epochs", type=int, default=None, help="max meta-training epochs")
+    parser.add_argument(
+        "--ablation",
+        default="none",
+        choices=[
+            "none",
+            "random-graph",
+            "shared-graph",
+            "no-sparsify",
+            "no-mask",
+            "no-meta",
+            "no-inner-update",
+        ],
+        help="an EmerG ablation of the paper (baselines are unaffected)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="rows per pretraining step")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -59,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         cfg=cfg,
         progress=not args.no_progress,
+        ablation=args.ablation,
     )
     print(markdown_table(results), end="")
     print(f"results: {args.out / 'results.json'} ({results['wall_time_s']} s)")

@@ -31,6 +31,17 @@ log = structlog.get_logger(__name__)
 
 METHODS: tuple[str, ...] = ("emerg", "deepfm", "metae")
 
+#: The paper's ablations of EmerG: name -> (model config overrides, train config overrides).
+ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "none": ({}, {}),
+    "random-graph": ({"graph_mode": "random"}, {}),
+    "shared-graph": ({"graph_mode": "shared"}, {}),
+    "no-sparsify": ({"topk_ratio": 1.0}, {}),
+    "no-mask": ({"use_mask": False}, {}),
+    "no-meta": ({}, {"meta_epochs": 0}),
+    "no-inner-update": ({}, {"inner_update": False}),
+}
+
 
 @dataclass
 class Prepared:

@@ -6,7 +6,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,12 @@ import structlog
 import torch
 
 from emerg_stream.data import holdout_validation, load_dataset, split_log, write_split
+from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.meta.evaluate import PHASES, run_phases
 from emerg_stream.meta.pipeline import (
+    ABLATIONS,
     METHODS,
     Prepared,
     Protocol,
@@ -95,15 +97,30 @@ def reproduce(
     device: str = "auto",
     cfg: TrainConfig | None = None,
     progress: bool = True,
+    ablation: str = "none",
 ) -> dict[str, Any]:
     """Run split, selection, training and phased evaluation; write results to ``out``.
+
+    Args:
+        dataset: Preset name or dataset YAML.
+        out: Run directory.
+        methods: Methods to run.
+        seeds: Seeds 0..seeds-1 of the final runs (selection uses seed 0).
+        data_dir: Dataset folder (default: ``EMERG_DATA_DIR``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        cfg: Training hyperparameters (epochs are maxima for selection).
+        progress: Show progress bars.
+        ablation: One of :data:`ABLATIONS`, applied to EmerG only.
 
     Returns:
         The content of ``out/results.json``.
     """
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {ablation!r}; choose from {sorted(ABLATIONS)}")
     t_start = time.perf_counter()
     dev = resolve_device(device)
     cfg = cfg or TrainConfig()
+    model_ov, train_ov = ABLATIONS[ablation]
     out.mkdir(parents=True, exist_ok=True)
     ilog = load_dataset(dataset, data_dir)
     split = split_log(ilog)
@@ -131,18 +148,23 @@ def reproduce(
         "device": str(dev),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "train_config": asdict(cfg),
+        "ablation": ablation,
         "split": {k: manifest[k] for k in ("row_counts", "item_counts") if k in manifest},
         "methods": {},
     }
     for method in methods:
         t0 = time.perf_counter()
+        m_ov = model_ov if method == "emerg" else {}
+        m_cfg = replace(cfg, **train_ov) if method == "emerg" else cfg
         protocol: Protocol = select_protocol(
-            method, val_spec, val, cfg, device=dev, progress=progress
+            method, val_spec, val, m_cfg, device=dev, progress=progress, model_overrides=m_ov
         )
         per_seed: dict[int, dict[str, dict[str, float]]] = {}
         for seed in range(seeds):
-            fcfg = final_config(cfg, protocol, seed)
-            model = train_model(method, spec, data, fcfg, device=dev, progress=progress)
+            fcfg = final_config(m_cfg, protocol, seed)
+            model = train_model(
+                method, spec, data, fcfg, device=dev, progress=progress, model_overrides=m_ov
+            )
             metrics, phis = run_phases(model, data.new, protocol.warmup, salt=seed, device=dev)
             per_seed[seed] = metrics
             log.info(

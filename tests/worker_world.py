@@ -45,7 +45,8 @@ SCHEMA = LogSchema(
 GENRES = ["drama", "comedy", "horror", "docu"]
 TAGS = ["a", "b", "c", "d", "e"]
 CITIES = ["x", "y", "z"]
-WARMUP = WarmupConfig(steps=3, lr=0.05, optimizer="adam")
+# Adam (a member of the selection grid): moves the graph too (~0.2), not just the id
+WARMUP = WarmupConfig(steps=5, lr=0.01, optimizer="adam")
 SALT = 7
 
 

@@ -10,7 +10,8 @@ says which input records the states before it reflect:
 * ``pending``: offsets below that position that are *not* reflected yet (interactions
   still waiting for their item);
 * ``counts``: the outcome counters of partition ``p`` since the beginning;
-* ``stream_time`` and the ``model_version`` the states belong to.
+* ``items_time`` (the partition's item stream time, see :mod:`emerg_stream.stream.pending`)
+  and the ``model_version`` the states belong to.
 
 Restoring reads the changelog partition and keeps only the states up to the *last* mark
 (states after it belong to a checkpoint that did not complete), then resumes reading
@@ -46,7 +47,7 @@ class PartitionMark:
     model_version: str
     positions: dict[str, int]
     pending: list[int]
-    stream_time: int
+    items_time: int
     counts: OutcomeCounts
     written_time: int = 0
 
@@ -59,7 +60,7 @@ class PartitionMark:
                 "model_version": self.model_version,
                 "positions": self.positions,
                 "pending": self.pending,
-                "stream_time": self.stream_time,
+                "items_time": self.items_time,
                 "counts": self.counts.to_dict(),
                 "written_time": self.written_time,
             },
@@ -82,7 +83,7 @@ class PartitionMark:
                 model_version=str(raw["model_version"]),
                 positions={str(k): int(v) for k, v in raw["positions"].items()},
                 pending=sorted(int(o) for o in raw["pending"]),
-                stream_time=int(raw["stream_time"]),
+                items_time=int(raw["items_time"]),
                 counts=OutcomeCounts.from_dict(raw["counts"]),
                 written_time=int(raw.get("written_time", 0)),
             )
@@ -97,7 +98,8 @@ class PartitionProgress:
     Args:
         partition: The partition number.
         positions: Role -> next offset to read (absent until known).
-        stream_time: Largest event time read from the partition (ms).
+        items_time: Largest event time of the ItemEvents read from the partition (ms):
+            the clock that expires pending interactions.
         counts: Outcome counters since the beginning (restored from the last mark).
         skip_until: Interactions below this offset were already applied ...
         skip_keep: ... except these (pending at the last mark): they are read again.
@@ -106,7 +108,7 @@ class PartitionProgress:
 
     partition: int
     positions: dict[str, int] = field(default_factory=dict)
-    stream_time: int = 0
+    items_time: int = 0
     counts: OutcomeCounts = field(default_factory=OutcomeCounts)
     skip_until: int = 0
     skip_keep: frozenset[int] = frozenset()
@@ -121,7 +123,7 @@ class PartitionProgress:
         return cls(
             partition=mark.partition,
             positions=positions,
-            stream_time=mark.stream_time,
+            items_time=mark.items_time,
             counts=mark.counts,
             skip_until=mark.positions.get("interactions", 0),
             skip_keep=frozenset(mark.pending),
@@ -141,10 +143,10 @@ class PartitionProgress:
             self.positions[role] = offset + 1
         self.dirty = True
 
-    def observe_time(self, event_time: int) -> None:
-        """Advance the stream time."""
-        if event_time > self.stream_time:
-            self.stream_time = event_time
+    def observe_item_time(self, event_time: int) -> None:
+        """Advance the item stream time (with an ItemEvent's event time)."""
+        if event_time > self.items_time:
+            self.items_time = event_time
 
     def unresolved(self, pending: list[int]) -> list[int]:
         """Offsets not reflected in the state yet.
@@ -166,7 +168,7 @@ class PartitionProgress:
             model_version=model_version,
             positions=positions,
             pending=self.unresolved(pending),
-            stream_time=self.stream_time,
+            items_time=self.items_time,
             counts=OutcomeCounts.from_dict(self.counts.to_dict()),
             written_time=now_ms,
         )

@@ -107,6 +107,7 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._server: Any = None
         self.records = Counter(
             "emerg_worker_records",
             "Input records by topic role and outcome (each record exactly one outcome).",
@@ -145,6 +146,19 @@ class WorkerMetrics:
         """Mirror an outcome count."""
         self.records.labels(topic=role, outcome=outcome).inc(n)
 
-    def serve(self, port: int) -> None:
-        """Serve ``/metrics`` on ``127.0.0.1:port`` (a daemon thread)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int) -> int:
+        """Serve ``/metrics`` on ``127.0.0.1:port`` from a daemon thread.
+
+        Returns:
+            The port served (useful with ``port=0``).
+        """
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

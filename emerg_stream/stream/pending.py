@@ -6,10 +6,15 @@ applied in offset order. The buffer is bounded:
 
 * **count**: at most ``max_records`` in total (all partitions); beyond it the oldest
   entry is evicted;
-* **age**, in *event time*: an entry expires once its partition's stream time (the
-  largest event time read from that partition) is more than ``max_age_ms`` past the
-  entry's own event time. Event time, not wall-clock time, so a replay or a restart
-  makes the same decisions.
+* **age**, in *event time*: an entry expires once its partition's *item stream time*
+  (the largest event time of the ``ItemEvent`` records read from that partition) is
+  more than ``max_age_ms`` past the entry's own event time: the items side has moved on
+  and the announcement did not come. Event time, not wall-clock time, so a replay or a
+  restart makes the same decisions; and the items topic's clock, not the interactions',
+  so a consumer that happens to fetch a backlog of interactions ahead of the items
+  (both topics are read at their own pace) does not expire what is merely early. A
+  partition whose items topic is quiet expires nothing by age; the count bound still
+  holds.
 
 Evicted and expired entries are returned to the caller, which dead-letters them
 (``unknown_item``). Pending entries are not counted yet: their outcome comes when they
@@ -95,12 +100,12 @@ class PendingBuffer:
         out.sort(key=lambda e: e.msg.offset)
         return out
 
-    def expire(self, partition: int, stream_time: int) -> list[PendingEntry]:
+    def expire(self, partition: int, items_time: int) -> list[PendingEntry]:
         """Remove and return the partition's entries older than the age bound."""
         items = self._by_item.get(partition)
         if not items:
             return []
-        limit = stream_time - self.max_age_ms
+        limit = items_time - self.max_age_ms
         out: list[PendingEntry] = []
         for item_id in list(items):
             keep = []

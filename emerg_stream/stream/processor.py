@@ -22,8 +22,9 @@ counters. Per batch:
    threshold (thresholds K, 2K, 3K, then every K; see :mod:`emerg_stream.state.phases`),
    and each gets a new params version. Items with more queued interactions continue in
    the next round with their new params.
-5. **Expiry**: pending interactions older (in event time) than the age bound are
-   dead-lettered (``unknown_item``), as are those evicted by the count bound.
+5. **Expiry**: pending interactions older than the age bound (measured against the
+   partition's item stream time) are dead-lettered (``unknown_item``), as are those
+   evicted by the count bound.
 
 Every input record ends in exactly one counted outcome (``applied``, ``duplicate``,
 ``dead_lettered``, ``ignored_old_item``), except those still pending, which are counted
@@ -261,7 +262,7 @@ class WarmupProcessor:
         queues, old_rows = self._route(inter_in, released, out, summary)
         self._rounds(queues, old_rows, out, summary)
         for p in set(items_in) | set(inter_in):
-            for entry in self.pending.expire(p, self.progress[p].stream_time):
+            for entry in self.pending.expire(p, self.progress[p].items_time):
                 why = Rejected(
                     dlq.UNKNOWN_ITEM,
                     f"item {entry.record['item_id']!r} was not announced within "
@@ -285,7 +286,7 @@ class WarmupProcessor:
                 if isinstance(rec, Rejected):
                     self._dead(msg, "items", rec, out, summary)
                     continue
-                prog.observe_time(rec["event_time"])
+                prog.observe_item_time(rec["event_time"])
                 item_id = rec["item_id"]
                 if item_id in part.items:
                     self._count(p, "items", DUPLICATE, summary)
@@ -328,7 +329,7 @@ class WarmupProcessor:
         queues: dict[Key, list[_Queued]] = {}
         old_rows: list[tuple[Key, _Queued]] = []
         for p in sorted(set(inter_in) | set(released)):
-            prog, part = self.progress[p], self.store.partition(p)
+            part = self.store.partition(p)
             todo: list[tuple[Inbound, Interaction | None]] = [
                 (m, None) for m in inter_in.get(p, [])
             ]
@@ -341,8 +342,6 @@ class WarmupProcessor:
                 if isinstance(rec, Rejected):
                     self._dead(msg, "interactions", rec, out, summary)
                     continue
-                if known is None:
-                    prog.observe_time(rec["event_time"])
                 key = (p, rec["item_id"])
                 task = part.items.get(rec["item_id"])
                 if task is None and rec["item_id"] not in self.old_ids:

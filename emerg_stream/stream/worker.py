@@ -117,8 +117,8 @@ class Worker:
         stats_path: JSON file rewritten after every checkpoint (counters, partitions).
         metrics: Prometheus metrics (default: a fresh registry; served if
             ``settings.metrics_port`` is set).
-        exit_when_idle_s: Stop by itself after this long without a record (``None``:
-            run until :meth:`stop`).
+        exit_when_idle_s: Stop by itself after this long without a record, counted from
+            the first partition assignment on (``None``: run until :meth:`stop`).
     """
 
     def __init__(
@@ -155,6 +155,9 @@ class Worker:
         self.batches = 0
         self.checkpoints = 0
         self.rebalances = 0
+        self.restored_items = 0
+        #: Port of the metrics server once serving (``metrics_port=0`` picks a free one).
+        self.metrics_port: int | None = None
 
     # -- public ----------------------------------------------------------------------
 
@@ -192,7 +195,8 @@ class Worker:
         self._restorer = Consumer(reader_conf(base))
         self._consumer = Consumer(consumer_conf(self.settings))
         if self.settings.metrics_port is not None:
-            self.metrics.serve(self.settings.metrics_port)
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics_serving", url=f"http://127.0.0.1:{self.metrics_port}/metrics")
         self._consumer.subscribe(
             [self.topics.items, self.topics.interactions],
             on_assign=self._on_assign,
@@ -243,7 +247,8 @@ class Worker:
         return n
 
     def _idle(self) -> bool:
-        if self.exit_when_idle_s is None:
+        """Idle long enough to exit (counted from the first assignment on)."""
+        if self.exit_when_idle_s is None or not self.rebalances:
             return False
         return time.monotonic() - self._last_activity > self.exit_when_idle_s
 
@@ -364,6 +369,7 @@ class Worker:
             "batches": self.batches,
             "checkpoints": self.checkpoints,
             "rebalances": self.rebalances,
+            "restored_items": self.restored_items,
             "partitions": self.processor.partitions,
             "items_in_state": len(self.processor.store),
             "pending": len(self.processor.pending),
@@ -404,6 +410,7 @@ class Worker:
                 timeout_s=_RESTORE_TIMEOUT_S,
             )
             tps = []
+            self.restored_items += sum(len(r.items) for r in restored.values())
             for p in sorted(numbers):
                 r = restored[p]
                 starts = self.processor.assign(p, r.items, r.mark)
@@ -417,6 +424,7 @@ class Worker:
                     tps.append(TopicPartition(topic, p, OFFSET_STORED if off is None else off))
             consumer.assign(tps)
             self._last_activity = time.monotonic()
+            self._write_stats()
             log.info(
                 "partitions_assigned",
                 partitions=sorted(numbers),
@@ -459,6 +467,7 @@ class Worker:
             self._restorer.close()
             self._restorer = None
         self._write_stats()
+        self.metrics.close()
         log.info(
             "worker_stopped",
             batches=self.batches,

@@ -359,7 +359,6 @@ class WarmupProcessor:
                     continue
                 if not task.recent.add(rec["event_id"]):
                     self._count(p, "interactions", DUPLICATE, summary)
-                    part.touch(task.item_id)
                     continue
                 part.touch(task.item_id)
                 queues.setdefault(key, []).append(_Queued(msg, rec))

@@ -224,15 +224,22 @@ class Worker:
 
     def _preflight(self) -> int:
         conf: dict[str, str | int | float | bool] = dict(self.settings.kafka.as_librdkafka())
-        admin = AdminClient(conf)
-        n = check_copartitioned(admin, self.topics.items, self.topics.interactions)
         outputs = [
             self.topics.item_params,
             self.topics.predictions,
             self.topics.dead_letter,
             self.topics.changelog,
         ]
-        counts = topic_partitions(admin, outputs)
+        refused: str | None = None
+        admin = AdminClient(conf)
+        try:
+            n = check_copartitioned(admin, self.topics.items, self.topics.interactions)
+            counts = topic_partitions(admin, outputs)
+        except ConfigError as exc:
+            refused = str(exc)  # re-raised below, without a traceback holding the client
+        del admin
+        if refused is not None:
+            raise ConfigError(refused)
         missing = [t for t in outputs if t not in counts]
         if missing:
             raise ConfigError(

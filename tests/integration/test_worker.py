@@ -478,3 +478,49 @@ def test_two_workers_with_a_rebalance_publish_what_one_worker_does(
         f"A counted {sum(sa['process']['interactions'].values())}, B "
         f"{sum(sb['process']['interactions'].values())}; total {took:.1f}s"
     )
+
+
+# -- refusals -----------------------------------------------------------------------
+
+
+def test_refuses_to_start_when_items_and_interactions_are_not_copartitioned(
+    handler, kafka_conf, bootstrap, unique_name
+):
+    from emerg_stream.errors import ConfigError
+    from emerg_stream.stream.topics import TopicSpec
+
+    names = TopicSettings(
+        items=unique_name("items"),
+        interactions=unique_name("inter"),
+        item_params=unique_name("params"),
+        predictions=unique_name("preds"),
+        dead_letter=unique_name("dead"),
+        changelog=unique_name("changelog"),
+    )
+    specs = [s for s in load_topic_specs(None, names) if s.role not in ("items", "interactions")]
+    specs += [
+        TopicSpec("items", names.items, 2, 1),
+        TopicSpec("interactions", names.interactions, 3, 1),
+    ]
+    ensure_topics(kafka_conf, specs)
+    worker = Worker(settings_for(bootstrap, names, unique_name("group")), handler)
+    with pytest.raises(ConfigError, match="co-partitioned"):
+        worker.run()
+
+
+def test_refuses_state_written_by_another_model_version(
+    world, handler, kafka_conf, bootstrap, topics, unique_name
+):
+    from emerg_stream.errors import ModelError
+    from emerg_stream.stream.checkpointing import MARK_KEY, PartitionProgress
+
+    mark = PartitionProgress(0).mark("another-model", [], 0)
+    p = Producer(kafka_conf)
+    p.produce(topics.changelog, mark.encode(), MARK_KEY, 0)
+    assert p.flush(10) == 0
+    produce(kafka_conf, input_records(world, topics))
+    worker = Worker(settings_for(bootstrap, topics, unique_name("group")), handler)
+    with pytest.raises(ModelError, match="model version"):
+        worker.run()  # raised in the assign callback, out of consume()
+    assert worker.batches == 0
+    assert read_values(kafka_conf, topics.item_params, PARAMS) == []

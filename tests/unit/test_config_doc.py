@@ -27,6 +27,12 @@ REGENERATE = "emerg-stream config doc > docs/CONFIGURATION.md"
 
 
 @pytest.fixture(autouse=True)
+def no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cli.main would bind structlog to this test's captured stderr, closed afterwards."""
+    monkeypatch.setattr("emerg_stream.logging.configure_logging", lambda **_: None)
+
+
+@pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("EMERG_"):

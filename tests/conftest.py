@@ -75,3 +75,12 @@ def make_log() -> Callable[..., InteractionLog]:
         return InteractionLog(name=name, table=table, schema=TINY_SCHEMA, n=n, k=k)
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """Tests that call ``cli.main`` configure logging onto captured streams; undo it."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()

@@ -51,7 +51,8 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
     Returns:
         ``data_dir``, else ``$EMERG_DATA_DIR``, else ``../shared/data`` relative to the
-        current working directory when that exists.
+        current working directory when that exists, else the cache that
+        ``emerg-stream data fetch`` fills (``~/.cache/emerg-stream/data``) when it exists.
 
     Raises:
         DataError: None of them names an existing folder.
@@ -62,11 +63,14 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
         chosen, how = Path(os.environ[DATA_DIR_ENV]), DATA_DIR_ENV
     else:
         fallback = Path.cwd() / ".." / "shared" / "data"
-        if fallback.is_dir():
-            return fallback.resolve()
+        cache = Path.home() / ".cache" / "emerg-stream" / "data"
+        for candidate in (fallback, cache):
+            if candidate.is_dir():
+                return candidate.resolve()
         raise DataError(
-            f"no data directory: pass --data-dir or set {DATA_DIR_ENV} to the folder that "
-            f"holds the dataset folders (looked for {fallback.resolve()})"
+            f"no data directory: pass --data-dir, set {DATA_DIR_ENV} to the folder that "
+            f"holds the dataset folders, or run `emerg-stream data fetch ml-100k` "
+            f"(looked for {fallback.resolve()} and {cache})"
         )
     if not chosen.is_dir():
         raise DataError(f"data directory {chosen} (from {how}) does not exist")

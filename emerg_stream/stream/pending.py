@@ -61,6 +61,7 @@ class PendingBuffer:
         self._order: OrderedDict[int, PendingEntry] = OrderedDict()
         # partition -> item id -> seqs in arrival order
         self._by_item: dict[int, dict[str, list[int]]] = {}
+        self._count: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._order)
@@ -74,6 +75,7 @@ class PendingBuffer:
         self._order[seq] = entry
         items = self._by_item.setdefault(entry.msg.partition, {})
         items.setdefault(entry.record["item_id"], []).append(seq)
+        self._count[entry.msg.partition] = self._count.get(entry.msg.partition, 0) + 1
         evicted = []
         while len(self._order) > self.max_records:
             _, old = self._order.popitem(last=False)
@@ -81,7 +83,12 @@ class PendingBuffer:
             evicted.append(old)
         return evicted
 
+    def count(self, partition: int) -> int:
+        """Entries of one partition."""
+        return self._count.get(partition, 0)
+
     def _forget(self, entry: PendingEntry, seq: int | None) -> None:
+        self._count[entry.msg.partition] -= 1
         items = self._by_item.get(entry.msg.partition, {})
         seqs = items.get(entry.record["item_id"])
         if not seqs:
@@ -97,6 +104,8 @@ class PendingBuffer:
         """Remove and return an item's entries, in offset order."""
         seqs = self._by_item.get(partition, {}).pop(item_id, [])
         out = [self._order.pop(s) for s in seqs]
+        if out:
+            self._count[partition] -= len(out)
         out.sort(key=lambda e: e.msg.offset)
         return out
 
@@ -114,6 +123,7 @@ class PendingBuffer:
                 if entry.record["event_time"] < limit:
                     del self._order[s]
                     out.append(entry)
+                    self._count[partition] -= 1
                 else:
                     keep.append(s)
             if keep:
@@ -131,6 +141,7 @@ class PendingBuffer:
     def drop_partition(self, partition: int) -> int:
         """Forget a revoked partition's entries (they are re-read by its next owner)."""
         items = self._by_item.pop(partition, {})
+        self._count.pop(partition, None)
         n = 0
         for seqs in items.values():
             for s in seqs:

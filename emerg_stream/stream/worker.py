@@ -25,7 +25,9 @@ numbers of the two co-partitioned topics (cooperative-sticky does not promise th
 on Tansu it took ~11 s per rebalance against ~4 s for eager). On revoke the worker
 checkpoints and drops the partitions' state; on assign it restores them from the
 changelog (a separate assigned consumer) before any record is processed, and seeks to
-the marks. ``stop()`` (SIGTERM/SIGINT in the job) ends the loop after the current batch,
+the marks. Interactions that run ahead of their items' announcements are throttled by pausing
+their partition (:mod:`emerg_stream.stream.flow`), so a backlog does not overflow the
+pending buffer. ``stop()`` (SIGTERM/SIGINT in the job) ends the loop after the current batch,
 checkpoints and closes. Bad records never stop the loop (dead letters); broker, flush
 and commit failures propagate so the orchestrator restarts the job.
 """
@@ -57,6 +59,7 @@ from emerg_stream.errors import ConfigError, TransientError
 from emerg_stream.stream.changelog import restore_partitions
 from emerg_stream.stream.checkpointing import PartitionMark
 from emerg_stream.stream.envelope import Inbound, Outbound
+from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
 from emerg_stream.stream.processor import BatchSummary, WarmupProcessor
@@ -152,6 +155,8 @@ class Worker:
         self._restorer: Consumer | None = None
         self._last_activity = time.monotonic()
         self._marks: dict[int, PartitionMark] = {}
+        self.flow = Backpressure(settings.pending_max)
+        self.pauses = 0
         self.batches = 0
         self.checkpoints = 0
         self.rebalances = 0
@@ -215,6 +220,7 @@ class Worker:
                 elif self._idle():
                     log.info("worker_idle_exit", idle_s=self.exit_when_idle_s)
                     break
+                self._flow_control(batch)
             self._checkpoint()
         except BaseException:
             self._failed = True
@@ -252,6 +258,24 @@ class Worker:
                 f"partitions, fewer than the {n} input partitions it mirrors"
             )
         return n
+
+    def _flow_control(self, batch: list[Inbound]) -> None:
+        """Pause interactions partitions that run ahead of their items (see ``flow``)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        now = time.monotonic()
+        self.flow.items_delivered({m.partition for m in batch if m.topic == self.topics.items}, now)
+        pending = self.processor.pending
+        waiting = {p: pending.count(p) for p in self.processor.partitions}
+        pause, resume = self.flow.decide(waiting, now)
+        if pause:
+            consumer.pause([TopicPartition(self.topics.interactions, p) for p in pause])
+            self.pauses += len(pause)
+            log.info("interactions_paused", partitions=pause, waiting=sum(waiting.values()))
+        if resume:
+            consumer.resume([TopicPartition(self.topics.interactions, p) for p in resume])
+            log.info("interactions_resumed", partitions=resume, waiting=sum(waiting.values()))
 
     def _idle(self) -> bool:
         """Idle long enough to exit (counted from the first assignment on)."""
@@ -377,6 +401,8 @@ class Worker:
             "checkpoints": self.checkpoints,
             "rebalances": self.rebalances,
             "restored_items": self.restored_items,
+            "paused": sorted(self.flow.paused),
+            "pauses": self.pauses,
             "partitions": self.processor.partitions,
             "items_in_state": len(self.processor.store),
             "pending": len(self.processor.pending),
@@ -430,6 +456,7 @@ class Worker:
                     off = starts[role]
                     tps.append(TopicPartition(topic, p, OFFSET_STORED if off is None else off))
             consumer.assign(tps)
+            self.flow.assigned(numbers, time.monotonic())
             self._last_activity = time.monotonic()
             self._write_stats()
             log.info(
@@ -453,6 +480,7 @@ class Worker:
         finally:
             for p in numbers:
                 self.processor.revoke(p)
+            self.flow.revoked(numbers)
             consumer.unassign()
         log.info("partitions_revoked", partitions=numbers)
 
@@ -460,6 +488,7 @@ class Worker:
         numbers = sorted({tp.partition for tp in partitions})
         for p in numbers:
             self.processor.revoke(p)
+        self.flow.revoked(numbers)
         log.warning("partitions_lost", partitions=numbers)
 
     def _close(self) -> None:

@@ -355,6 +355,46 @@ def test_bad_records_are_dead_lettered_and_the_worker_keeps_going(
     assert c.items == {"applied": 2, "duplicate": 0, "dead_lettered": 2, "ignored_old_item": 0}
 
 
+# -- (2b) interactions far ahead of their items ---------------------------------------
+
+
+def test_interactions_ahead_of_their_items_are_throttled_not_dead_lettered(
+    world, handler, offline, kafka_conf, bootstrap, topics, unique_name
+):
+    """All clicks are in the topic before any item: with a pending buffer smaller than
+    the clicks waiting, the worker pauses the interactions partitions until the items
+    arrive, instead of overflowing into the dead-letter topic."""
+    n_new_rows = sum(1 for r in world.interactions if r["item_id"] in world.new_ids)
+    pending_max = 120
+    assert n_new_rows > 2 * pending_max
+    produce(
+        kafka_conf,
+        [(topics.interactions, r["item_id"], INTER.encode(r)) for r in world.interactions],
+    )
+    settings = settings_for(
+        bootstrap, topics, unique_name("group"), batch_max_records=16, pending_max=pending_max
+    )
+    worker = Worker(settings, handler)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: worker.pauses > 0, 60, "the interactions to be paused")
+        produce(kafka_conf, [(topics.items, r["item_id"], ITEM.encode(r)) for r in world.items])
+        wait_for(
+            lambda: worker.counts.total("interactions") == len(world.interactions),
+            90,
+            "every interaction",
+        )
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert worker.counts.interactions["dead_lettered"] == 0
+    assert read_values(kafka_conf, topics.dead_letter, DEAD) == []
+    check_params(read_values(kafka_conf, topics.item_params, PARAMS), offline, world)
+    print(f"\n[backpressure] {worker.pauses} partition pauses, pending bound {pending_max}")
+
+
 # -- (3) kill -9 and restart --------------------------------------------------------
 
 

@@ -116,3 +116,35 @@ def test_outcome_counts_and_prometheus_mirror():
         "emerg_worker_records_total", {"topic": "interactions", "outcome": "duplicate"}
     )
     assert value == 3.0
+
+
+def test_backpressure_pauses_a_partition_ahead_of_its_items_and_resumes_it():
+    from emerg_stream.stream.flow import Backpressure
+
+    bp = Backpressure(pending_max=40, items_quiet_s=5.0)
+    bp.assigned([0, 1], now=0.0)
+    assert bp.high_water(2) == 10
+    assert bp.decide({0: 10, 1: 3}, now=1.0) == ([0], [])
+    assert bp.decide({0: 12, 1: 3}, now=1.5) == ([], [])  # stays paused
+    bp.items_delivered([0], now=2.0)
+    assert bp.decide({0: 5, 1: 3}, now=2.0) == ([], [0])  # items caught up: half the mark
+    assert bp.decide({0: 10, 1: 0}, now=6.9) == ([0], [])  # items of 0 seen at 2.0: active
+    # the items partition goes quiet: nothing to wait for, resume and let the bounds act
+    assert bp.decide({0: 10, 1: 0}, now=7.1) == ([], [0])
+    assert bp.decide({0: 30, 1: 0}, now=8.0) == ([], [])
+    bp.revoked([0])
+    assert bp.paused == set()
+
+
+def test_pending_counts_per_partition_follow_every_exit():
+    buf = PendingBuffer(max_records=3, max_age_ms=10)
+    buf.add(entry(0, 1, "a", 0))
+    buf.add(entry(0, 2, "b", 0))
+    buf.add(entry(1, 1, "c", 100))
+    assert (buf.count(0), buf.count(1)) == (2, 1)
+    buf.add(entry(1, 2, "c", 100))  # evicts partition 0's oldest
+    assert (buf.count(0), buf.count(1)) == (1, 2)
+    buf.expire(0, 50)
+    assert buf.count(0) == 0
+    buf.take(1, "c")
+    assert buf.count(1) == 0 and len(buf) == 0

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "worker": "jobs.worker",
     "ranker": "jobs.ranker",
     "evaluate-stream": "jobs.evaluate_stream",
+    "demo": "jobs.demo",
     "data": "jobs.data",
     "config": "jobs.config",
     "report": "jobs.report",

@@ -190,6 +190,8 @@ def warmup_config(meta: Mapping[str, Any]) -> WarmupConfig:
     w = dict(meta.get("warmup", {}))
     if "betas" in w:
         w["betas"] = tuple(w["betas"])
+    if "lr_scale" in w:
+        w["lr_scale"] = tuple((str(k), float(v)) for k, v in w["lr_scale"])
     return WarmupConfig(**w)
 
 

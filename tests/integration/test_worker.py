@@ -558,6 +558,7 @@ def test_refuses_state_written_by_another_model_version(
     p = Producer(kafka_conf)
     p.produce(topics.changelog, mark.encode(), MARK_KEY, 0)
     assert p.flush(10) == 0
+    del p
     produce(kafka_conf, input_records(world, topics))
     worker = Worker(settings_for(bootstrap, topics, unique_name("group")), handler)
     with pytest.raises(ModelError, match="model version"):

@@ -111,8 +111,8 @@ class Protocol:
 WARMUP_GRID: tuple[WarmupConfig, ...] = tuple(
     WarmupConfig(steps=s, lr=lr, optimizer=o)  # type: ignore[arg-type]
     for o, lr, s in itertools.chain(
-        itertools.product(["sgd"], [0.01, 0.1, 0.5], [1, 5, 11]),
-        itertools.product(["adam"], [0.001, 0.01], [1, 5, 11]),
+        itertools.product(["sgd"], [0.01, 0.1, 0.5, 1.0], [1, 5, 11]),
+        itertools.product(["adam"], [0.001, 0.01, 0.05], [1, 5, 11]),
     )
 )
 

@@ -225,7 +225,11 @@ class WorkerSettings(Settings):
             read minus the interaction's own) an interaction waits for its item's
             announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
-        metrics_port: Prometheus port on 127.0.0.1; ``None`` = no metrics server.
+        metrics_port: Prometheus port; ``None`` = no metrics server.
+        metrics_host: Address the metrics server binds: the loopback by default,
+            ``0.0.0.0`` in a container whose port is published or scraped from outside.
+        auc_window: Labelled predictions in the sliding window of the prequential AUC
+            gauge (``emerg_worker_prequential_auc``).
         session_timeout_ms: Consumer ``session.timeout.ms``. Keep it small (6000): the
             join wait of a group grows with it (about 23 s at librdkafka's 45000).
         heartbeat_interval_ms: Consumer ``heartbeat.interval.ms`` (below a third of the
@@ -244,6 +248,8 @@ class WorkerSettings(Settings):
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    auc_window: int = Field(default=10_000, ge=2)
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     startup_retries: int = Field(default=10, ge=0)

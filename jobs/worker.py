@@ -15,7 +15,12 @@ HELP = "Run the warm-up worker: items + interactions -> item params, predictions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint directory (default: EMERG_CHECKPOINT, else runs/checkpoint.pt)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--group", default=None, help="consumer group (EMERG_GROUP_ID)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port")
@@ -50,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.serving.handler import TorchWarmupHandler
     from emerg_stream.stream.worker import Worker
 
-    overrides: dict[str, Any] = {"checkpoint": args.checkpoint}
+    overrides: dict[str, Any] = {}
     for key, value in (
+        ("checkpoint", args.checkpoint),
         ("device", args.device),
         ("group_id", args.group),
         ("metrics_port", args.metrics_port),

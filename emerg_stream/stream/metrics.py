@@ -3,8 +3,10 @@
 :class:`OutcomeCounts` is the plain dataclass the worker exposes and checkpoints; the
 Prometheus side (:class:`WorkerMetrics`) mirrors it as ``emerg_worker_records_total``
 with ``topic`` and ``outcome`` labels, plus the items-in-state gauge, batch-update and
-checkpoint latency histograms and the params published per phase. Each worker gets its
-own registry, so several workers can live in one process (tests).
+checkpoint latency histograms and the params published per phase, the consumer lag per
+input partition and the prequential AUC over a sliding window of the latest labelled
+predictions (:class:`SlidingAUC`, numpy only). Each worker gets its own registry, so
+several workers can live in one process (tests).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "OUTCOMES",
     "ROLES",
     "OutcomeCounts",
+    "SlidingAUC",
     "WorkerMetrics",
 ]
 
@@ -98,6 +103,60 @@ class OutcomeCounts:
         return out
 
 
+class SlidingAUC:
+    """ROC AUC of the latest ``window`` labelled predictions (a ring buffer, numpy only).
+
+    Prequential: each prediction was made with the params in force *before* its
+    interaction was applied, so this is the quality a ranker saw. ``value()`` sorts the
+    window once (``O(w log w)``, about a millisecond for 10,000); call it once per batch.
+
+    Args:
+        window: Predictions kept (the oldest drop out first).
+    """
+
+    def __init__(self, window: int = 10_000) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2, got {window}")
+        self.window = window
+        self._scores = np.zeros(window, dtype=np.float64)
+        self._labels = np.zeros(window, dtype=np.bool_)
+        self._next = 0
+        self._filled = 0
+
+    def __len__(self) -> int:
+        return self._filled
+
+    def add(self, scores: ArrayLike, labels: ArrayLike) -> None:
+        """Append predictions (``scores[i]`` for a record labelled ``labels[i]`` in {0, 1})."""
+        s = np.asarray(scores, dtype=np.float64).ravel()[-self.window :]
+        y = np.asarray(labels).ravel()[-self.window :] > 0
+        if s.shape != y.shape:
+            raise ValueError(f"{s.size} scores but {y.size} labels")
+        idx = (self._next + np.arange(s.size)) % self.window
+        self._scores[idx] = s
+        self._labels[idx] = y
+        self._next = (self._next + s.size) % self.window
+        self._filled = min(self.window, self._filled + s.size)
+
+    def value(self) -> float | None:
+        """AUC of the window (ties count one half); ``None`` without both labels."""
+        s, y = self._scores[: self._filled], self._labels[: self._filled]
+        n_pos = int(y.sum())
+        n_neg = y.size - n_pos
+        if n_pos == 0 or n_neg == 0:
+            return None
+        order = np.argsort(s, kind="mergesort")
+        ranks = np.empty(s.size, dtype=np.float64)
+        sorted_s = s[order]
+        # average 1-based ranks over ties
+        starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+        ends = np.r_[starts[1:], s.size]
+        avg = (starts + ends + 1) / 2.0
+        ranks[order] = np.repeat(avg, ends - starts)
+        u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+        return float(u / (n_pos * n_neg))
+
+
 class WorkerMetrics:
     """The worker's Prometheus metrics in a registry of its own.
 
@@ -138,6 +197,26 @@ class WorkerMetrics:
             ["phase"],
             registry=self.registry,
         )
+        self.consumer_lag = Gauge(
+            "emerg_worker_consumer_lag",
+            "Records not yet consumed per assigned input partition (fetched high watermark "
+            "minus position), updated once per batch.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.prequential_auc = Gauge(
+            "emerg_worker_prequential_auc",
+            "ROC AUC of the latest labelled predictions (sliding window; NaN until both "
+            "labels were seen), updated once per batch.",
+            registry=self.registry,
+        )
+        self.prequential_window = Gauge(
+            "emerg_worker_prequential_window",
+            "Labelled predictions in the prequential AUC window.",
+            registry=self.registry,
+        )
+        self.prequential_auc.set(float("nan"))
+        self._lag_labels: set[tuple[str, str]] = set()
         for role in ROLES:
             for outcome in OUTCOMES:
                 self.records.labels(topic=role, outcome=outcome)
@@ -146,13 +225,35 @@ class WorkerMetrics:
         """Mirror an outcome count."""
         self.records.labels(topic=role, outcome=outcome).inc(n)
 
-    def serve(self, port: int) -> int:
-        """Serve ``/metrics`` on ``127.0.0.1:port`` from a daemon thread.
+    def set_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """Set the lag of each ``(topic, partition)``; partitions no longer held are removed."""
+        now = set()
+        for (topic, p), lag in lags.items():
+            labels = (topic, str(p))
+            now.add(labels)
+            self.consumer_lag.labels(*labels).set(lag)
+        for labels in self._lag_labels - now:
+            self.consumer_lag.remove(*labels)
+        self._lag_labels = now
+
+    def set_auc(self, auc: SlidingAUC) -> None:
+        """Publish the window's AUC (NaN while undefined) and size."""
+        value = auc.value()
+        self.prequential_auc.set(float("nan") if value is None else value)
+        self.prequential_window.set(len(auc))
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread.
+
+        Args:
+            port: TCP port (0 picks a free one).
+            host: Address to bind (``0.0.0.0`` inside a container, where a proxy or the
+                pod network must reach it).
 
         Returns:
             The port served (useful with ``port=0``).
         """
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
         self._server = server
         return int(server.server_port)
 

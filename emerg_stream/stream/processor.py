@@ -62,6 +62,7 @@ from emerg_stream.stream.metrics import (
     DUPLICATE,
     IGNORED_OLD_ITEM,
     OutcomeCounts,
+    SlidingAUC,
     WorkerMetrics,
 )
 from emerg_stream.stream.pending import PendingBuffer, PendingEntry
@@ -124,6 +125,7 @@ class WarmupProcessor:
         pending_max: Interactions waiting for their item, in total.
         pending_max_age_ms: Event-time age after which a waiting interaction expires.
         metrics: Prometheus mirror of the counters (optional).
+        auc_window: Labelled predictions in the prequential AUC window (``self.auc``).
         clock: Wall clock in seconds (for produced/updated times).
     """
 
@@ -136,6 +138,7 @@ class WarmupProcessor:
         pending_max: int,
         pending_max_age_ms: int,
         metrics: WorkerMetrics | None = None,
+        auc_window: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.handler = handler
@@ -150,6 +153,8 @@ class WarmupProcessor:
         self.pending = PendingBuffer(pending_max, pending_max_age_ms)
         #: Outcomes counted by this process (the partitions' totals are in ``progress``).
         self.counts = OutcomeCounts()
+        #: Prequential AUC of the latest labelled predictions (published once per batch).
+        self.auc = SlidingAUC(auc_window)
         self.codec = ItemStateCodec(dedupe_window=dedupe_window, topic=topics.changelog)
         self.decoder = RecordDecoder(
             handler.fields, items_topic=topics.items, interactions_topic=topics.interactions
@@ -271,6 +276,8 @@ class WarmupProcessor:
                 self._dead(entry.msg, "interactions", why, out, summary)
         summary.pending = len(self.pending)
         self._gauges()
+        if self.metrics is not None and summary.predictions:
+            self.metrics.set_auc(self.auc)
         return out, summary
 
     def _items(
@@ -433,6 +440,7 @@ class WarmupProcessor:
         summary: BatchSummary,
     ) -> None:
         scores = session.score(np.asarray(slots, dtype=np.int64), [q.rec for q in rows])
+        self.auc.add(scores, [q.rec["label"] for q in rows])
         now = self._now()
         n_new = len(tasks)
         for slot, q, score in zip(slots, rows, scores.tolist(), strict=True):

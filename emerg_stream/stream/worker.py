@@ -61,6 +61,7 @@ from emerg_stream.stream.checkpointing import PartitionMark
 from emerg_stream.stream.envelope import Inbound, Outbound
 from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
+from emerg_stream.stream.lag import assigned_lag
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
 from emerg_stream.stream.processor import BatchSummary, WarmupProcessor
 from emerg_stream.stream.replay import reader_conf
@@ -146,6 +147,7 @@ class Worker:
             pending_max=settings.pending_max,
             pending_max_age_ms=settings.pending_max_age_ms,
             metrics=self.metrics,
+            auc_window=settings.auc_window,
         )
         self._stop = threading.Event()
         self._failed = False
@@ -200,8 +202,9 @@ class Worker:
         self._restorer = Consumer(reader_conf(base))
         self._consumer = Consumer(consumer_conf(self.settings))
         if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
-            log.info("metrics_serving", url=f"http://127.0.0.1:{self.metrics_port}/metrics")
+            host = self.settings.metrics_host
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, host)
+            log.info("metrics_serving", url=f"http://{host}:{self.metrics_port}/metrics")
         self._consumer.subscribe(
             [self.topics.items, self.topics.interactions],
             on_assign=self._on_assign,
@@ -221,6 +224,7 @@ class Worker:
                     log.info("worker_idle_exit", idle_s=self.exit_when_idle_s)
                     break
                 self._flow_control(batch)
+                self.metrics.set_lag(assigned_lag(self._consumer))
             self._checkpoint()
         except BaseException:
             self._failed = True

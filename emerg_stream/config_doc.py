@@ -66,6 +66,7 @@ def other_variables() -> list[tuple[str, str]]:
     from emerg_stream.data.datasets import DATA_DIR_ENV
     from emerg_stream.data.fetch import DATA_URL_ENV, DEFAULT_BASE_URL
     from emerg_stream.io.schemas import SCHEMA_DIR_ENV
+    from emerg_stream.stream.faults import FAULT_ENV
 
     return [
         (
@@ -83,6 +84,12 @@ def other_variables() -> list[tuple[str, str]]:
         (
             SCHEMA_DIR_ENV,
             "Folder of Avro schemas (`*.avsc` + `ids.json`) that replaces the packaged copy.",
+        ),
+        (
+            FAULT_ENV,
+            "Tests only: crash the worker (`os._exit(137)`) at a checkpoint step, "
+            "`POINT:N` = the N-th time it reaches POINT (`mid_update`, `after_changelog`, "
+            "`after_commit`, `during_restore`); see `emerg_stream/stream/faults.py`.",
         ),
         (
             "EMERG_TEST_BOOTSTRAP",

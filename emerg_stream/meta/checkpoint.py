@@ -115,7 +115,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     try:
         payload = torch.load(file, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
-        raise ModelError(f"checkpoint {file} is not a plain weights file: {exc}") from exc
+        # torch's message runs over many lines and suggests weights_only=False; keep the
+        # line that names what was refused (e.g. "Unsupported global: GLOBAL posix.system")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        what = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else "")
+        raise ModelError(
+            f"checkpoint {file} is not a plain weights file (pickled objects are never "
+            f"loaded): {what[:300]}"
+        ) from exc
     try:
         config = ModelConfig.from_dict(payload["config"])
         model = build_model(config)

@@ -163,6 +163,9 @@ class WarmupProcessor:
         self.params_serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topics.item_params)
         self.pred_serde: AvroSerde[Prediction] = AvroSerde(Prediction, topic=topics.predictions)
         self._roles = {topics.items: "items", topics.interactions: "interactions"}
+        #: Called inside every batched update, between the inner loop and storing its
+        #: params (the worker's fault-injection point ``mid_update``).
+        self.on_update: Callable[[], None] | None = None
 
     # -- partitions ------------------------------------------------------------------
 
@@ -486,6 +489,8 @@ class WarmupProcessor:
         support = [[self.codec.decode_row(b) for b in tasks[j].support] for j in crossing]
         t0 = time.perf_counter()
         session.update(slots, support)
+        if self.on_update is not None:
+            self.on_update()
         params = session.params(slots)
         took = time.perf_counter() - t0
         summary.update_s += took

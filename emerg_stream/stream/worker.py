@@ -58,7 +58,9 @@ from emerg_stream.config import WorkerSettings
 from emerg_stream.errors import ConfigError, TransientError
 from emerg_stream.stream.changelog import restore_partitions
 from emerg_stream.stream.checkpointing import PartitionMark
+from emerg_stream.stream.connect import wait_for_brokers
 from emerg_stream.stream.envelope import Inbound, Outbound
+from emerg_stream.stream.faults import FaultInjector
 from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
 from emerg_stream.stream.lag import assigned_lag
@@ -149,6 +151,9 @@ class Worker:
             metrics=self.metrics,
             auc_window=settings.auc_window,
         )
+        #: Crash points for the fault-injection tests (``EMERG_FAULT_INJECT``; off if unset).
+        self.faults = FaultInjector.from_env()
+        self.processor.on_update = lambda: self.faults.hit("mid_update")
         self._stop = threading.Event()
         self._failed = False
         self._delivery_error: KafkaError | None = None
@@ -240,6 +245,7 @@ class Worker:
             self.topics.dead_letter,
             self.topics.changelog,
         ]
+        wait_for_brokers(self.settings)
         refused: str | None = None
         admin = AdminClient(conf)
         try:
@@ -378,6 +384,7 @@ class Worker:
             return 0
         self._produce(cp.records)
         self._flush()
+        self.faults.hit("after_changelog")
         self._marks.update(cp.marks)
         if cp.offsets and self._consumer is not None:
             tps = [TopicPartition(t, p, o) for (t, p), o in sorted(cp.offsets.items())]
@@ -388,6 +395,7 @@ class Worker:
                     raise TransientError(f"offset commit failed: {exc}") from exc
                 # The marks just flushed are authoritative; the next owner resumes there.
                 log.warning("commit_failed_on_revoke", error=str(exc))
+            self.faults.hit("after_commit")
         self.checkpoints += 1
         self.metrics.checkpoint.observe(time.perf_counter() - t0)
         self._write_stats()
@@ -446,6 +454,7 @@ class Worker:
                 self.processor.codec,
                 timeout_s=_RESTORE_TIMEOUT_S,
             )
+            self.faults.hit("during_restore")
             tps = []
             self.restored_items += sum(len(r.items) for r in restored.values())
             for p in sorted(numbers):

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "data": "jobs.data",
     "config": "jobs.config",
     "report": "jobs.report",
+    "dlq": "jobs.dlq",
     "status": "jobs.status",
 }
 

@@ -11,6 +11,12 @@ import pytest
 
 from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
 
+# One intra-op thread per test process: the suite runs the broker, worker subprocesses
+# and torch side by side on 2 cores, where OpenMP threads spinning against each other
+# made torch 6-8x slower. Set before any test module imports torch; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 
@@ -51,6 +52,19 @@ class GraphInteraction(nn.Module):
 class OrderAttention(nn.Module):
     """Per-field multi-head self-attention over the orders [h^(0) .. h^(L)].
 
+    For each field, with O = L+1 orders and head h (query/key/value maps Wq_h, Wk_h,
+    Wv_h of size ``head_dim x D``, output map Wout_h its block of ``out``)::
+
+        a[o, p, h] = softmax_p( (Wq_h x_o) · (Wk_h x_p) / sqrt(head_dim) )
+        ĥ = mean_o out( concat_h Σ_p a[o, p, h] Wv_h x_p )
+
+    The forward pass evaluates the same function in an order that is cheaper for these
+    tiny per-field problems (O is 3 or 4): the score is the bilinear form
+    x_oᵀ M_h x_p with M_h = Wq_hᵀ Wk_h / sqrt(head_dim), and because ``out`` is affine the
+    mean over o moves inside it, ĥ = b + Σ_h N_h Σ_p ā[p, h] x_p with N_h = Wout_h Wv_h and
+    ā = mean_o a. The parameters (``qkv``, ``out``) are the standard ones; only the
+    evaluation order differs, so a checkpoint means the same thing either way.
+
     Args:
         dim: d.
         heads: H.
@@ -64,6 +78,19 @@ class OrderAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, dim)
 
+    def folded_weights(self) -> tuple[Tensor, Tensor]:
+        """(M, N): the per-head score and value-output maps, ``[H*D, D]`` and ``[D, H*D]``.
+
+        M stacks M_h = Wq_hᵀ Wk_h / sqrt(head_dim) over heads (row h*D + c = M_h[c]);
+        N concatenates N_h = Wout_h Wv_h over heads (columns h*D .. h*D + D - 1).
+        """
+        h, e = self.heads, self.head_dim
+        d = self.qkv.in_features
+        w = self.qkv.weight.view(3, h, e, d)
+        m = torch.einsum("hec,hed->hcd", w[0], w[1]) / math.sqrt(e)
+        n = torch.einsum("ohe,hed->ohd", self.out.weight.view(-1, h, e), w[2])
+        return m.reshape(h * d, d), n.reshape(-1, h * d)
+
     def forward(self, h: Tensor) -> Tensor:
         """Combine orders.
 
@@ -73,13 +100,15 @@ class OrderAttention(nn.Module):
         Returns:
             ``[B, F, D]``: ĥ_r, the mean over orders of the attended representations.
         """
-        b, o, f, _ = h.shape
-        x = h.transpose(1, 2)  # [B, F, O, D]
-        q, k, v = self.qkv(x).view(b, f, o, 3, self.heads, self.head_dim).unbind(dim=3)
-        scores = torch.einsum("bfohe,bfphe->bfhop", q, k) / math.sqrt(self.head_dim)
-        att = scores.softmax(dim=-1)
-        mixed = torch.einsum("bfhop,bfphe->bfohe", att, v).reshape(b, f, o, -1)
-        out: Tensor = self.out(mixed).mean(dim=2)
+        b, o, f, d = h.shape
+        heads = self.heads
+        m, n = self.folded_weights()
+        x = h.transpose(1, 2).reshape(b * f, o, d)  # one small problem per (row, field)
+        u = F.linear(x, m).view(b * f, o * heads, d)  # u[p, h] = M_h x_p
+        scores = torch.bmm(x, u.transpose(1, 2)).view(b * f, o, o, heads)  # [., o, p, h]
+        att = scores.softmax(dim=2).mean(dim=1)  # ā[p, h]
+        g = torch.bmm(att.transpose(1, 2), x)  # [., h, D]: Σ_p ā[p, h] x_p
+        out: Tensor = F.linear(g.view(b, f, heads * d), n, self.out.bias)
         return out
 
 

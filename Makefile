@@ -1,33 +1,45 @@
 # emerg-stream developer commands. `make help` lists them.
-PY ?= python
+# Every target runs inside ./.venv, created on first use (torch's CPU build first, so pip
+# never pulls a multi-GB CUDA build, then the project with its dev extras).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint format test test-all demo bench
+.PHONY: help setup lint format test test-all demo bench config-doc
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
 
-setup: ## install torch (CPU build) and the project with dev extras into the current env
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
 
-lint: ## ruff (lint + format check) and mypy strict
+setup: $(STAMP) ## create ./.venv with torch (CPU) and the project (dev extras)
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy strict
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-format: ## apply ruff's formatting and safe fixes
+format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: ## the default test run: unit + integration (real embedded broker), no slow tests
+test: $(STAMP) ## the default test run: unit + integration (real embedded broker), no slow tests
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: ## every test, slow ones included
+test-all: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: ## the main job end to end on ml-100k (see README)
-	$(PY) -m emerg_stream.cli demo
+demo: $(STAMP) ## the main job end to end on ml-100k: broker, train/reuse, worker, replay, table
+	$(VENV)/bin/emerg-stream demo --reuse
 
-bench: ## quick benchmarks (JSON + markdown table)
+bench: $(STAMP) ## quick benchmarks (JSON + markdown tables)
 	$(PY) benchmarks/run_all.py --quick
+
+config-doc: $(STAMP) ## regenerate docs/CONFIGURATION.md from the settings classes
+	$(VENV)/bin/emerg-stream config doc > docs/CONFIGURATION.md

@@ -1,0 +1,119 @@
+"""Run every benchmark and summarise the targets.
+
+    python benchmarks/run_all.py --quick     # seconds to a minute or two (make bench)
+    python benchmarks/run_all.py             # the full sizes (tens of minutes on 2 cores)
+
+Each benchmark prints its own markdown and JSON; the last line of stdout is one JSON
+object with every benchmark's result and the target summary. ``--quick`` leaves
+docs/benchmarks-growth.png alone unless ``--png`` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import cold_start, growth, inner_loop, training
+from benchmarks.common import base_parser, command_line, emit, machine_info, markdown_table, setup
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmarks in turn; print the summary; return the combined JSON object."""
+    p = base_parser(__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--png", type=Path, default=None, help="growth plot (full run: docs/)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["inner_loop", "cold_start", "training", "growth"],
+        help="run only these",
+    )
+    args = p.parse_args(argv)
+    device = setup(args)
+    common = ["--device", args.device]
+    if args.quick:
+        common.append("--quick")
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    if args.reps:
+        common += ["--reps", str(args.reps)]
+    growth_args = list(common)
+    if args.png is not None:
+        growth_args += ["--png", str(args.png)]
+    elif args.quick:
+        growth_args.append("--no-plot")
+    plan = {
+        "inner_loop": (inner_loop.run, common),
+        "cold_start": (cold_start.run, common),
+        "training": (training.run, common),
+        "growth": (growth.run, growth_args),
+    }
+    results: dict[str, Any] = {}
+    for name, (fn, fn_args) in plan.items():
+        if args.only is None or name in args.only:
+            print(f"\n## {name}\n", flush=True)
+            results[name] = fn(fn_args)
+    summary = targets(results)
+    out = {
+        "benchmark": "run_all",
+        "command": command_line("run_all.py", argv),
+        "machine": machine_info(device),
+        "targets": summary,
+        "results": results,
+    }
+    table = markdown_table(
+        ["benchmark", "target", "measured", "met"],
+        [[t["benchmark"], t["target"], t["measured"], t["met"]] for t in summary],
+    )
+    emit(out, "\n## targets\n\n" + table, args.json)
+    return out
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per target that a benchmark reports."""
+    out = []
+    if "inner_loop" in results:
+        r = results["inner_loop"]
+        out.append(
+            {
+                "benchmark": "inner_loop",
+                "target": f">= {r['target_items_per_s']:,.0f} item-phase updates/s",
+                "measured": f"{r['best_default_items_per_s']:,.0f}/s (best size)",
+                "met": "yes" if r["target_met"] else "no",
+            }
+        )
+    if "cold_start" in results:
+        r = results["cold_start"]
+        out.append(
+            {
+                "benchmark": "cold_start",
+                "target": f">= {r['target_items_per_s']:,.0f} new items/s",
+                "measured": f"{r['worst_items_per_s']:,.0f}/s (worst size)",
+                "met": "yes" if r["target_met"] else "no",
+            }
+        )
+    if "training" in results:
+        r = results["training"]
+        if "skipped" in r:
+            out.append(
+                {"benchmark": "training", "target": ">= 10x", "measured": "skipped", "met": "-"}
+            )
+        else:
+            c = r["meta_step_compare"][0]
+            out.append(
+                {
+                    "benchmark": "training",
+                    "target": f">= {r['target_speedup']:.0f}x batched vs per-task",
+                    "measured": f"{c['speedup']:.1f}x ({c['chunk_rows']} rows cap)",
+                    "met": "yes" if r["target_met"] else "no",
+                }
+            )
+    return out
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,117 @@
+"""The benchmark scripts run at their smallest sizes (keeps them from rotting; no timings)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import cold_start, growth, inner_loop, run_all, training  # noqa: E402
+
+CPU = ["--device", "cpu", "--reps", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_globals() -> Iterator[None]:
+    """The scripts set torch threads and quieten structlog; give both back."""
+    threads = torch.get_num_threads()
+    config = structlog.get_config()
+    yield
+    torch.set_num_threads(threads)
+    structlog.reset_defaults()
+    structlog.configure(**config)
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_inner_loop_smallest(capsys):
+    res = inner_loop.run(
+        [
+            *CPU,
+            "--quick",
+            "--sizes",
+            "3",
+            "--fix-items",
+            "3",
+            "--chunk-items",
+            "4",
+            "--thread-items",
+            "3",
+        ]
+    )
+    assert last_json(capsys.readouterr().out)["benchmark"] == "inner_loop"
+    assert {r["config"] for r in res["results"]} == set(inner_loop.CONFIGS)
+    assert all(r["f32_ok"] and r["f64_ok"] for r in res["results"])
+    assert res["flops"]["matmul_flops_per_row_step"] > 0
+    assert res["attention_fix"]["max_abs_diff"] <= 1e-4
+    assert res["warmup_chunking"]["max_abs_diff"] <= 1e-6
+
+
+def test_inner_loop_extrapolates_a_sample(capsys):
+    res = inner_loop.run(
+        [*CPU, "--quick", "--sizes", "6", "--ref-full-max", "2", "--ref-sample", "2", "--no-extras"]
+    )
+    capsys.readouterr()
+    assert all(
+        r["per_item_extrapolated"] and r["per_item_items_timed"] == 2 for r in res["results"]
+    )
+
+
+def test_cold_start_smallest(capsys):
+    res = cold_start.run([*CPU, "--quick", "--sizes", "8", "--ref-full-max", "4"])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "cold_start"
+    (row,) = res["results"]
+    assert row["per_item_extrapolated"] and row["max_abs_diff"] <= 1e-5
+    assert res["chunking"] is None or res["chunking"]["max_abs_diff"] <= 1e-5
+
+
+def test_training_smallest_on_synthetic_tasks(capsys):
+    res = training.run(
+        [
+            *CPU,
+            "--quick",
+            "--synthetic",
+            "--quick-items",
+            "6",
+            "--batches",
+            "1",
+            "--meta-batch",
+            "4",
+        ]
+    )
+    assert last_json(capsys.readouterr().out)["benchmark"] == "training"
+    (cmp,) = res["meta_step_compare"]
+    # the per-task loop is the same math: the meta-gradients agree
+    assert cmp["max_abs_diff_meta_grad"] <= 1e-5 * max(1.0, cmp["max_abs_meta_grad"])
+    assert res["pretrain"]["wall_s"] > 0 and res["meta_train"]["wall_s"] > 0
+
+
+def test_training_skips_cleanly_without_data(capsys, tmp_path):
+    res = training.run([*CPU, "--quick", "--data-dir", str(tmp_path / "absent")])
+    assert "skipped" in res
+    assert "skipped" in last_json(capsys.readouterr().out)
+
+
+def test_growth_smallest_writes_the_plot(capsys, tmp_path):
+    png = tmp_path / "growth.png"
+    res = growth.run([*CPU, "--quick", "--sizes", "4", "--ref-full-max", "4", "--png", str(png)])
+    capsys.readouterr()
+    assert png.stat().st_size > 0
+    assert {p["series"] for p in res["points"]} == set(growth.SERIES)
+
+
+def test_run_all_summarises_the_targets(capsys):
+    res = cold_start.run([*CPU, "--sizes", "4", "--no-extras"])
+    capsys.readouterr()
+    (line,) = run_all.targets({"cold_start": res})
+    assert line["benchmark"] == "cold_start" and line["met"] in ("yes", "no")

@@ -17,9 +17,10 @@ One call (:func:`run_demo`, the ``emerg-stream demo`` command) does, on ``ml-100
    dead-lettered, ignored old items) from its stats file.
 
 Ctrl-C (or SIGTERM) at any point stops the worker (SIGTERM: it checkpoints and closes)
-and the broker, and leaves nothing running: :func:`run_demo` holds both in context
-managers, so the ``KeyboardInterrupt`` unwinds through their cleanup; ``stop`` (an
-event) does the same for programmatic callers.
+and the broker, and leaves nothing running: during training it interrupts at once;
+once Kafka clients run it sets ``stop``, which the replay and the wait for the worker
+watch, and :func:`run_demo` unwinds through the context managers that hold the worker
+and the broker (a second Ctrl-C forces a ``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ import structlog
 from emerg_stream.errors import ConfigError, EmergError, TransientError
 
 __all__ = [
-    "REPLAY_WORKER_ENV",
     "DemoOptions",
     "DemoResult",
     "StoppedError",
@@ -57,16 +57,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 METHOD = "emerg"
-
-#: Worker settings for a replay at full speed. The worker reads the items and the
-#: interactions topics independently, so it can read an interaction long (in event
-#: time) before its item's announcement; its pending buffer's default bounds (1 hour of
-#: event time, 10,000 records) then dead-letter such interactions. A replay needs bounds
-#: covering the whole log.
-REPLAY_WORKER_ENV: Mapping[str, str] = {
-    "EMERG_PENDING_MAX": "1000000",
-    "EMERG_PENDING_MAX_AGE_MS": str(10 * 365 * 24 * 3600 * 1000),
-}
 
 
 class StoppedError(EmergError):
@@ -291,8 +281,8 @@ def worker_process(
     """``emerg-stream worker`` in a child process; SIGTERM (then SIGKILL) on exit.
 
     The child gets none of this process's ``EMERG_*`` variables (the demo's broker and
-    topics must win over a user's production settings), only ``worker_env``: the topic
-    names and :data:`REPLAY_WORKER_ENV`.
+    topics must win over a user's production settings), only ``worker_env`` (the topic
+    names); everything else is the worker's default.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMERG_")}
     env.update(worker_env)
@@ -332,8 +322,22 @@ def worker_process(
         log.info("worker_stopped", pid=proc.pid, returncode=proc.returncode)
 
 
-def run_demo(opts: DemoOptions, stop: threading.Event | None = None) -> DemoResult:
+def run_demo(
+    opts: DemoOptions,
+    stop: threading.Event | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> DemoResult:
     """Run the whole demo (module docstring); ``stop`` interrupts it cleanly.
+
+    Args:
+        opts: What to run.
+        stop: Set it (e.g. from a signal handler) to stop: the replay and the wait for
+            the worker watch it; other stages end first (each is bounded).
+        on_stage: Told ``"train"`` before training and ``"stream"`` once the broker is
+            about to start, so a signal handler can interrupt training at once (pure
+            torch) but only *request* a stop while Kafka clients run: an exception
+            raised inside librdkafka's callbacks or destructors leaves the interpreter in
+            a broken state (``SystemError``).
 
     Raises:
         StoppedError: ``stop`` was set.
@@ -355,14 +359,17 @@ def run_demo(opts: DemoOptions, stop: threading.Event | None = None) -> DemoResu
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
+    if on_stage is not None:
+        on_stage("train")
     ck_dir, offline, reused, train_s = train_or_reuse(opts)
+    if on_stage is not None:
+        on_stage("stream")
     seconds["train"] = round(time.perf_counter() - t, 1)
     check()
     checkpoint = load_checkpoint(ck_dir)
     result = DemoResult(str(ck_dir), reused, train_s, offline)
     topics = TopicSettings(partitions=opts.partitions)
     worker_env = {f"EMERG_TOPICS__{k.upper()}": v for k, v in topics.names().items()}
-    worker_env.update(REPLAY_WORKER_ENV)
     group_id = "emerg-demo-worker"
     stats_file = opts.work_dir / "worker-stats.json"
     stats_file.unlink(missing_ok=True)

@@ -38,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
     import json
     import signal
     import sys
+    import threading
     import time
     from dataclasses import asdict
     from types import FrameType
 
-    from emerg_stream.demo import DemoOptions, check_options, report, run_demo
+    from emerg_stream.demo import DemoOptions, StoppedError, check_options, report, run_demo
 
     opts = DemoOptions(
         dataset=args.dataset,
@@ -57,20 +58,25 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     check_options(opts)
+    stop = threading.Event()
+    stage = ["start"]
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt  # same clean path as Ctrl-C
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stage[0] != "stream" or stop.is_set():
+            raise KeyboardInterrupt  # training (pure torch), or a second Ctrl-C
+        stop.set()  # Kafka clients run: request a stop, run_demo unwinds cleanly
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     try:
-        result = run_demo(opts)
-    except KeyboardInterrupt:
-        # The context managers of run_demo have stopped the worker and the broker.
+        result = run_demo(opts, stop, on_stage=lambda name: stage.__setitem__(0, name))
+    except (KeyboardInterrupt, StoppedError):
+        # run_demo's context managers have stopped the worker and the broker
         print("demo stopped: worker and broker shut down", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     total = round(time.perf_counter() - t0, 1)
     print(report(result), end="")
     print(f"demo wall time: {total} s")

@@ -373,6 +373,9 @@ def replay(
     bar = _progress(total, progress, ilog.name)
     first_t: int | None = None
     wall0 = time.monotonic()
+    # Flushed outside any except/finally block: confluent-kafka's flush fails with a
+    # SystemError when it runs while a KeyboardInterrupt is being handled.
+    failure: BaseException | None = None
     try:
         for kind, key, record in replay_records(plan, time_unit=time_unit, limit=limit):
             if stop is not None and stop.is_set():
@@ -389,9 +392,13 @@ def replay(
                 value = inter_serde.encode(cast(Interaction, record))
                 _produce(producer, interactions_topic, key, value, on_interaction)
                 bar.update(1)
-    finally:
-        bar.close()
-        left = producer.flush(flush_timeout_s)
+    except BaseException as exc:  # re-raised below, after the flush (Ctrl-C included)
+        failure = exc
+    bar.close()
+    left = producer.flush(5.0 if failure is not None else flush_timeout_s)
+    if failure is not None:
+        log.info("replay_interrupted", sent=bar.n, unacknowledged=left, error=repr(failure))
+        raise failure
     counts.seconds = round(time.perf_counter() - t0, 3)
     log.info(
         "replay_done",

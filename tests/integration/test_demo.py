@@ -144,40 +144,56 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_ctrl_c_stops_worker_and_broker(synthetic_yaml: Path, work_dir: Path) -> None:
-    work = work_dir
-    if not any(work.glob("run-*/results.json")):
-        # train first, so the interrupted run spends its time in the streaming part
-        done = run_cli(*demo_args(synthetic_yaml, work))
-        assert done.returncode == 0, done.stderr[-3000:]
+def start_demo(*args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMERG_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "emerg_stream.cli",
-            "--log-json",
-            *demo_args(synthetic_yaml, work, "--reuse"),
-        ],
+    return subprocess.Popen(
+        [sys.executable, "-m", "emerg_stream.cli", "--log-json", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def read_until(proc: subprocess.Popen[str], event: str, timeout: float = 120) -> list[str]:
+    """Log lines of ``proc`` up to the one with ``event`` (or its end)."""
     lines: list[str] = []
     assert proc.stderr is not None
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
         lines.append(line)
-        if '"worker_started"' in line:
+        if f'"{event}"' in line:
             break
+    return lines
+
+
+def test_ctrl_c_during_training_stops_at_once(synthetic_yaml: Path, tmp_path: Path) -> None:
+    proc = start_demo(*demo_args(synthetic_yaml, tmp_path / "work"))
+    lines = read_until(proc, "data_prepared")
+    assert any('"data_prepared"' in line for line in lines), "".join(lines[-20:])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.monotonic() - t0 < 30
+    assert "broker_started" not in err
+
+
+@pytest.mark.parametrize("after", ["worker_started", "replay_done"])
+def test_ctrl_c_stops_worker_and_broker(synthetic_yaml: Path, work_dir: Path, after: str) -> None:
+    work = work_dir
+    if not any(work.glob("run-*/results.json")):
+        # train first, so the interrupted run spends its time in the streaming part
+        done = run_cli(*demo_args(synthetic_yaml, work))
+        assert done.returncode == 0, done.stderr[-3000:]
+    proc = start_demo(*demo_args(synthetic_yaml, work, "--reuse"))
+    lines = read_until(proc, after)
     worker_pids, broker_pids = _pids(lines, "worker_started"), _pids(lines, "broker_started")
     assert worker_pids and broker_pids, "".join(lines[-20:])
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err[-2000:]

@@ -75,6 +75,13 @@ log = structlog.get_logger(__name__)
 
 _FLUSH_TIMEOUT_S = 30.0
 _RESTORE_TIMEOUT_S = 120.0
+#: Commit errors of a member that lost its generation: not fatal, the marks resume it.
+_REBALANCE_CODES = {
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError._ASSIGNMENT_LOST,
+}
 
 
 def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
@@ -101,6 +108,10 @@ def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
             "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
         }
     )
+    # Shorter than librdkafka's 500 ms: a fetch waiting that long showed up in the
+    # produce -> params latency (benchmarks/latency.py on Tansu, 1,800 events/s: p99
+    # 1.5 s -> 0.9 s, docs/BENCHMARKS_STREAM.md). ``extra`` may set it.
+    conf.setdefault("fetch.wait.max.ms", "50")
     return conf
 
 
@@ -391,10 +402,13 @@ class Worker:
             try:
                 self._consumer.commit(offsets=tps, asynchronous=False)
             except KafkaException as exc:
-                if not in_revoke:
+                code = exc.args[0].code() if exc.args else None
+                if not in_revoke and code not in _REBALANCE_CODES:
                     raise TransientError(f"offset commit failed: {exc}") from exc
-                # The marks just flushed are authoritative; the next owner resumes there.
-                log.warning("commit_failed_on_revoke", error=str(exc))
+                # The marks just flushed are authoritative; the next owner (this worker
+                # after it rejoins, e.g. when the broker froze past the session timeout)
+                # restores them from the changelog and resumes there.
+                log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
             self.faults.hit("after_commit")
         self.checkpoints += 1
         self.metrics.checkpoint.observe(time.perf_counter() - t0)

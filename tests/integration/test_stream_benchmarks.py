@@ -1,0 +1,53 @@
+"""The stream benchmarks run at tiny sizes (keeps them from rotting; no timing asserts).
+
+Each script starts its own embedded broker and prints a markdown table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import latency, state, stream_throughput
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _restore_globals() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    config = structlog.get_config()
+    yield
+    torch.set_num_threads(threads)
+    structlog.reset_defaults()
+    structlog.configure(**config)
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_stream_throughput_tiny(capsys):
+    res = stream_throughput.main(["--limit", "300", "--reps", "1", "--partitions", "1"])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "stream_throughput"
+    assert res["events"] > 300 and all(v > 0 for v in res["events_per_s"].values())
+
+
+def test_latency_tiny(capsys):
+    res = latency.main(["--limit", "600", "--seconds", "1", "--rate", "300", "--partitions", "1"])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "latency"
+    assert res["versions"] > 0 and res["latency_ms"]["p50"] > 0
+
+
+def test_state_tiny(capsys):
+    res = state.main(["--items", "200", "--reps", "1"])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "state"
+    assert res["encoded_bytes_per_item"] > 0 and res["restore_items_per_s"] > 0

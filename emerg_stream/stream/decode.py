@@ -3,11 +3,11 @@
 What is rejected (each with its ``error_kind``, see :mod:`emerg_stream.stream.dlq`):
 a null value, bytes that are not a framed Avro value of the topic's record (short,
 wrong magic byte, truncated, trailing bytes, missing fields), an unknown schema id or
-one of another record type, an empty item or event id, a label other than 0/1, a NaN or
-infinite numeric feature, and a feature sent in the map of a kind the checkpoint's spec
-contradicts (e.g. a numeric field in the ``categorical`` map). Fields the spec does not
-know are ignored, and unknown *values* of known categorical fields are not errors: the
-encoder maps them to out-of-vocabulary.
+one of another record type, an empty item or event id, a label other than 0/1, a NaN,
+infinite or absurdly large (beyond ``MAX_ABS_NUMERIC``) numeric feature, and a feature
+sent in the map of a kind the checkpoint's spec contradicts (e.g. a numeric field in the
+``categorical`` map). Fields the spec does not know are ignored, and unknown *values* of
+known categorical fields are not errors: the encoder maps them to out-of-vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from emerg_stream.stream.handler import FieldInfo
 __all__ = ["RecordDecoder", "Rejected"]
 
 _KINDS = ("categorical", "multi", "numeric")
+#: Largest accepted numeric feature magnitude: beyond it the normalised value, in
+#: float32 through the model, overflows to inf and the item's params become NaN (found
+#: by the fuzz test with 1e308).
+MAX_ABS_NUMERIC = 1e15
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,12 @@ class RecordDecoder:
                     )
                 if kind == "numeric" and not math.isfinite(value):
                     return Rejected(dlq.NONFINITE_FEATURE, f"numeric feature {name!r} is {value!r}")
+                if kind == "numeric" and abs(value) > MAX_ABS_NUMERIC:
+                    return Rejected(
+                        dlq.NONFINITE_FEATURE,
+                        f"numeric feature {name!r} is {value!r}, beyond ±{MAX_ABS_NUMERIC:g} "
+                        f"(it would overflow the model's float32 inputs)",
+                    )
         return None
 
     def item(self, msg: Inbound) -> ItemEvent | Rejected:

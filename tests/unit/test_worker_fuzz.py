@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from emerg_stream.config import TopicSettings
 from emerg_stream.io.avro import AvroSerde, frame
-from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent
+from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemParams, Prediction
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.dlq import ERROR_KINDS
 from emerg_stream.stream.envelope import Inbound
@@ -30,6 +30,7 @@ from emerg_stream.stream.processor import WarmupProcessor
 
 TOPICS = TopicSettings()
 ITEM, INTER, DEAD = AvroSerde(ItemEvent), AvroSerde(Interaction), AvroSerde(DeadLetter)
+PARAMS, PRED = AvroSerde(ItemParams), AvroSerde(Prediction)
 P = 2
 WORLD = ww.make_world(n_new=3, n_old=1, k=2)
 
@@ -49,7 +50,8 @@ TIMES = st.one_of(
     st.integers(-(2**63), 2**63 - 1),
 )
 NUMBERS = st.one_of(
-    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]), st.floats(allow_nan=True)
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, 9.9e14, -9.9e14, -0.0]),
+    st.floats(allow_nan=True),
 )
 WORDS = st.one_of(st.sampled_from(["drama", "never-seen", "", "y" * 10_000]), st.text(max_size=8))
 
@@ -162,3 +164,10 @@ def test_every_fuzzed_record_ends_in_exactly_one_outcome(
         assert d["error_kind"] in ERROR_KINDS and d["message"]
     counted = proc.counts.items["dead_lettered"] + proc.counts.interactions["dead_lettered"]
     assert len(dead) == counted
+    # what passes validation never poisons a model output (no NaN/inf params or scores)
+    for o in out:
+        if o.topic == TOPICS.item_params:
+            p = PARAMS.decode(o.value)
+            assert all(math.isfinite(x) for x in [*p["adjacency"], *p["id_embedding"]])
+        elif o.topic == TOPICS.predictions:
+            assert math.isfinite(PRED.decode(o.value)["score"])

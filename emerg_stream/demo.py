@@ -136,12 +136,14 @@ def train_or_reuse(opts: DemoOptions) -> tuple[Path, dict[str, dict[str, float]]
         ``(checkpoint dir, offline per-phase metrics of seed 0, reused, seconds)``.
     """
     from emerg_stream.data import load_dataset
+    from emerg_stream.meta.pipeline import QUICK_WARMUP_GRID
     from emerg_stream.meta.reproduce import reproduce
     from emerg_stream.meta.train import TrainConfig
 
     cfg = replace(TrainConfig(), pretrain_epochs=opts.pretrain_epochs, meta_epochs=opts.meta_epochs)
     ilog = load_dataset(opts.dataset, opts.data_dir)
-    key = cache_key(ilog.name, ilog.sources, {**asdict(cfg), "method": METHOD, "seeds": 1})
+    described = {**asdict(cfg), "method": METHOD, "seeds": 1, "warmup_grid": "quick"}
+    key = cache_key(ilog.name, ilog.sources, described)
     run_dir = opts.work_dir / f"run-{ilog.name}-{key}"
     ck_dir = run_dir / "checkpoints" / f"{METHOD}-seed0"
     results_path = run_dir / "results.json"
@@ -160,6 +162,7 @@ def train_or_reuse(opts: DemoOptions) -> tuple[Path, dict[str, dict[str, float]]
         device=opts.device,
         cfg=cfg,
         progress=opts.progress,
+        warmup_grid=QUICK_WARMUP_GRID,
     )
     seconds = round(time.perf_counter() - t0, 1)
     log.info("demo_trained", checkpoint=str(ck_dir), seconds=seconds)

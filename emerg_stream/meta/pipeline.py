@@ -117,6 +117,15 @@ WARMUP_GRID: tuple[WarmupConfig, ...] = tuple(
 )
 
 
+#: A small grid for quick runs (the demo): the settings most often chosen on MovieLens.
+QUICK_WARMUP_GRID: tuple[WarmupConfig, ...] = (
+    WarmupConfig(steps=1, lr=0.5),
+    WarmupConfig(steps=5, lr=0.5),
+    WarmupConfig(steps=5, lr=0.1),
+    WarmupConfig(steps=5, lr=0.01, optimizer="adam"),
+)
+
+
 def _score(metrics: dict[str, dict[str, float]]) -> float:
     """Selection criterion: mean AUC over the four phases."""
     return float(np.mean([m["auc"] for m in metrics.values()]))

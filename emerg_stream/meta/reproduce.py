@@ -6,6 +6,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from emerg_stream.meta.evaluate import PHASES, run_phases
 from emerg_stream.meta.pipeline import (
     ABLATIONS,
     METHODS,
+    WARMUP_GRID,
     Prepared,
     Protocol,
     final_config,
@@ -30,6 +32,7 @@ from emerg_stream.meta.pipeline import (
     train_model,
 )
 from emerg_stream.meta.train import TrainConfig
+from emerg_stream.meta.warmup import WarmupConfig
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +101,7 @@ def reproduce(
     cfg: TrainConfig | None = None,
     progress: bool = True,
     ablation: str = "none",
+    warmup_grid: Sequence[WarmupConfig] = WARMUP_GRID,
 ) -> dict[str, Any]:
     """Run split, selection, training and phased evaluation; write results to ``out``.
 
@@ -111,6 +115,7 @@ def reproduce(
         cfg: Training hyperparameters (epochs are maxima for selection).
         progress: Show progress bars.
         ablation: One of :data:`ABLATIONS`, applied to EmerG only.
+        warmup_grid: Warm-up protocols that model selection tries.
 
     Returns:
         The content of ``out/results.json``.
@@ -157,7 +162,14 @@ def reproduce(
         m_ov = model_ov if method == "emerg" else {}
         m_cfg = replace(cfg, **train_ov) if method == "emerg" else cfg
         protocol: Protocol = select_protocol(
-            method, val_spec, val, m_cfg, device=dev, progress=progress, model_overrides=m_ov
+            method,
+            val_spec,
+            val,
+            m_cfg,
+            device=dev,
+            progress=progress,
+            model_overrides=m_ov,
+            grid=warmup_grid,
         )
         per_seed: dict[int, dict[str, dict[str, float]]] = {}
         for seed in range(seeds):

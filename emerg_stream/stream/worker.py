@@ -109,8 +109,9 @@ def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
         }
     )
     # Shorter than librdkafka's 500 ms: a fetch waiting that long showed up in the
-    # produce -> params latency (benchmarks/latency.py on Tansu, 1,800 events/s: p99
-    # 1.5 s -> 0.9 s, docs/BENCHMARKS_STREAM.md). ``extra`` may set it.
+    # produce -> params latency (benchmarks/latency.py on Tansu, 1,800 events/s: p50
+    # 0.47 -> 0.38 s, p99 0.9-1.5 -> 0.8-0.9 s; docs/BENCHMARKS_STREAM.md). ``extra`` may
+    # set it.
     conf.setdefault("fetch.wait.max.ms", "50")
     return conf
 

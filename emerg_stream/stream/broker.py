@@ -255,9 +255,26 @@ class EmbeddedBroker:
         log.info("broker_stopped", pid=pid, returncode=code)
 
     def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): connections stay open but nothing answers."""
+        """Freeze the broker (SIGSTOP): connections stay open but nothing answers.
+
+        Returns once every thread of the broker is stopped (on Linux, read from
+        ``/proc``; elsewhere at once), so a request sent afterwards cannot be answered
+        by a thread the signal had not reached yet.
+        """
         self._signal(signal.SIGSTOP)
         self._paused = True
+        tasks = Path(f"/proc/{self.pid}/task")
+        deadline = time.monotonic() + 2.0
+        while tasks.is_dir() and time.monotonic() < deadline:
+            try:
+                states = [
+                    (t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()
+                ]
+            except (OSError, IndexError):
+                return
+            if all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         """Unfreeze a paused broker (SIGCONT)."""

@@ -363,7 +363,8 @@ class ConfluentRegistryClient:
                 f"${REGISTRY_URL_ENV} is set but the schema-registry client cannot be "
                 f"imported ({exc}); install it with: pip install 'confluent-kafka[schemaregistry]'"
             ) from exc
-        self._schema_cls = Schema
+        # typed loosely: the class's stub differs between confluent-kafka releases
+        self._schema_cls: Any = Schema
         self._error_cls: type[Exception] = SchemaRegistryError
         self._client = SchemaRegistryClient({"url": url, **(conf or {})})
 

@@ -4,7 +4,8 @@
 one after the other, then a clean run: the params equal the offline protocol and every
 record is counted exactly once; (2) the broker frozen (SIGSTOP) for 20 s mid-run, and
 absent at start; (3) SIGTERM under load: a final checkpoint, a restart that re-applies
-nothing; (5) a broker that demands SASL, a tampered and a pickled checkpoint: refused in
+nothing; (3b) a rebalance storm: three worker processes joining and leaving one group
+mid-stream; (5) a broker that demands SASL, a tampered and a pickled checkpoint: refused in
 one line, no secret printed. Figures of each run are printed (``-s``) for
 docs/RELIABILITY.md.
 """
@@ -95,8 +96,9 @@ def spawn(
     stats: Path,
     log: Path,
     env_extra: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """The worker job as a subprocess (batches of 8), with extra environment."""
+    """The worker job as a subprocess (batches of 8), with extra environment and options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMERG_")}
     for role, name in topics.names().items():
         env[f"EMERG_TOPICS__{role.upper()}"] = name
@@ -111,7 +113,7 @@ def spawn(
     )
     cmd = [sys.executable, "-m", "emerg_stream.cli", "--log-json", "worker"]
     cmd += ["--checkpoint", str(checkpoint), "--bootstrap", bootstrap, "--group", group]
-    cmd += ["--device", "cpu", "--stats-file", str(stats)]
+    cmd += ["--device", "cpu", "--stats-file", str(stats), *(args or [])]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
@@ -321,6 +323,106 @@ def test_sigterm_under_load_checkpoints_and_the_restart_reapplies_nothing(
     print(
         f"\n[sigterm] run 1 stopped after {done1}/{total_in} (checkpointed); run 2 counted "
         f"{sum(c2.values())} ({c2}); final {totals}"
+    )
+
+
+# -- (3b) a rebalance storm ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_rebalance_storm_of_three_workers_loses_nothing_and_applies_nothing_twice(
+    world, checkpoint, offline, kafka_conf, bootstrap, topics, unique_name, tmp_path
+):
+    """A, B, C in one group over 4 partitions join and leave while the stream arrives
+    (8 interactions every 0.6 s, ~27 s): A; +B; A stops (SIGTERM); +C; B stops; A again;
+    then C and A drain and exit by themselves when idle."""
+    dupes = world.interactions[::9]
+    stream = world.interactions + dupes  # the dupes last: each one a replay of an applied id
+    total_in = len(stream)
+    group = unique_name("group")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    files: dict[str, tuple[Path, Path]] = {}
+    events: list[tuple[str, int]] = []  # (who joined or left, interactions produced by then)
+    marked_at: list[tuple[str, int]] = []  # (who left, interactions marked after its stop)
+    produced = [0]
+    errors: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            produce(kafka_conf, input_records(world, topics, []))
+            for i in range(0, total_in, 8):
+                rows = stream[i : i + 8]
+                produce(
+                    kafka_conf, [(topics.interactions, r["item_id"], INTER.encode(r)) for r in rows]
+                )
+                produced[0] = i + len(rows)
+                time.sleep(0.6)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def start(name: str, idle_exit: bool = False) -> None:
+        files[name] = (tmp_path / f"{name}.json", tmp_path / f"{name}.log")
+        args = ["--exit-when-idle", "10"] if idle_exit else []
+        procs[name] = spawn(checkpoint, bootstrap, topics, group, *files[name], args=args)
+        wait_for(assigned(name), 90, f"{name} to join", *procs.values())
+        events.append((f"+{name}", produced[0]))
+
+    def assigned(name: str) -> Callable[[], bool]:
+        def cond() -> bool:
+            s = read_stats(files[name][0])
+            return s is not None and len(s["partitions"]) > 0
+
+        return cond
+
+    def leave(name: str) -> None:
+        stop(procs.pop(name), files[name][1])  # SIGTERM: exit 0 after a final checkpoint
+        m = sum(mark_totals(latest_marks(kafka_conf, topics))["interactions"].values())
+        marked_at.append((name, m))
+        events.append((f"-{name}", produced[0]))
+
+    producer = threading.Thread(target=feed)
+    t0 = time.monotonic()
+    try:
+        producer.start()
+        start("A")
+        start("B")
+        leave("A")
+        start("C", idle_exit=True)
+        leave("B")
+        start("A2", idle_exit=True)
+        producer.join(120)
+        assert not errors and not producer.is_alive(), errors
+        for name in ("C", "A2"):  # the survivors drain, then exit by themselves
+            code = procs[name].wait(120)
+            assert code == 0, files[name][1].read_text()[-3000:]
+            procs.pop(name)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(30)
+        producer.join(60)
+    took = time.monotonic() - t0
+
+    assert all(n < total_in for _, n in events), events  # every join and stop mid-stream
+    n = check_params(read_values(kafka_conf, topics.item_params, PARAMS), offline, world)
+    totals = mark_totals(latest_marks(kafka_conf, topics))
+    assert totals == expected_totals(world, dupes)
+    stats = {name: read_stats(files[name][0]) for name in files}
+    counted = {}
+    for name, s in stats.items():
+        assert s is not None, name
+        counted[name] = sum(s["process"]["interactions"].values())
+        assert s["rebalances"] >= 1, name
+    assert all(counted.values()), f"a worker processed nothing: {counted}"
+    joins = {k: s["rebalances"] for k, s in stats.items() if s}
+    restored = {k: s["restored_items"] for k, s in stats.items() if s}
+    assert sum(restored.values()) > 0, "no partition moved with its state"
+    print(
+        f"\n[storm] {total_in} interactions + {len(world.items)} items; (join/leave, produced "
+        f"by then): {events}; marked after each stop: {marked_at}; counted per process "
+        f"{counted}; assignments {joins}; restored items {restored}; final {totals}; "
+        f"{n} params versions equal offline; {took:.1f}s"
     )
 
 

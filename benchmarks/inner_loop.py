@@ -78,6 +78,14 @@ def max_abs_diff(a: Phi, b: Phi) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def items_over(a: Phi, b: Phi, tol: float) -> int:
+    """Items whose φ differ by more than ``tol`` in some entry."""
+    worst = torch.stack(
+        [(a[k].double() - b[k].double()).abs().flatten(1).max(dim=1).values for k in a]
+    )
+    return int((worst.max(dim=0).values > tol).sum())
+
+
 def step_flops(model: EmerG, phi: Phi, rows: Rows) -> float:
     """Matmul-family FLOPs of one warm-up step (forward + backward to φ) per row."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -96,6 +104,23 @@ def step_flops(model: EmerG, phi: Phi, rows: Rows) -> float:
         for p in frozen:
             p.requires_grad_(True)
     return float(counter.get_total_flops()) / len(rows)
+
+
+def saved_bytes(model: EmerG, phi: Phi, rows: Rows) -> int:
+    """Bytes autograd keeps for the backward of one warm-up step (unique storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    n_items = next(iter(phi.values())).shape[0]
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        loss = per_item_mean_loss(model, rows, leaves, n_items).sum()
+    del loss
+    return sum(seen.values())
 
 
 def profile_step(model: EmerG, phi: Phi, rows: Rows, top: int = 12) -> list[dict[str, Any]]:
@@ -161,6 +186,7 @@ def bench_size(
         samples, results = interleaved(cases, device, reps, warmup=1 if n < 1000 else 0)
         batched_on_sub = {k: v[idx.to(v.device)] for k, v in results["batched"].items()}
         diff32 = max_abs_diff(batched_on_sub, results["per_item"])
+        over32 = items_over(batched_on_sub, results["per_item"], 1e-4)
         sub64_d = sub64.to(device)
         diff64 = max_abs_diff(
             warm_up(model64, phi64, sub64_d, cfg), warm_up_reference(model64, phi64, sub64_d, cfg)
@@ -185,6 +211,7 @@ def bench_size(
                 "per_item_wall_s_full": per_item_wall,
                 "speedup": per_item_wall / b.wall_s,
                 "max_abs_diff_f32": diff32,
+                "items_over_1e-4_f32": over32,
                 "max_abs_diff_f64": diff64,
                 "f64_items": len(idx64),
                 "f32_ok": diff32 <= 1e-4,
@@ -292,6 +319,75 @@ def threads_compare(model: EmerG, n: int, device: torch.device, reps: int) -> di
     }
 
 
+_PROC_STATE: tuple[EmerG, Phi, Rows] | None = None
+
+
+def _proc_init(n_items: int, seed: int, lo: int, hi: int) -> None:
+    """Worker process: one torch thread, the same model, its share of the items."""
+    global _PROC_STATE
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    model = build_emerg(cpu)
+    items, rows = synthetic_items(n_items, K, seed=seed)
+    sub_items, sub_rows = sample_items(items, rows, torch.arange(lo, hi))
+    _PROC_STATE = (model, cold_start(model, sub_items, salt=0, device=cpu), sub_rows)
+
+
+def _proc_warm_up(_: int) -> int:
+    if _PROC_STATE is None:
+        raise RuntimeError("worker not initialised")
+    model, phi, rows = _PROC_STATE
+    return len(warm_up(model, phi, rows, WarmupConfig())["id"])
+
+
+def processes_compare(n: int, reps: int) -> dict[str, Any] | None:
+    """One process (1 thread) vs the items split over one 1-thread process per core."""
+    import multiprocessing as mp
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cores or cores < 2 or n < cores:
+        return None
+    seed = 12
+    cuts = [n * i // cores for i in range(cores + 1)]
+    ctx = mp.get_context("spawn")
+    pools = [
+        ctx.Pool(1, initializer=_proc_init, initargs=(n, seed, cuts[i], cuts[i + 1]))
+        for i in range(cores)
+    ]
+    try:
+        for pool in pools:  # wait until every worker has built its inputs
+            pool.apply(_proc_warm_up, (0,))
+        cpu = torch.device("cpu")
+        model = build_emerg(cpu)
+        items, rows = synthetic_items(n, K, seed=seed)
+        phi = cold_start(model, items, salt=0, device=cpu)
+        threads = torch.get_num_threads()
+
+        def one() -> Phi:
+            torch.set_num_threads(1)
+            try:
+                return warm_up(model, phi, rows, WarmupConfig())
+            finally:
+                torch.set_num_threads(threads)
+
+        def split() -> int:
+            jobs = [pool.apply_async(_proc_warm_up, (0,)) for pool in pools]
+            return sum(j.get() for j in jobs)
+
+        samples, _ = interleaved({"1 process": one, f"{cores} processes": split}, cpu, reps)
+    finally:
+        for pool in pools:
+            pool.terminate()
+    a, b = samples["1 process"], samples[f"{cores} processes"]
+    return {
+        "items": n,
+        "processes": cores,
+        "one": {**a.to_dict(), "items_per_s": _rate(n, a.wall_s)},
+        "split": {**b.to_dict(), "items_per_s": _rate(n, b.wall_s)},
+        "speedup": a.wall_s / b.wall_s,
+    }
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse options, measure, print the table and the JSON; return the JSON object."""
     p = base_parser(__doc__.splitlines()[0] if __doc__ else "")
@@ -302,9 +398,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fix-items", type=int, default=0, help="items of the before/after (0=auto)")
     p.add_argument("--chunk-items", type=int, default=0, help="items of the chunking compare")
     p.add_argument("--thread-items", type=int, default=0, help="items of the threads compare")
+    p.add_argument(
+        "--procs-items", type=int, default=-1, help="items of the 1 vs N processes (0 = skip)"
+    )
     p.add_argument("--no-extras", action="store_true", help="skip flops/profile/fix/threads")
     args = p.parse_args(argv)
     device = setup(args)
+    if args.procs_items < 0:
+        args.procs_items = 0 if device.type != "cpu" else 100 if args.quick else 1000
     sizes = args.sizes or ([10, 50] if args.quick else [100, 1000, 10000])
     reps = args.reps or (3 if args.quick else 5)
     mid_reps, big_reps = max(1, min(reps, 3)), max(1, min(reps, 2))
@@ -338,6 +439,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         items, rows = synthetic_items(n_f, K, seed=3)
         phi = cold_start(model, items, salt=0, device=device)
         flops_row = step_flops(model, phi, rows.to(device))
+        mem_item = saved_bytes(model, phi, rows.to(device)) / n_f
         dominant = (n_f * K * 9 * 3, 16, 48)  # the folded attention's projection
         mm = matmul_flops(device, [dominant, (1024, 1024, 1024)])
         largest = [r for r in results if r["items"] == sizes[-1]]
@@ -359,6 +461,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "machine_mm_flop_s": mm,
             "achieved": flops,
         }
+        extras["memory"] = {
+            "items": n_f,
+            "saved_for_backward_bytes_per_item": mem_item,
+            "note": "one step, K rows per item; the model's own parameters included once",
+        }
         if device.type == "cpu":
             extras["profile"] = profile_step(model, phi, rows)
         fix_n = args.fix_items or (20 if args.quick else 1000)
@@ -366,6 +473,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         extras["warmup_chunking"] = chunk_compare(
             model, args.chunk_items or (300 if args.quick else 2000), device, max(1, reps - 2)
         )
+        if args.procs_items:
+            extras["processes"] = processes_compare(args.procs_items, reps)
         extras["threads"] = threads_compare(
             model, args.thread_items or (20 if args.quick else 200), device, reps
         )
@@ -421,7 +530,8 @@ def markdown(res: dict[str, Any]) -> str:
                     ),
                     fmt(r["per_item_items_per_s"]),
                     f"{r['speedup']:.1f}x",
-                    f"{r['max_abs_diff_f32']:.1e}",
+                    f"{r['max_abs_diff_f32']:.1e}"
+                    + (f" ({r['items_over_1e-4_f32']} items > 1e-4)" if not r["f32_ok"] else ""),
                     f"{r['max_abs_diff_f64']:.1e} ({r['f64_items']})",
                 ]
                 for r in res["results"]
@@ -457,6 +567,12 @@ def markdown(res: dict[str, Any]) -> str:
                 ],
             )
         )
+    if "memory" in res:
+        mem = res["memory"]
+        out.append(
+            f"Autograd keeps {mem['saved_for_backward_bytes_per_item'] / 1e6:.2f} MB per item "
+            f"for the backward of one step ({mem['items']} items measured).\n"
+        )
     if "attention_fix" in res:
         fx = res["attention_fix"]
         out.append(
@@ -480,10 +596,17 @@ def markdown(res: dict[str, Any]) -> str:
             + ", ".join(f"{k}: {v['items_per_s']:,.0f}/s" for k, v in th["threads"].items())
             + f"; all vs 1: {th['speedup_all_vs_1']:.2f}x.\n"
         )
+    if res.get("processes"):
+        pr = res["processes"]
+        out.append(
+            f"Processes ({pr['items']:,} items, 1 torch thread each): 1 process "
+            f"{pr['one']['items_per_s']:,.0f}/s, items split over {pr['processes']} processes "
+            f"{pr['split']['items_per_s']:,.0f}/s: **{pr['speedup']:.2f}x**.\n"
+        )
     if "profile" in res:
         out.append(
             markdown_table(
-                ["op (one step, 100 items)", "shapes", "calls", "self CPU ms", "share"],
+                ["op (one warm-up step)", "shapes", "calls", "self CPU ms", "share"],
                 [
                     [p["op"], p["shapes"], p["calls"], p["self_cpu_ms"], f"{p['share']:.0%}"]
                     for p in res["profile"]

@@ -47,12 +47,15 @@ def test_inner_loop_smallest(capsys):
             "4",
             "--thread-items",
             "3",
+            "--procs-items",
+            "0",
         ]
     )
     assert last_json(capsys.readouterr().out)["benchmark"] == "inner_loop"
     assert {r["config"] for r in res["results"]} == set(inner_loop.CONFIGS)
     assert all(r["f32_ok"] and r["f64_ok"] for r in res["results"])
     assert res["flops"]["matmul_flops_per_row_step"] > 0
+    assert res["memory"]["saved_for_backward_bytes_per_item"] > 0
     assert res["attention_fix"]["max_abs_diff"] <= 1e-4
     assert res["warmup_chunking"]["max_abs_diff"] <= 1e-6
 

@@ -43,6 +43,7 @@ from test_worker import (
     settings_for,
     stop,
     wait_for,
+    worker_proc,
 )
 
 from emerg_stream.config import TopicSettings
@@ -98,23 +99,8 @@ def spawn(
     env_extra: dict[str, str] | None = None,
     args: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """The worker job as a subprocess (batches of 8), with extra environment and options."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMERG_")}
-    for role, name in topics.names().items():
-        env[f"EMERG_TOPICS__{role.upper()}"] = name
-    env.update(
-        {
-            "EMERG_BATCH_MAX_RECORDS": "8",
-            "EMERG_BATCH_TIMEOUT_MS": "100",
-            "EMERG_HEARTBEAT_INTERVAL_MS": "500",
-            "PYTHONPATH": str(ROOT),
-            **(env_extra or {}),
-        }
-    )
-    cmd = [sys.executable, "-m", "emerg_stream.cli", "--log-json", "worker"]
-    cmd += ["--checkpoint", str(checkpoint), "--bootstrap", bootstrap, "--group", group]
-    cmd += ["--device", "cpu", "--stats-file", str(stats), *(args or [])]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    """The worker job as a subprocess; see ``test_worker.worker_proc``."""
+    return worker_proc(checkpoint, bootstrap, topics, group, stats, log, env_extra, args)
 
 
 def expected_totals(world: ww.World, dupes: list[Any]) -> dict[str, dict[str, int]]:

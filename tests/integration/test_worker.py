@@ -175,8 +175,16 @@ def check_params(
 
 
 def worker_proc(
-    checkpoint: Path, bootstrap: str, topics: TopicSettings, group: str, stats: Path, log: Path
+    checkpoint: Path,
+    bootstrap: str,
+    topics: TopicSettings,
+    group: str,
+    stats: Path,
+    log: Path,
+    env_extra: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """The worker job as a subprocess (batches of 8), with extra environment and options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMERG_")}
     for role, name in topics.names().items():
         env[f"EMERG_TOPICS__{role.upper()}"] = name
@@ -186,11 +194,12 @@ def worker_proc(
             "EMERG_BATCH_TIMEOUT_MS": "100",
             "EMERG_HEARTBEAT_INTERVAL_MS": "500",
             "PYTHONPATH": str(ROOT),
+            **(env_extra or {}),
         }
     )
     cmd = [sys.executable, "-m", "emerg_stream.cli", "--log-json", "worker"]
     cmd += ["--checkpoint", str(checkpoint), "--bootstrap", bootstrap, "--group", group]
-    cmd += ["--device", "cpu", "--stats-file", str(stats)]
+    cmd += ["--device", "cpu", "--stats-file", str(stats), *(args or [])]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 

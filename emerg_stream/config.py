@@ -217,8 +217,14 @@ class WorkerSettings(Settings):
         group_id: Consumer group; its members split the partitions.
         checkpoint: Model checkpoint (shared parameters, feature spec, model version).
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        batch_max_records: Most records per poll batch.
-        batch_timeout_ms: Longest wait for a batch to fill.
+        batch_max_records: Most records per batch.
+        batch_timeout_ms: Longest wait for the first record of a batch (how often an
+            idle worker wakes up).
+        batch_linger_ms: Once a batch has a record and nothing else is fetched yet,
+            how long to wait for more before processing it. Records already fetched
+            are taken at once, so under load a batch is whatever arrived while the
+            previous one was processed (up to ``batch_max_records``): a record waits
+            for at most one batch, not for a batch to fill.
         pending_max: Interactions held for items not announced yet, in total; beyond it
             the oldest go to the dead-letter topic.
         pending_max_age_ms: How long (in event time: the partition's largest event time
@@ -244,6 +250,7 @@ class WorkerSettings(Settings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_max_records: int = Field(default=512, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=0)
+    batch_linger_ms: int = Field(default=10, ge=0)
     pending_max: int = Field(default=10_000, ge=0)
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)

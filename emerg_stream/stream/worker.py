@@ -1,6 +1,7 @@
 """The warm-up worker: one consumer-group member turning items + clicks into params.
 
-Per micro-batch (``consume`` up to ``batch_max_records`` within ``batch_timeout_ms``) the
+Per micro-batch (what has been fetched, up to ``batch_max_records``; see
+:meth:`Worker._next_batch`) the
 :class:`~emerg_stream.stream.processor.WarmupProcessor` decodes, cold-starts new items,
 scores and applies interactions in prequential rounds and runs the batched warm-up
 updates; then the worker checkpoints. **Checkpoint order** (at-least-once delivery,
@@ -179,6 +180,7 @@ class Worker:
         self.batches = 0
         self.checkpoints = 0
         self.rebalances = 0
+        self._epoch = 0  # bumped by every rebalance callback (see _next_batch)
         self.restored_items = 0
         #: Port of the metrics server once serving (``metrics_port=0`` picks a free one).
         self.metrics_port: int | None = None
@@ -229,11 +231,9 @@ class Worker:
             on_lost=self._on_lost,
         )
         log.info("worker_started", partitions=n, pid=os.getpid())
-        batch_s = self.settings.batch_timeout_ms / 1000
         try:
             while not self._stop.is_set():
-                msgs = self._consumer.consume(self.settings.batch_max_records, timeout=batch_s)
-                batch = self._inbound(msgs)
+                batch = self._inbound(self._next_batch(self._consumer))
                 if batch:
                     self._last_activity = time.monotonic()
                     self._handle(batch)
@@ -304,6 +304,30 @@ class Worker:
         if self.exit_when_idle_s is None or not self.rebalances:
             return False
         return time.monotonic() - self._last_activity > self.exit_when_idle_s
+
+    def _next_batch(self, consumer: Consumer) -> list[Message]:
+        """The next micro-batch: records already fetched, else wait for the first.
+
+        Natural batching: a batch is what arrived while the previous one was processed
+        (up to ``batch_max_records``), taken without waiting, so a record waits for at
+        most one batch, never for a batch to fill. Only when nothing is fetched does the
+        worker block (up to ``batch_timeout_ms``) for one record and then linger
+        ``batch_linger_ms`` for company, so a trickle is not processed one record at a
+        time. Rebalance callbacks run inside these calls: if one runs during the linger,
+        the record read before it may be of a revoked partition, so it is left unread
+        (nothing was committed past it; its partition's owner reads it again).
+        """
+        most = self.settings.batch_max_records
+        msgs = consumer.consume(most, timeout=0)
+        if msgs:
+            return msgs
+        msgs = consumer.consume(1, timeout=self.settings.batch_timeout_ms / 1000)
+        linger = self.settings.batch_linger_ms / 1000
+        if msgs and most > 1 and linger > 0:
+            epoch = self._epoch
+            more = consumer.consume(most - 1, timeout=linger)
+            msgs = msgs + more if epoch == self._epoch else more
+        return msgs
 
     def _inbound(self, msgs: Sequence[Message]) -> list[Inbound]:
         batch = []
@@ -448,6 +472,7 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
             self.rebalances += 1
+            self._epoch += 1
             by_topic: dict[str, set[int]] = {
                 self.topics.items: set(),
                 self.topics.interactions: set(),
@@ -498,6 +523,7 @@ class Worker:
             raise
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._epoch += 1
         numbers = sorted({tp.partition for tp in partitions})
         try:
             if not self._failed:
@@ -513,6 +539,7 @@ class Worker:
         log.info("partitions_revoked", partitions=numbers)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._epoch += 1
         numbers = sorted({tp.partition for tp in partitions})
         for p in numbers:
             self.processor.revoke(p)

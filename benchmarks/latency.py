@@ -10,12 +10,17 @@ phase for the others). Latency = when the reader got the version - when that rec
 produced (``produce()`` called); the worker-side part ends at the version's
 ``produced_time``. Target: p99 <= 500 ms on CPU.
 
-    python benchmarks/latency.py              # 30 s of paced traffic
+Step (2) runs once per batching mode, side by side in one process (``--modes``, order
+alternating over ``--reps``): the worker's natural batching, and the "fill" batching it
+replaced (wait for ``batch_max_records`` or ``batch_timeout_ms``).
+
+    python benchmarks/latency.py              # 30 s of paced traffic per mode
     python benchmarks/latency.py --quick      # 8 s
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import threading
@@ -104,94 +109,89 @@ def paced_produce(
     return sent_at, n
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = base_parser(__doc__.splitlines()[0])
-    si.add_arguments(ap)
-    ap.add_argument(
-        "--seconds", type=float, default=0.0, help="paced traffic (default 30, quick 8)"
+#: How the worker forms batches: ``natural`` is the worker's own (take what is
+#: fetched; see ``Worker._next_batch``); ``fill`` is how it batched before (one
+#: ``consume(batch_max_records, timeout=batch_timeout_ms)``: wait for a full batch or
+#: the timeout), kept here as the "before" of the side-by-side comparison.
+MODES = ("natural", "fill")
+
+
+def fill_batches(worker: Worker) -> None:
+    """Make ``worker`` batch as before natural batching: wait for a batch to fill."""
+    most, wait_s = worker.settings.batch_max_records, worker.settings.batch_timeout_ms / 1000
+
+    def next_batch(consumer: Consumer) -> list[Any]:
+        return list(consumer.consume(most, timeout=wait_s))
+
+    worker._next_batch = next_batch  # type: ignore[method-assign]
+
+
+def paced_run(
+    broker_bootstrap: str,
+    handler: TorchWarmupHandler,
+    events: si.Events,
+    rate: float,
+    seconds: float,
+    mode: str,
+    args: Any,
+) -> dict[str, Any]:
+    """Paced traffic through a worker already in its group; latencies and batch stats."""
+    conf = {"bootstrap.servers": broker_bootstrap}
+    topics = si.fresh_topics(conf, args.partitions, "lat")
+    extra = {"fetch.wait.max.ms": str(args.fetch_wait_ms)} if args.fetch_wait_ms else {}
+    settings = si.worker_settings(
+        broker_bootstrap,
+        topics,
+        f"lat-{uuid.uuid4().hex[:8]}",
+        kafka_extra=extra,
+        batch_timeout_ms=args.batch_timeout_ms,
     )
-    ap.add_argument(
-        "--rate", type=float, default=0.0, help="events/s (default: half the sustainable)"
-    )
-    ap.add_argument(
-        "--fetch-wait-ms", type=int, default=0, help="worker fetch.wait.max.ms (0: librdkafka's)"
-    )
-    ap.add_argument("--batch-timeout-ms", type=int, default=200, help="worker batch_timeout_ms")
-    args = ap.parse_args(argv)
-    if args.threads <= 0:
-        args.threads = 1
-    setup(args)
-    seconds = args.seconds or (8.0 if args.quick else 30.0)
-    events = si.load_events(args.limit or None, args.checkpoint)
-    handler = TorchWarmupHandler.from_checkpoint(events.checkpoint, "cpu")
+    worker = Worker(settings, handler)
+    if mode == "fill":
+        fill_batches(worker)
+    handled: list[tuple[int, float, float]] = []  # (records, handle s, checkpoint s)
+    handle, checkpoint = worker._handle, worker._checkpoint
+    cp_s: list[float] = []
 
-    from emerg_stream.stream.broker import EmbeddedBroker
+    def timed_checkpoint(**kw: Any) -> int:
+        t = time.perf_counter()
+        out = checkpoint(**kw)
+        cp_s.append(time.perf_counter() - t)
+        return out
 
-    with EmbeddedBroker() as broker:
-        conf = {"bootstrap.servers": broker.bootstrap}
-        # (1) sustainable rate on a backlog
-        backlog = si.Events(
-            events.source, events.checkpoint, events.records[: 3000 if args.quick else 10_000]
-        )
-        inputs = si.fresh_topics(conf, args.partitions, "lb")
-        si.produce_all(conf, inputs, backlog)
-        took, _ = run_worker(handler, broker.bootstrap, inputs, len(backlog.records), 512)
-        sustainable = len(backlog.records) / took
-        rate = args.rate or sustainable / 2
+    def timed_handle(batch: list[Any]) -> None:
+        t = time.perf_counter()
+        handle(batch)
+        handled.append((len(batch), time.perf_counter() - t, cp_s[-1] if cp_s else 0.0))
 
-        # (2) paced traffic through a worker already in its group
-        topics = si.fresh_topics(conf, args.partitions, "lat")
-        extra = {"fetch.wait.max.ms": str(args.fetch_wait_ms)} if args.fetch_wait_ms else {}
-        settings = si.worker_settings(
-            broker.bootstrap,
-            topics,
-            f"lat-{uuid.uuid4().hex[:8]}",
-            kafka_extra=extra,
-            batch_timeout_ms=args.batch_timeout_ms,
-        )
-        worker = Worker(settings, handler)
-        handled: list[tuple[int, float, float]] = []  # (records, handle s, checkpoint s)
-        handle, checkpoint = worker._handle, worker._checkpoint
-        cp_s: list[float] = []
-
-        def timed_checkpoint(**kw: Any) -> int:
-            t = time.perf_counter()
-            out = checkpoint(**kw)
-            cp_s.append(time.perf_counter() - t)
-            return out
-
-        def timed_handle(batch: list[Any]) -> None:
-            t = time.perf_counter()
-            handle(batch)
-            handled.append((len(batch), time.perf_counter() - t, cp_s[-1] if cp_s else 0.0))
-
-        worker._checkpoint = timed_checkpoint  # type: ignore[method-assign]
-        worker._handle = timed_handle  # type: ignore[method-assign]
-        wthread = threading.Thread(target=worker.run)
-        wthread.start()
-        got: list[tuple[float, Any]] = []
-        stop = threading.Event()
-        reader = threading.Thread(target=follow_params, args=(conf, topics, stop, got))
-        reader.start()
-        deadline = time.monotonic() + 60
-        while worker.rebalances == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    worker._checkpoint = timed_checkpoint  # type: ignore[method-assign]
+    worker._handle = timed_handle  # type: ignore[method-assign]
+    wthread = threading.Thread(target=worker.run)
+    wthread.start()
+    got: list[tuple[float, Any]] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=follow_params, args=(conf, topics, stop, got))
+    reader.start()
+    deadline = time.monotonic() + 60
+    while worker.rebalances == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    load = os.getloadavg()[0]
+    sent_at, n_sent = paced_produce(conf, topics, events, rate, seconds)
+    # drain: until the worker counted every record and the reader is quiet
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if worker.counts.total("items") + worker.counts.total("interactions") >= n_sent:
+            break
+        time.sleep(0.1)
+    last = -1
+    while len(got) != last:
+        last = len(got)
         time.sleep(1.0)
-        sent_at, n_sent = paced_produce(conf, topics, events, rate, seconds)
-        # drain: until the worker counted every record and the reader is quiet
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if worker.counts.total("items") + worker.counts.total("interactions") >= n_sent:
-                break
-            time.sleep(0.1)
-        last = -1
-        while len(got) != last:
-            last = len(got)
-            time.sleep(1.0)
-        stop.set()
-        worker.stop()
-        reader.join(30)
-        wthread.join(60)
+    stop.set()
+    worker.stop()
+    reader.join(30)
+    wthread.join(60)
 
     total, worker_side, warm, steady = [], [], [], []
     by_second: dict[int, list[float]] = {}
@@ -209,46 +209,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             warm.append((recv - t_in) * 1000)
         if t_in - t_first >= STEADY_AFTER_S:
             steady.append((recv - t_in) * 1000)
-
-    def pct(xs: list[float], q: float) -> float | None:
-        return float(np.percentile(xs, q)) if xs else None
-
-    series = {
-        "all versions": total,
-        "warm-up versions (>= 2)": warm,
-        f"steady state (triggered >= {STEADY_AFTER_S:.0f} s in)": steady,
-        "worker part (trigger produced -> params produced_time)": worker_side,
-    }
-    rows = [
-        [name, len(xs), fmt(pct(xs, 50)), fmt(pct(xs, 99)), fmt(max(xs) if xs else None)]
-        for name, xs in series.items()
-    ]
-    p99 = pct(total, 99)
-    md = markdown_table(["latency, ms", "versions", "p50", "p99", "max"], rows)
-    md += (
-        f"\nrate {rate:,.0f} events/s = half the sustainable {sustainable:,.0f} events/s "
-        f"(worker draining a backlog of {len(backlog.records)} events); {n_sent} events over "
-        f"{seconds:.0f} s from {events.source}, {args.partitions} partitions, worker batch 512, "
-        f"batch_timeout_ms {args.batch_timeout_ms}, fetch.wait.max.ms "
-        f"{args.fetch_wait_ms or 'default'}; p99 target <= {TARGET_P99_MS:.0f} ms: "
-        f"{'met' if p99 is not None and p99 <= TARGET_P99_MS else 'missed'}\n"
-    )
-    result = {
-        "benchmark": "latency",
-        "command": command_line("latency.py", argv),
-        "machine": machine_info(torch.device("cpu")),
-        "source": events.source,
-        "sustainable_events_per_s": sustainable,
-        "rate_events_per_s": rate,
+    sizes = [h[0] for h in handled]
+    return {
+        "mode": mode,
+        "load_1m": load,
         "events_sent": n_sent,
-        "versions": len(total),
-        "latency_ms": {"p50": pct(total, 50), "p99": p99, "max": max(total) if total else None},
-        "warmup_latency_ms": {"p50": pct(warm, 50), "p99": pct(warm, 99)},
-        "steady_latency_ms": {"p50": pct(steady, 50), "p99": pct(steady, 99)},
-        "fetch_wait_max_ms": args.fetch_wait_ms or None,
+        "series": {
+            "all versions": total,
+            "warm-up versions (>= 2)": warm,
+            f"steady state (triggered >= {STEADY_AFTER_S:.0f} s in)": steady,
+            "worker part (trigger produced -> params produced_time)": worker_side,
+        },
         "batches": {
             "n": len(handled),
-            "records_median": statistics.median([h[0] for h in handled]) if handled else None,
+            "records_median": statistics.median(sizes) if sizes else None,
+            "records_p99": pct([float(x) for x in sizes], 99),
             "handle_ms_median": statistics.median([h[1] * 1000 for h in handled])
             if handled
             else None,
@@ -258,9 +233,150 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             else None,
         },
         "p99_ms_by_second": {t: pct(v, 99) for t, v in sorted(by_second.items())},
+    }
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = base_parser(__doc__.splitlines()[0])
+    si.add_arguments(ap)
+    ap.add_argument(
+        "--seconds", type=float, default=0.0, help="paced traffic (default 30, quick 8)"
+    )
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="events/s (default: half the sustainable)"
+    )
+    ap.add_argument(
+        "--fetch-wait-ms", type=int, default=0, help="worker fetch.wait.max.ms (0: the worker's)"
+    )
+    ap.add_argument("--batch-timeout-ms", type=int, default=200, help="worker batch_timeout_ms")
+    ap.add_argument(
+        "--modes",
+        default="natural,fill",
+        help="batching modes, run in this order then reversed, --reps times (natural: the "
+        "worker's; fill: wait for a full batch, as before)",
+    )
+    args = ap.parse_args(argv)
+    if args.threads <= 0:
+        args.threads = 1
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes takes a comma-separated list of {', '.join(MODES)}")
+    reps = args.reps or 1
+    setup(args)
+    seconds = args.seconds or (8.0 if args.quick else 30.0)
+    events = si.load_events(args.limit or None, args.checkpoint)
+    handler = TorchWarmupHandler.from_checkpoint(events.checkpoint, "cpu")
+
+    from emerg_stream.stream.broker import EmbeddedBroker
+
+    runs: list[dict[str, Any]] = []
+    with EmbeddedBroker() as broker:
+        conf = {"bootstrap.servers": broker.bootstrap}
+        # (1) sustainable rate on a backlog
+        backlog = si.Events(
+            events.source, events.checkpoint, events.records[: 3000 if args.quick else 10_000]
+        )
+        inputs = si.fresh_topics(conf, args.partitions, "lb")
+        si.produce_all(conf, inputs, backlog)
+        took, _ = run_worker(handler, broker.bootstrap, inputs, len(backlog.records), 512)
+        sustainable = len(backlog.records) / took
+        rate = args.rate or sustainable / 2
+        # (2) paced traffic, each mode on fresh topics, order alternating between reps
+        for r in range(reps):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                runs.append(paced_run(broker.bootstrap, handler, events, rate, seconds, mode, args))
+
+    def pooled(mode: str, name: str) -> list[float]:
+        return [x for run in runs if run["mode"] == mode for x in run["series"][name]]
+
+    names = list(runs[0]["series"])
+    headers = ["latency, ms", "versions"]
+    for mode in modes:
+        headers += [f"p50 {mode}", f"p99 {mode}"]
+    rows = []
+    for name in names:
+        row: list[Any] = [name, len(pooled(modes[0], name)) // reps]
+        for mode in modes:
+            xs = pooled(mode, name)
+            row += [fmt(pct(xs, 50)), fmt(pct(xs, 99))]
+        rows.append(row)
+    md = markdown_table(headers, rows)
+    brows = []
+    for run in runs:
+        b = run["batches"]
+        lat = run["series"]["all versions"]
+        brows.append(
+            [
+                run["mode"],
+                f"{run['load_1m']:.1f}",
+                b["n"],
+                fmt(b["records_median"]),
+                fmt(b["handle_ms_median"]),
+                fmt(b["handle_ms_p99"]),
+                fmt(pct(lat, 50)),
+                fmt(pct(lat, 99)),
+            ]
+        )
+    md += "\n" + markdown_table(
+        [
+            "run (in order)",
+            "load 1m",
+            "batches",
+            "records/batch (median)",
+            "handle ms (median)",
+            "handle ms (p99)",
+            "p50 ms",
+            "p99 ms",
+        ],
+        brows,
+    )
+    summary = {
+        mode: {
+            "p50": pct(pooled(mode, "all versions"), 50),
+            "p99": pct(pooled(mode, "all versions"), 99),
+        }
+        for mode in modes
+    }
+    main_mode = "natural" if "natural" in modes else modes[0]
+    p99 = summary[main_mode]["p99"]
+    md += (
+        f"\nrate {rate:,.0f} events/s = half the sustainable {sustainable:,.0f} events/s "
+        f"(worker draining a backlog of {len(backlog.records)} events); {runs[0]['events_sent']} "
+        f"events over {seconds:.0f} s per run from {events.source}, {args.partitions} "
+        f"partitions, batch_max_records 512, batch_timeout_ms {args.batch_timeout_ms}, "
+        f"fetch.wait.max.ms {args.fetch_wait_ms or 'the worker default'}; p99 ({main_mode}) "
+        f"target <= {TARGET_P99_MS:.0f} ms: "
+        f"{'met' if p99 is not None and p99 <= TARGET_P99_MS else 'missed'}\n"
+    )
+    result = {
+        "benchmark": "latency",
+        "command": command_line("latency.py", argv),
+        "machine": machine_info(torch.device("cpu")),
+        "source": events.source,
+        "sustainable_events_per_s": sustainable,
+        "rate_events_per_s": rate,
+        "modes": modes,
+        "latency_ms": summary,
+        "runs": [
+            {
+                "mode": run["mode"],
+                "load_1m": run["load_1m"],
+                "events_sent": run["events_sent"],
+                "batches": run["batches"],
+                "p99_ms_by_second": run["p99_ms_by_second"],
+                "latency_ms": {
+                    name: {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99)}
+                    for name, xs in run["series"].items()
+                },
+            }
+            for run in runs
+        ],
         "batch_timeout_ms": args.batch_timeout_ms,
-        "worker_part_ms": {"p50": pct(worker_side, 50), "p99": pct(worker_side, 99)},
-        "median_ms": statistics.median(total) if total else None,
+        "fetch_wait_max_ms": args.fetch_wait_ms or None,
         "target_p99_ms": TARGET_P99_MS,
         "met": p99 is not None and p99 <= TARGET_P99_MS,
     }

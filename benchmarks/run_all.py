@@ -2,6 +2,11 @@
 
     python benchmarks/run_all.py --quick     # seconds to a minute or two (make bench)
     python benchmarks/run_all.py             # the full sizes (tens of minutes on 2 cores)
+    python benchmarks/run_all.py --only latency state   # some of them
+
+The stream benchmarks (stream_throughput, latency, state) start an embedded broker each
+and read the ml-100k replay with a trained checkpoint when found (see
+``benchmarks/stream_inputs.py``), else a synthetic world.
 
 Each benchmark prints its own markdown and JSON; the last line of stdout is one JSON
 object with every benchmark's result and the target summary. ``--quick`` leaves
@@ -17,8 +22,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import cold_start, growth, inner_loop, training
+from benchmarks import (
+    cold_start,
+    growth,
+    inner_loop,
+    latency,
+    state,
+    stream_throughput,
+    training,
+)
 from benchmarks.common import base_parser, command_line, emit, machine_info, markdown_table, setup
+
+#: Model-side benchmarks (BENCHMARKS.md) and stream benchmarks (BENCHMARKS_STREAM.md).
+MODEL = ("inner_loop", "cold_start", "training", "growth")
+STREAM = ("stream_throughput", "latency", "state")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -29,7 +46,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--only",
         nargs="*",
         default=None,
-        choices=["inner_loop", "cold_start", "training", "growth"],
+        choices=[*MODEL, *STREAM],
         help="run only these",
     )
     args = p.parse_args(argv)
@@ -42,6 +59,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.reps:
         common += ["--reps", str(args.reps)]
     growth_args = list(common)
+    stream_args = [a for a in common if a not in ("--device", args.device)]
     if args.png is not None:
         growth_args += ["--png", str(args.png)]
     elif args.quick:
@@ -51,13 +69,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cold_start": (cold_start.run, common),
         "training": (training.run, common),
         "growth": (growth.run, growth_args),
+        # the stream benchmarks run on the CPU (the worker's own device choice aside)
+        "stream_throughput": (stream_throughput.main, stream_args),
+        "latency": (latency.main, stream_args),
+        "state": (state.main, stream_args),
     }
     results: dict[str, Any] = {}
     for name, (fn, fn_args) in plan.items():
         if args.only is None or name in args.only:
             print(f"\n## {name}\n", flush=True)
             results[name] = fn(fn_args)
-    summary = targets(results)
+    summary = targets(results) + stream_targets(results)
     out = {
         "benchmark": "run_all",
         "command": command_line("run_all.py", argv),
@@ -112,6 +134,53 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": "yes" if r["target_met"] else "no",
                 }
             )
+    return out
+
+
+def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The target lines of the stream benchmarks (3, 4, 5)."""
+    out = []
+    if "stream_throughput" in results:
+        r = results["stream_throughput"]
+        out.append(
+            {
+                "benchmark": "stream_throughput",
+                "target": f">= {r['target']} of (a) then (b)",
+                "measured": f"{r['ratio']:.2f}",
+                "met": "yes" if r["met"] else "no",
+            }
+        )
+    if "latency" in results:
+        r = results["latency"]
+        mode = "natural" if "natural" in r["latency_ms"] else r["modes"][0]
+        p50, p99 = r["latency_ms"][mode]["p50"], r["latency_ms"][mode]["p99"]
+        out.append(
+            {
+                "benchmark": "latency",
+                "target": f"p99 <= {r['target_p99_ms']:.0f} ms",
+                "measured": f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if p99 is not None else "-",
+                "met": "yes" if r["met"] else "no",
+            }
+        )
+    if "state" in results:
+        r = results["state"]
+        t, met = r["targets"], r["met"]
+        out.append(
+            {
+                "benchmark": "state",
+                "target": f"<= {t['bytes_per_item']:,} B/item resident",
+                "measured": f"{r['rss_bytes_per_item']:,.0f} B/item",
+                "met": "yes" if met["bytes_rss"] else "no",
+            }
+        )
+        out.append(
+            {
+                "benchmark": "state",
+                "target": f">= {t['restore_items_per_s']:,} items/s restore",
+                "measured": f"{r['restore_items_per_s']:,.0f} items/s",
+                "met": "yes" if met["restore"] else "no",
+            }
+        )
     return out
 
 

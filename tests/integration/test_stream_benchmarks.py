@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import latency, state, stream_throughput
+from benchmarks import latency, run_all, state, stream_throughput
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,15 +39,24 @@ def test_stream_throughput_tiny(capsys):
     res = stream_throughput.main(["--limit", "300", "--reps", "1", "--partitions", "1"])
     assert last_json(capsys.readouterr().out)["benchmark"] == "stream_throughput"
     assert res["events"] > 300 and all(v > 0 for v in res["events_per_s"].values())
+    (line,) = run_all.stream_targets({"stream_throughput": res})
+    assert line["met"] in ("yes", "no")
 
 
 def test_latency_tiny(capsys):
     res = latency.main(["--limit", "600", "--seconds", "1", "--rate", "300", "--partitions", "1"])
     assert last_json(capsys.readouterr().out)["benchmark"] == "latency"
-    assert res["versions"] > 0 and res["latency_ms"]["p50"] > 0
+    assert [r["mode"] for r in res["runs"]] == ["natural", "fill"]
+    for run in res["runs"]:
+        assert run["latency_ms"]["all versions"]["n"] > 0
+        assert run["batches"]["n"] > 0
+    assert all(res["latency_ms"][m]["p50"] > 0 for m in ("natural", "fill"))
+    (line,) = run_all.stream_targets({"latency": res})
+    assert "p99" in line["measured"]
 
 
 def test_state_tiny(capsys):
     res = state.main(["--items", "200", "--reps", "1"])
     assert last_json(capsys.readouterr().out)["benchmark"] == "state"
     assert res["encoded_bytes_per_item"] > 0 and res["restore_items_per_s"] > 0
+    assert len(run_all.stream_targets({"state": res})) == 2

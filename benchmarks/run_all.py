@@ -95,44 +95,52 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def line(benchmark: str, target: str, measured: str, met: bool | None) -> dict[str, Any]:
+    """One row of the target summary (``met`` None: not measured)."""
+    return {
+        "benchmark": benchmark,
+        "target": target,
+        "measured": measured,
+        "met": "-" if met is None else ("yes" if met else "no"),
+    }
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One line per target that a benchmark reports."""
+    """One line per target that a model-side benchmark reports (1, 2, 6)."""
     out = []
     if "inner_loop" in results:
         r = results["inner_loop"]
         out.append(
-            {
-                "benchmark": "inner_loop",
-                "target": f">= {r['target_items_per_s']:,.0f} item-phase updates/s",
-                "measured": f"{r['best_default_items_per_s']:,.0f}/s (best size)",
-                "met": "yes" if r["target_met"] else "no",
-            }
+            line(
+                "inner_loop",
+                f">= {r['target_items_per_s']:,.0f} item-phase updates/s",
+                f"{r['best_default_items_per_s']:,.0f}/s (best size)",
+                r["target_met"],
+            )
         )
     if "cold_start" in results:
         r = results["cold_start"]
         out.append(
-            {
-                "benchmark": "cold_start",
-                "target": f">= {r['target_items_per_s']:,.0f} new items/s",
-                "measured": f"{r['worst_items_per_s']:,.0f}/s (worst size)",
-                "met": "yes" if r["target_met"] else "no",
-            }
+            line(
+                "cold_start",
+                f">= {r['target_items_per_s']:,.0f} new items/s",
+                f"{r['worst_items_per_s']:,.0f}/s (worst size)",
+                r["target_met"],
+            )
         )
     if "training" in results:
         r = results["training"]
         if "skipped" in r:
-            out.append(
-                {"benchmark": "training", "target": ">= 10x", "measured": "skipped", "met": "-"}
-            )
+            out.append(line("training", ">= 10x", "skipped", None))
         else:
             c = r["meta_step_compare"][0]
             out.append(
-                {
-                    "benchmark": "training",
-                    "target": f">= {r['target_speedup']:.0f}x batched vs per-task",
-                    "measured": f"{c['speedup']:.1f}x ({c['chunk_rows']} rows cap)",
-                    "met": "yes" if r["target_met"] else "no",
-                }
+                line(
+                    "training",
+                    f">= {r['target_speedup']:.0f}x batched vs per-task",
+                    f"{c['speedup']:.1f}x ({c['chunk_rows']} rows cap)",
+                    r["target_met"],
+                )
             )
     return out
 
@@ -143,43 +151,37 @@ def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "stream_throughput" in results:
         r = results["stream_throughput"]
         out.append(
-            {
-                "benchmark": "stream_throughput",
-                "target": f">= {r['target']} of (a) then (b)",
-                "measured": f"{r['ratio']:.2f}",
-                "met": "yes" if r["met"] else "no",
-            }
+            line(
+                "stream_throughput",
+                f">= {r['target']} of (a) then (b)",
+                f"{r['ratio']:.2f}",
+                r["met"],
+            )
         )
     if "latency" in results:
         r = results["latency"]
         mode = "natural" if "natural" in r["latency_ms"] else r["modes"][0]
         p50, p99 = r["latency_ms"][mode]["p50"], r["latency_ms"][mode]["p99"]
-        out.append(
-            {
-                "benchmark": "latency",
-                "target": f"p99 <= {r['target_p99_ms']:.0f} ms",
-                "measured": f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if p99 is not None else "-",
-                "met": "yes" if r["met"] else "no",
-            }
-        )
+        measured = f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if p99 is not None else "-"
+        out.append(line("latency", f"p99 <= {r['target_p99_ms']:.0f} ms", measured, r["met"]))
     if "state" in results:
         r = results["state"]
         t, met = r["targets"], r["met"]
         out.append(
-            {
-                "benchmark": "state",
-                "target": f"<= {t['bytes_per_item']:,} B/item resident",
-                "measured": f"{r['rss_bytes_per_item']:,.0f} B/item",
-                "met": "yes" if met["bytes_rss"] else "no",
-            }
+            line(
+                "state",
+                f"<= {t['bytes_per_item']:,} B/item resident",
+                f"{r['rss_bytes_per_item']:,.0f} B/item",
+                met["bytes_rss"],
+            )
         )
         out.append(
-            {
-                "benchmark": "state",
-                "target": f">= {t['restore_items_per_s']:,} items/s restore",
-                "measured": f"{r['restore_items_per_s']:,.0f} items/s",
-                "met": "yes" if met["restore"] else "no",
-            }
+            line(
+                "state",
+                f">= {t['restore_items_per_s']:,} items/s restore",
+                f"{r['restore_items_per_s']:,.0f} items/s",
+                met["restore"],
+            )
         )
     return out
 

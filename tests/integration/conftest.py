@@ -15,8 +15,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
+import worker_world as ww
 
 #: Consumer settings that keep group joins and rebalances to a few seconds on Tansu.
 GROUP_CONF: dict[str, str | int | bool] = {
@@ -61,3 +64,24 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"t-{test}-{kind}-{uuid.uuid4().hex[:10]}"
 
     return make
+
+
+# -- the worker tests' synthetic world (tests/worker_world.py); a module may override --
+
+
+@pytest.fixture(scope="module")
+def world() -> ww.World:
+    """24 new and 4 old items with their clicks."""
+    return ww.make_world(n_new=24, n_old=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world: ww.World, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained checkpoint of ``world``."""
+    return ww.build_checkpoint(world, tmp_path_factory.mktemp("ck") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def offline(world: ww.World, checkpoint: Path) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The params the worker must publish for ``world``, computed offline."""
+    return ww.offline_phis(world, checkpoint)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import worker_world as ww
 from confluent_kafka import Producer
+from test_worker import make_topics
 
 from emerg_stream import cli
 from emerg_stream.config import KafkaSettings, TopicSettings, WorkerSettings
@@ -22,7 +23,6 @@ from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent, ItemParams
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.replay import read_to_end
-from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -57,16 +57,7 @@ def status_json(bootstrap: str, topics: TopicSettings, group: str, monkeypatch, 
 def test_lag_auc_gauges_and_status(
     world, handler, kafka_conf, bootstrap, unique_name, monkeypatch, capsys
 ):
-    topics = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=PARTITIONS,
-    )
-    ensure_topics(kafka_conf, load_topic_specs(None, topics))
+    topics = make_topics(kafka_conf, unique_name, PARTITIONS)
     group = unique_name("group")
     # linger: several records per batch, where Tansu's ListOffsets answers short
     p = Producer({**kafka_conf, "enable.idempotence": True, "linger.ms": 20})

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import worker_world as ww
@@ -31,11 +30,11 @@ from test_worker import (
     INTER,
     ITEM,
     PARAMS,
-    PARTITIONS,
     ROOT,
     check_params,
     input_records,
     latest_marks,
+    make_topics,
     mark_totals,
     produce,
     read_stats,
@@ -49,39 +48,9 @@ from test_worker import (
 from emerg_stream.config import TopicSettings
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.broker import EmbeddedBroker, free_port
-from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def world() -> ww.World:
-    return ww.make_world(n_new=24, n_old=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(world: ww.World, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ww.build_checkpoint(world, tmp_path_factory.mktemp("ck") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def offline(world: ww.World, checkpoint: Path) -> dict[str, list[dict[str, np.ndarray]]]:
-    return ww.offline_phis(world, checkpoint)
-
-
-def make_topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> TopicSettings:
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=PARTITIONS,
-    )
-    ensure_topics(kafka_conf, load_topic_specs(None, names))
-    return names
 
 
 @pytest.fixture

@@ -53,21 +53,6 @@ PHASES = ["cold", "warm_a", "warm_b", "warm_c", "common", "common", "common"]
 
 
 @pytest.fixture(scope="module")
-def world() -> ww.World:
-    return ww.make_world(n_new=24, n_old=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(world: ww.World, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ww.build_checkpoint(world, tmp_path_factory.mktemp("ck") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def offline(world: ww.World, checkpoint: Path) -> dict[str, list[dict[str, np.ndarray]]]:
-    return ww.offline_phis(world, checkpoint)
-
-
-@pytest.fixture(scope="module")
 def handler(checkpoint: Path) -> Iterator[TorchWarmupHandler]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,8 +60,12 @@ def handler(checkpoint: Path) -> Iterator[TorchWarmupHandler]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> TopicSettings:
+def make_topics(
+    kafka_conf: dict[str, str],
+    unique_name: Callable[[str], str],
+    partitions: int = PARTITIONS,
+) -> TopicSettings:
+    """Fresh input, output and changelog topics (``partitions`` each) on the test broker."""
     names = TopicSettings(
         items=unique_name("items"),
         interactions=unique_name("inter"),
@@ -84,10 +73,15 @@ def topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> Top
         predictions=unique_name("preds"),
         dead_letter=unique_name("dead"),
         changelog=unique_name("changelog"),
-        partitions=PARTITIONS,
+        partitions=partitions,
     )
     ensure_topics(kafka_conf, load_topic_specs(None, names))
     return names
+
+
+@pytest.fixture
+def topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> TopicSettings:
+    return make_topics(kafka_conf, unique_name)
 
 
 def settings_for(bootstrap: str, topics: TopicSettings, group: str, **kw: Any) -> WorkerSettings:

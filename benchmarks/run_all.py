@@ -27,6 +27,7 @@ from benchmarks import (
     growth,
     inner_loop,
     latency,
+    members,
     state,
     stream_throughput,
     training,
@@ -35,7 +36,7 @@ from benchmarks.common import base_parser, command_line, emit, machine_info, mar
 
 #: Model-side benchmarks (BENCHMARKS.md) and stream benchmarks (BENCHMARKS_STREAM.md).
 MODEL = ("inner_loop", "cold_start", "training", "growth")
-STREAM = ("stream_throughput", "latency", "state")
+STREAM = ("stream_throughput", "latency", "state", "members")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -73,6 +74,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "stream_throughput": (stream_throughput.main, stream_args),
         "latency": (latency.main, stream_args),
         "state": (state.main, stream_args),
+        "members": (members.main, stream_args),
     }
     results: dict[str, Any] = {}
     for name, (fn, fn_args) in plan.items():
@@ -146,7 +148,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The target lines of the stream benchmarks (3, 4, 5)."""
+    """The target lines of the stream benchmarks (3, 4, 5) and the members' scale-out."""
     out = []
     if "stream_throughput" in results:
         r = results["stream_throughput"]
@@ -183,6 +185,11 @@ def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 met["restore"],
             )
         )
+    if "members" in results:
+        r = results["members"]
+        n = max(int(k) for k in r["events_per_s"])
+        measured = f"{r['speedup']:.2f}x ({r['events_per_s'][str(n)]:,.0f} events/s)"
+        out.append(line("members", f"{n} worker processes vs 1 (no target)", measured, None))
     return out
 
 

@@ -1,15 +1,20 @@
-"""``emerg-stream worker``: the warm-up worker, one consumer-group member.
+"""``emerg-stream worker``: the warm-up worker, one or more consumer-group members.
 
 Settings come from the environment (``EMERG_KAFKA__*``, ``EMERG_TOPICS__*``,
 ``EMERG_GROUP_ID``, ``EMERG_BATCH_MAX_RECORDS`` ...; see ``WorkerSettings``); the flags
 below override them. SIGTERM / SIGINT finish the current batch, checkpoint and close
-(exit 0). See :mod:`emerg_stream.stream.worker` for the loop and its checkpoint order.
+(exit 0). See :mod:`emerg_stream.stream.worker` for the loop and its checkpoint order, and
+:mod:`emerg_stream.stream.members` for ``--members`` (one process per core).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emerg_stream.config import WorkerSettings
 
 HELP = "Run the warm-up worker: items + interactions -> item params, predictions, changelog."
 
@@ -36,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "OpenMP threads slow them down several times on a busy machine)",
     )
     parser.add_argument(
+        "--members",
+        default="1",
+        help="worker processes in this job, each a member of the group with its own "
+        "partitions and one core: a number, or 'auto' (one per usable CPU core). With "
+        "several, member i serves metrics on --metrics-port + i and writes its stats to "
+        "STATS.i.json (default 1)",
+    )
+    parser.add_argument(
         "--exit-when-idle",
         type=float,
         default=None,
@@ -45,15 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-    from types import FrameType
+    from emerg_stream.stream.members import resolve_members, supervise
+
+    members = resolve_members(args.members)
+    if members == 1:
+        return run_member(args, 0)
+    load_worker_settings(args)  # bad settings fail here, once, not in every member
+    return supervise(run_member, args, members)
+
+
+def load_worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """``WorkerSettings`` from the environment with this job's flags on top."""
     from typing import Any
 
-    import structlog
-
     from emerg_stream.config import WorkerSettings, load_settings
-    from emerg_stream.serving.handler import TorchWarmupHandler
-    from emerg_stream.stream.worker import Worker
 
     overrides: dict[str, Any] = {}
     for key, value in (
@@ -66,13 +84,35 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = value
     if args.bootstrap:
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
-    settings = load_settings(WorkerSettings, overrides)
+    return load_settings(WorkerSettings, overrides)
+
+
+def run_member(args: argparse.Namespace, index: int) -> int:
+    """One worker (member ``index`` of this job's members) until stopped."""
+    import signal
+    from types import FrameType
+
+    import structlog
+
+    from emerg_stream.serving.handler import TorchWarmupHandler
+    from emerg_stream.stream.members import member_path, member_port, resolve_members
+    from emerg_stream.stream.worker import Worker
+
+    members = resolve_members(args.members)
+    settings = load_worker_settings(args)
+    if settings.metrics_port is not None and members > 1:
+        settings = settings.model_copy(
+            update={"metrics_port": member_port(settings.metrics_port, index)}
+        )
     import torch
 
     torch.set_num_threads(max(1, args.torch_threads))
     handler = TorchWarmupHandler.from_checkpoint(settings.checkpoint, settings.device)
     worker = Worker(
-        settings, handler, stats_path=args.stats_file, exit_when_idle_s=args.exit_when_idle
+        settings,
+        handler,
+        stats_path=member_path(args.stats_file, index, members),
+        exit_when_idle_s=args.exit_when_idle,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

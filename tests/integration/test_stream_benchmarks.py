@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import latency, run_all, state, stream_throughput
+from benchmarks import latency, members, run_all, state, stream_throughput
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,3 +60,12 @@ def test_state_tiny(capsys):
     assert last_json(capsys.readouterr().out)["benchmark"] == "state"
     assert res["encoded_bytes_per_item"] > 0 and res["restore_items_per_s"] > 0
     assert len(run_all.stream_targets({"state": res})) == 2
+
+
+def test_members_tiny(capsys):
+    res = members.main(["--limit", "300", "--reps", "1", "--partitions", "2"])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "members"
+    assert all(len(v) == int(k) for k, v in res["records_per_member"].items())
+    assert sum(res["records_per_member"]["2"]) == res["events"]
+    (line,) = run_all.stream_targets({"members": res})
+    assert "x" in line["measured"]

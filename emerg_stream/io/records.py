@@ -124,10 +124,11 @@ class ItemState(TypedDict):
     phase: str
     support_size: int
     next_threshold: int
-    support: list[SupportRow]
     recent_event_ids: list[str]
+    recent_event_hashes: bytes
     adjacency: list[float]
     id_embedding: list[float]
     n_fields: int
     last_offsets: list[SourceOffset]
     updated_time: int
+    support: list[SupportRow]

@@ -5,7 +5,7 @@ the changelog codec turns an item into an ``ItemState`` record and back.
 """
 
 from emerg_stream.state.dedupe import RecentIds
-from emerg_stream.state.item import ItemTask
+from emerg_stream.state.item import ItemTask, SupportRows
 from emerg_stream.state.phases import (
     COLD,
     COMMON,
@@ -13,16 +13,18 @@ from emerg_stream.state.phases import (
     WARM_PHASES,
     crossed_phase,
 )
-from emerg_stream.state.store import PartitionItems, StateStore
+from emerg_stream.state.store import ItemMap, PartitionItems, StateStore
 
 __all__ = [
     "COLD",
     "COMMON",
     "OLD",
     "WARM_PHASES",
+    "ItemMap",
     "ItemTask",
     "PartitionItems",
     "RecentIds",
     "StateStore",
+    "SupportRows",
     "crossed_phase",
 ]

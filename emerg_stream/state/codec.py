@@ -1,20 +1,27 @@
 """ItemTask <-> ``ItemState`` Avro record (the state changelog's values).
 
-Encoding is the hot path of every checkpoint, so it avoids decoding the support rows
-again: the task keeps each row as its schemaless Avro ``SupportRow`` encoding, and an
-Avro record is the plain concatenation of its fields' encodings, so the value is
-written as *head fields* + the ``support`` array spliced from the stored rows + *tail
-fields*, with the head and tail written by fastavro from sub-schemas cut out of the
-current ``ItemState`` schema. The bytes are exactly those :class:`AvroSerde` would write
-(a unit test checks it), so any ItemState reader decodes them.
+An Avro record is the plain concatenation of its fields' encodings, and ``support`` is
+the last field of ``ItemState`` (version 2), so a value is *front fields* (everything
+but the support rows, written and read by fastavro with a sub-schema cut out of the
+current schema) followed by the ``support`` array, whose body is kept in memory as it is
+on the wire (:class:`~emerg_stream.state.item.SupportRows`). Encoding splices the stored
+rows in, decoding slices them out: neither touches a row. The bytes are exactly those
+:class:`AvroSerde` would write (a unit test checks it), so any ItemState reader decodes
+them.
 
-Decoding goes through :class:`AvroSerde` (it resolves older writer schemas) and then
-re-encodes the support rows compactly.
+Values of an older version (an id other than the current one) go through
+:class:`AvroSerde` (Avro schema resolution to the current schema): version 1 stored the
+de-duplication window as event id strings (``recent_event_ids``), which are hashed as they
+are read, and its support rows are re-encoded into the compact form.
+
+Decoded strings (feature names and tokens, topics) are interned, so the many items that
+share them hold one copy.
 """
 
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -22,19 +29,31 @@ import fastavro
 import numpy as np
 
 from emerg_stream.errors import ConfigError, SchemaError
-from emerg_stream.io.avro import HEADER_SIZE, AvroSerde, frame
+from emerg_stream.io.avro import HEADER_SIZE, AvroSerde, frame, peek_schema_id
 from emerg_stream.io.records import ItemState, SupportRow
-from emerg_stream.io.schemas import SchemaIds, load_schema
-from emerg_stream.state.dedupe import RecentIds
-from emerg_stream.state.item import ItemTask
+from emerg_stream.io.schemas import SchemaIds, default_schema_ids, load_schema
+from emerg_stream.state.dedupe import RecentIds, event_hash
+from emerg_stream.state.item import ItemTask, SupportRows
 
 __all__ = ["ItemStateCodec"]
 
-_HEAD: tuple[str, ...] = ("item_id", "categorical", "multi", "numeric", "version", "phase")
-_HEAD += ("support_size", "next_threshold")
-_TAIL: tuple[str, ...] = ("recent_event_ids", "adjacency", "id_embedding", "n_fields")
-_TAIL += ("last_offsets", "updated_time")
+#: The current schema's fields, in order; ``support`` (the rows) must be the last.
+_FRONT: tuple[str, ...] = ("item_id", "categorical", "multi", "numeric", "version", "phase")
+_FRONT += ("support_size", "next_threshold", "recent_event_ids", "recent_event_hashes")
+_FRONT += ("adjacency", "id_embedding", "n_fields", "last_offsets", "updated_time")
 _ROW = ("event_id", "user_id", "categorical", "multi", "numeric", "label", "event_time")
+
+# What fastavro raises on malformed input (short reads, bad varints, invalid UTF-8, ...).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    EOFError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    MemoryError,
+)
+_intern = sys.intern
 
 
 def _plain_times(node: Any) -> Any:
@@ -60,40 +79,63 @@ def _long(n: int) -> bytes:
     return bytes(out)
 
 
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """Avro ``long`` at ``pos``: ``(value, position after it)``.
+
+    Raises:
+        SchemaError: The varint runs past the end or over 10 bytes.
+    """
+    z = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise SchemaError("ItemState: truncated or malformed varint")
+        b = data[pos]
+        pos += 1
+        z |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (z >> 1) ^ -(z & 1), pos
+        shift += 7
+
+
 class ItemStateCodec:
     """Encode and decode item states (and their compact support rows).
 
     Args:
-        dedupe_window: Event ids kept per item (restored states are cut to it).
+        dedupe_window: Event ids kept per item (restored windows are cut to it).
         topic: The changelog topic (for a schema registry subject).
         ids: Schema ids (default: the codec's default, manifest or registry).
 
     Raises:
         ConfigError: The current ``ItemState`` schema has fields this codec does not know
-            (update ``_HEAD`` / ``_TAIL`` after a schema change).
+            (update ``_FRONT`` after a schema change; ``support`` stays the last field).
     """
 
     def __init__(
         self, *, dedupe_window: int, topic: str | None = None, ids: SchemaIds | None = None
     ) -> None:
         self.dedupe_window = dedupe_window
-        self.serde: AvroSerde[ItemState] = AvroSerde(ItemState, topic=topic, ids=ids)
+        self._ids = default_schema_ids() if ids is None else ids
+        self.serde: AvroSerde[ItemState] = AvroSerde(ItemState, topic=topic, ids=self._ids)
+        self._known_ids = {self.serde.schema_id}
         schema = _plain_times(load_schema("ItemState"))
-        names = [f["name"] for f in schema["fields"]]
-        if tuple(names) != (*_HEAD, "support", *_TAIL):
+        names = tuple(f["name"] for f in schema["fields"])
+        if names != (*_FRONT, "support"):
             raise ConfigError(f"ItemState fields changed ({names}); update the state codec")
-        cut = names.index("support")
         ns = schema.get("namespace", "emerg_stream")
-        part = {"type": "record", "namespace": ns}
-        self._head = fastavro.parse_schema(
-            {**part, "name": "ItemStateHead", "fields": schema["fields"][:cut]}, named_schemas={}
-        )
-        self._tail = fastavro.parse_schema(
-            {**part, "name": "ItemStateTail", "fields": schema["fields"][cut + 1 :]},
+        self._front = fastavro.parse_schema(
+            {
+                "type": "record",
+                "namespace": ns,
+                "name": "ItemStateFront",
+                "fields": schema["fields"][:-1],
+            },
             named_schemas={},
         )
-        self._row = fastavro.parse_schema(schema["fields"][cut]["type"]["items"], named_schemas={})
+        row = schema["fields"][-1]["type"]["items"]
+        self._row = fastavro.parse_schema(row, named_schemas={})
+        self._rows = fastavro.parse_schema({"type": "array", "items": row}, named_schemas={})
         self._prefix = frame(self.serde.schema_id, b"")
+        self._offset_keys: dict[tuple[str, int], tuple[str, int]] = {}
 
     # -- support rows ----------------------------------------------------------------
 
@@ -107,15 +149,33 @@ class ItemStateCodec:
         """Inverse of :meth:`encode_row`."""
         return cast(SupportRow, fastavro.schemaless_reader(io.BytesIO(data), self._row, None))
 
+    def decode_rows(self, rows: SupportRows) -> list[SupportRow]:
+        """Every row of a support buffer, oldest first.
+
+        Raises:
+            SchemaError: The buffer does not hold exactly ``rows.count`` rows.
+        """
+        if not rows.count:
+            return []
+        buf = io.BytesIO(_long(rows.count) + rows.data + b"\x00")
+        try:
+            out = fastavro.schemaless_reader(buf, self._rows, None)
+        except _DECODE_ERRORS as exc:
+            raise SchemaError(f"support rows cannot be decoded: {exc}") from exc
+        if buf.tell() != len(buf.getbuffer()):
+            raise SchemaError("support rows: trailing bytes after the rows (corrupt state)")
+        return cast(list[SupportRow], out)
+
     # -- item states -----------------------------------------------------------------
 
     def encode(self, task: ItemTask) -> bytes:
         """The framed ``ItemState`` value of ``task``."""
         buf = io.BytesIO()
         buf.write(self._prefix)
+        adjacency, id_embedding = task.adjacency, task.id_embedding
         fastavro.schemaless_writer(
             buf,
-            self._head,
+            self._front,
             {
                 "item_id": task.item_id,
                 "categorical": task.categorical,
@@ -125,20 +185,10 @@ class ItemStateCodec:
                 "phase": task.phase,
                 "support_size": task.support_size,
                 "next_threshold": task.next_threshold,
-            },
-        )
-        if task.support:
-            buf.write(_long(len(task.support)))
-            for row in task.support:
-                buf.write(row)
-        buf.write(b"\x00")
-        fastavro.schemaless_writer(
-            buf,
-            self._tail,
-            {
-                "recent_event_ids": list(task.recent),
-                "adjacency": [] if task.adjacency is None else task.adjacency.tolist(),
-                "id_embedding": [] if task.id_embedding is None else task.id_embedding.tolist(),
+                "recent_event_ids": [],
+                "recent_event_hashes": task.recent.to_bytes(),
+                "adjacency": [] if adjacency is None else adjacency.tolist(),
+                "id_embedding": [] if id_embedding is None else id_embedding.tolist(),
                 "n_fields": task.n_fields,
                 "last_offsets": [
                     {"topic": t, "partition": p, "offset": o}
@@ -147,40 +197,140 @@ class ItemStateCodec:
                 "updated_time": task.updated_time,
             },
         )
+        rows = task.support
+        if rows.count:
+            buf.write(_long(rows.count))
+            buf.write(rows.data)
+        buf.write(b"\x00")
         return buf.getvalue()
 
-    def decode(self, data: bytes) -> ItemTask:
-        """Rebuild a task from a framed ``ItemState`` value (any known writer version).
+    def is_current(self, value: bytes) -> bool:
+        """Whether ``value`` is framed with the current schema id (the fast decode).
 
         Raises:
-            SchemaError: Not a valid ItemState value, or inconsistent parameter sizes.
+            SchemaError: Not a framed value.
         """
-        rec = self.serde.decode(data)
-        adjacency = np.asarray(rec["adjacency"], dtype=np.float32)
-        id_embedding = np.asarray(rec["id_embedding"], dtype=np.float32)
+        return peek_schema_id(value) == self.serde.schema_id
+
+    def decode(self, data: bytes, item_id: str | None = None) -> ItemTask:
+        """Rebuild a task from a framed ``ItemState`` value (any known writer version).
+
+        Args:
+            data: The value.
+            item_id: The id the value must hold (the record key), shared with the result.
+
+        Raises:
+            SchemaError: Not a valid ItemState value, another item's value, or
+                inconsistent parameter sizes.
+        """
+        if self.is_current(data):
+            rec, rows = self._decode_current(data)
+        else:
+            rec, rows = self._decode_older(data)
+        if item_id is not None:
+            if rec["item_id"] != item_id:
+                raise SchemaError(f"the state of item {item_id!r} holds item {rec['item_id']!r}")
+            rec["item_id"] = item_id
+        return self._task(rec, rows)
+
+    def load(self, item_id: str, value: bytes) -> ItemTask:
+        """:meth:`decode` with the arguments of a :data:`~emerg_stream.state.store.Loader`."""
+        return self.decode(value, item_id)
+
+    def _decode_current(self, data: bytes) -> tuple[dict[str, Any], SupportRows]:
+        """Front fields by fastavro, then the support rows' bytes sliced out."""
+        buf = io.BytesIO(memoryview(data)[HEADER_SIZE:])
+        try:
+            rec = fastavro.schemaless_reader(buf, self._front, None)
+        except _DECODE_ERRORS as exc:
+            raise SchemaError(f"ItemState: corrupt or truncated value: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise SchemaError(f"ItemState: decoded a {type(rec).__name__}")
+        count, pos = _read_long(data, HEADER_SIZE + buf.tell())
+        if count < 0:  # a block with its byte size: not written by this codec
+            return self._decode_older(data)
+        if count == 0:
+            if pos != len(data):
+                raise SchemaError(f"ItemState: {len(data) - pos} trailing bytes after the record")
+            return rec, SupportRows()
+        if data[-1] != 0:
+            raise SchemaError("ItemState: the support rows do not end the value (corrupt value)")
+        return rec, SupportRows.packed(count, data[pos:-1])
+
+    def _decode_older(self, data: bytes) -> tuple[dict[str, Any], SupportRows]:
+        """Any other writer schema, resolved to the current one by :class:`AvroSerde`."""
+        rec = cast(dict[str, Any], self.serde.decode(data))
+        rows = SupportRows(self.encode_row(r) for r in rec["support"])
+        return rec, rows
+
+    def _task(self, rec: dict[str, Any], rows: SupportRows) -> ItemTask:
+        adjacency = rec["adjacency"]
+        id_embedding = rec["id_embedding"]
         n_fields = rec["n_fields"]
-        if adjacency.size != n_fields * n_fields:
+        if len(adjacency) != n_fields * n_fields:
             raise SchemaError(
-                f"item state {rec['item_id']!r}: adjacency has {adjacency.size} values, "
+                f"item state {rec['item_id']!r}: adjacency has {len(adjacency)} values, "
                 f"n_fields={n_fields}"
             )
-        has_params = adjacency.size > 0
-        return ItemTask(
+        if bool(adjacency) != bool(id_embedding):
+            raise SchemaError(f"item state {rec['item_id']!r}: adjacency without id embedding")
+        hashes = rec["recent_event_hashes"]
+        if isinstance(hashes, str):  # fastavro resolves the schema default ("") to a str
+            hashes = hashes.encode("latin-1")
+        try:
+            recent = RecentIds.from_bytes(self.dedupe_window, hashes)
+        except ValueError as exc:
+            raise SchemaError(f"item state {rec['item_id']!r}: {exc}") from exc
+        if rec["recent_event_ids"]:  # written by version 1: the window as strings
+            old = np.array([event_hash(i) for i in rec["recent_event_ids"]], dtype=np.uint64)
+            recent = RecentIds.from_hashes(
+                self.dedupe_window, np.concatenate((old, recent.hashes()))
+            )
+        keys = self._offset_keys
+        last_offsets: dict[tuple[str, int], int] = {}
+        for o in rec["last_offsets"]:
+            key = (o["topic"], o["partition"])
+            last_offsets[keys.setdefault(key, (_intern(key[0]), key[1]))] = o["offset"]
+        task = ItemTask(
             item_id=rec["item_id"],
-            categorical=dict(rec["categorical"]),
-            multi={k: list(v) for k, v in rec["multi"].items()},
-            numeric=dict(rec["numeric"]),
-            phase=rec["phase"],
+            categorical={_intern(k): _intern(v) for k, v in rec["categorical"].items()},
+            multi={_intern(k): [_intern(t) for t in v] for k, v in rec["multi"].items()},
+            numeric={_intern(k): v for k, v in rec["numeric"].items()},
+            phase=_intern(rec["phase"]),
             version=rec["version"],
             support_size=rec["support_size"],
             next_threshold=rec["next_threshold"],
-            support=[self.encode_row(r) for r in rec["support"]],
-            recent=RecentIds(self.dedupe_window, rec["recent_event_ids"]),
-            adjacency=adjacency if has_params else None,
-            id_embedding=id_embedding if has_params else None,
-            last_offsets={(o["topic"], o["partition"]): o["offset"] for o in rec["last_offsets"]},
+            support=rows,
+            recent=recent,
+            last_offsets=last_offsets,
             updated_time=rec["updated_time"],
         )
+        if adjacency:
+            task.set_params(adjacency, id_embedding)
+        return task
+
+    def key_matches(self, key: bytes, value: bytes) -> bool:
+        """Whether ``value`` is an ItemState value of item ``key`` (without decoding it).
+
+        ``item_id`` is the first field of every ItemState version: its length (a varint)
+        and its UTF-8 bytes follow the frame header. The writer schema must be one of
+        ``ItemState``'s.
+
+        Raises:
+            SchemaError: Not a framed value, or a schema id unknown or of another record.
+        """
+        n = len(key)
+        if n < 64 and value.startswith(self._prefix) and len(value) > HEADER_SIZE:
+            # the current schema and a one-byte length (the common case, no allocation)
+            return value[HEADER_SIZE] == 2 * n and value.startswith(key, HEADER_SIZE + 1)
+        schema_id = peek_schema_id(value)
+        if schema_id not in self._known_ids:
+            writer = self._ids.writer_schema(schema_id)
+            if writer.record != "ItemState":
+                raise SchemaError(f"schema id {schema_id} is of {writer.record}, not ItemState")
+            self._known_ids.add(schema_id)
+        length, pos = _read_long(value, HEADER_SIZE)
+        return length == n and value[pos : pos + n] == key
 
     @staticmethod
     def payload_size(value: bytes) -> int:

@@ -1,8 +1,17 @@
-"""The state of one item: what the worker needs to score it and to warm it up."""
+"""The state of one item: what the worker needs to score it and to warm it up.
+
+Kept compact, because a worker holds one per item of its partitions (the target is at
+most 4 KiB per item at 10^5 items): the support buffer is one ``bytes`` of packed
+schemaless Avro rows (:class:`SupportRows`), φ is one ``bytes`` of float32 values
+(``adjacency`` and ``id_embedding`` are read-only views of it), the de-duplication window
+holds 64-bit hashes (:class:`~emerg_stream.state.dedupe.RecentIds`), and the object has
+``__slots__``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -10,10 +19,62 @@ import numpy.typing as npt
 from emerg_stream.state.dedupe import RecentIds
 from emerg_stream.state.phases import COLD, OLD
 
+__all__ = ["Float32Array", "ItemTask", "SupportRows"]
+
 Float32Array = npt.NDArray[np.float32]
+_F32 = np.dtype("<f4")
 
 
-@dataclass(slots=True)
+class SupportRows:
+    """An item's support buffer: rows as schemaless Avro ``SupportRow``, concatenated.
+
+    ``data`` is exactly the body of the Avro array the ``ItemState`` record stores (the
+    row encodings back to back, without the block count and the terminating zero), so
+    encoding and decoding a state never touch the rows one by one. The rows are decoded
+    together, for an update (:meth:`ItemStateCodec.decode_rows
+    <emerg_stream.state.codec.ItemStateCodec.decode_rows>`).
+
+    Args:
+        rows: Initial row encodings, oldest first.
+    """
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, rows: Iterable[bytes] = ()) -> None:
+        rows = list(rows)
+        self.count = len(rows)
+        self.data = b"".join(rows)
+
+    @classmethod
+    def packed(cls, count: int, data: bytes) -> SupportRows:
+        """Rows already concatenated (``count`` of them in ``data``)."""
+        out = cls()
+        out.count, out.data = count, data
+        return out
+
+    def append(self, row: bytes) -> None:
+        """Add one row's encoding (the newest)."""
+        self.data += row
+        self.count += 1
+
+    def clear(self) -> None:
+        """Forget every row (after an update used them)."""
+        self.count, self.data = 0, b""
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SupportRows):
+            return NotImplemented
+        return self.count == other.count and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"SupportRows(count={self.count}, bytes={len(self.data)})"
+
+
 class ItemTask:
     """One item's task state (the in-memory form of an ``ItemState`` record).
 
@@ -27,29 +88,72 @@ class ItemTask:
         version: Version of the latest published params (0 = none: old items).
         support_size: Interactions applied so far.
         next_threshold: Support size at which the next update runs.
-        support: The rows applied since the last threshold, oldest first (at most K),
-            each a schemaless Avro ``SupportRow`` (compact; decoded only for an update).
-        recent: Recent event ids, for de-duplication.
-        adjacency: Raw graph A_i, float32 ``[F*F]`` row-major (``None`` for old items).
-        id_embedding: ID embedding e_i, float32 ``[D]`` (``None`` for old items).
+        support: The rows applied since the last threshold, oldest first (at most K), as
+            :class:`SupportRows` or row encodings (decoded only for an update).
+        recent: Recent event ids, for de-duplication (default: a window of 1,000).
+        adjacency: Raw graph A_i, ``[F*F]`` row-major (``None`` for old items).
+        id_embedding: ID embedding e_i, ``[D]`` (``None`` for old items; required with
+            ``adjacency``).
         last_offsets: ``(topic, partition)`` -> offset of the last input record applied.
         updated_time: Milliseconds since the epoch of the last change.
+
+    Raises:
+        ValueError: Only one of ``adjacency`` and ``id_embedding`` is given, or the
+            adjacency is not square.
     """
 
-    item_id: str
-    categorical: dict[str, str] = field(default_factory=dict)
-    multi: dict[str, list[str]] = field(default_factory=dict)
-    numeric: dict[str, float] = field(default_factory=dict)
-    phase: str = COLD
-    version: int = 0
-    support_size: int = 0
-    next_threshold: int = 0
-    support: list[bytes] = field(default_factory=list)
-    recent: RecentIds = field(default_factory=lambda: RecentIds(1000))
-    adjacency: Float32Array | None = None
-    id_embedding: Float32Array | None = None
-    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    updated_time: int = 0
+    __slots__ = (
+        "_n_fields",
+        "_phi",
+        "categorical",
+        "item_id",
+        "last_offsets",
+        "multi",
+        "next_threshold",
+        "numeric",
+        "phase",
+        "recent",
+        "support",
+        "support_size",
+        "updated_time",
+        "version",
+    )
+
+    def __init__(
+        self,
+        item_id: str,
+        categorical: dict[str, str] | None = None,
+        multi: dict[str, list[str]] | None = None,
+        numeric: dict[str, float] | None = None,
+        phase: str = COLD,
+        version: int = 0,
+        support_size: int = 0,
+        next_threshold: int = 0,
+        support: SupportRows | Iterable[bytes] = (),
+        recent: RecentIds | None = None,
+        adjacency: npt.ArrayLike | None = None,
+        id_embedding: npt.ArrayLike | None = None,
+        last_offsets: dict[tuple[str, int], int] | None = None,
+        updated_time: int = 0,
+    ) -> None:
+        self.item_id = item_id
+        self.categorical = {} if categorical is None else categorical
+        self.multi = {} if multi is None else multi
+        self.numeric = {} if numeric is None else numeric
+        self.phase = phase
+        self.version = version
+        self.support_size = support_size
+        self.next_threshold = next_threshold
+        self.support = support if isinstance(support, SupportRows) else SupportRows(support)
+        self.recent = RecentIds(1000) if recent is None else recent
+        self.last_offsets = {} if last_offsets is None else last_offsets
+        self.updated_time = updated_time
+        self._phi: bytes | None = None
+        self._n_fields = 0
+        if adjacency is not None or id_embedding is not None:
+            if adjacency is None or id_embedding is None:
+                raise ValueError(f"item {item_id!r}: adjacency and id_embedding go together")
+            self.set_params(adjacency, id_embedding)
 
     @property
     def is_old(self) -> bool:
@@ -58,12 +162,45 @@ class ItemTask:
 
     @property
     def n_fields(self) -> int:
-        """F, from the adjacency size (0 without params)."""
-        if self.adjacency is None:
-            return 0
-        return round(float(np.sqrt(self.adjacency.size)))
+        """F (0 without params)."""
+        return self._n_fields
 
-    def set_params(self, adjacency: Float32Array, id_embedding: Float32Array) -> None:
-        """Store φ as compact float32 copies (``[F*F]`` and ``[D]``)."""
-        self.adjacency = np.ascontiguousarray(adjacency, dtype=np.float32).reshape(-1).copy()
-        self.id_embedding = np.ascontiguousarray(id_embedding, dtype=np.float32).reshape(-1).copy()
+    @property
+    def adjacency(self) -> Float32Array | None:
+        """Raw graph A_i, float32 ``[F*F]`` row-major (a read-only view; None without φ)."""
+        if self._phi is None:
+            return None
+        return np.frombuffer(self._phi, dtype=_F32, count=self._n_fields**2)
+
+    @property
+    def id_embedding(self) -> Float32Array | None:
+        """ID embedding e_i, float32 ``[D]`` (a read-only view; None without φ)."""
+        if self._phi is None:
+            return None
+        return np.frombuffer(self._phi, dtype=_F32, offset=4 * self._n_fields**2)
+
+    @property
+    def phi_bytes(self) -> bytes | None:
+        """φ as stored: A_i then e_i, float32 little-endian (None without φ)."""
+        return self._phi
+
+    def set_params(self, adjacency: npt.ArrayLike, id_embedding: npt.ArrayLike) -> None:
+        """Store φ as float32 (``[F*F]`` and ``[D]``, any shape that flattens to them).
+
+        Raises:
+            ValueError: The adjacency is not square (``F*F`` values).
+        """
+        a = np.asarray(adjacency, dtype=_F32).reshape(-1)
+        e = np.asarray(id_embedding, dtype=_F32).reshape(-1)
+        f = math.isqrt(a.size)
+        if f * f != a.size:
+            raise ValueError(f"item {self.item_id!r}: adjacency of {a.size} values is not F x F")
+        self._phi = a.tobytes() + e.tobytes()
+        self._n_fields = f
+
+    def __repr__(self) -> str:
+        return (
+            f"ItemTask({self.item_id!r}, phase={self.phase}, version={self.version}, "
+            f"support_size={self.support_size}, support={self.support.count} rows, "
+            f"recent={len(self.recent)})"
+        )

@@ -6,6 +6,11 @@ partition mark (see :mod:`emerg_stream.stream.checkpointing`); a tombstone delet
 item. States written after the last mark belong to a checkpoint that did not complete
 and are discarded: the input records they reflect are read again.
 
+Restore is lazy: reading to the end keeps only each item's latest raw value (per
+partition), and an item is decoded the first time the worker looks it up (see
+:class:`~emerg_stream.state.ItemMap`), so a restore costs about the read of the changelog
+and items never touched again cost only their raw bytes.
+
 The end is found as in :func:`emerg_stream.stream.replay.read_assigned_to_end` (robust to
 Tansu's short ``ListOffsets`` answers).
 """
@@ -20,7 +25,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from emerg_stream.errors import SchemaError, TransientError
-from emerg_stream.state import ItemTask
+from emerg_stream.state import ItemMap
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
 from emerg_stream.stream.replay import read_assigned_to_end
@@ -35,13 +40,13 @@ class Restored:
     """One partition's restored state.
 
     Args:
-        items: Item id -> state, as of the last mark.
+        items: Item id -> state, as of the last mark (raw until first looked up).
         mark: The last mark (``None``: the partition was never checkpointed).
         records: Changelog records read.
         discarded: Item states after the last mark (an incomplete checkpoint).
     """
 
-    items: dict[str, ItemTask] = field(default_factory=dict)
+    items: ItemMap = field(default_factory=ItemMap)
     mark: PartitionMark | None = None
     records: int = 0
     discarded: int = 0
@@ -69,34 +74,43 @@ class ChangelogFold:
         Raises:
             SchemaError: A mark that cannot be read or names another partition.
         """
-        if p not in self.out or key is None:
+        tentative = self._tentative.get(p)
+        if tentative is None or key is None:
             return
         self.out[p].records += 1
-        if key == MARK_KEY:
+        if key != MARK_KEY:
+            tentative[key] = value
+        else:
             mark = PartitionMark.decode(value)
             if mark.partition != p:
                 raise SchemaError(f"{self.topic}[{p}] holds a mark of partition {mark.partition}")
-            self._committed[p].update(self._tentative[p])
-            self._tentative[p].clear()
+            self._committed[p].update(tentative)
+            tentative.clear()
             self.out[p].mark = mark
-        else:
-            self._tentative[p][key] = value
 
     def result(self) -> dict[int, Restored]:
         """The restored partitions (states after the last mark discarded).
 
+        The items stay raw values in an :class:`~emerg_stream.state.ItemMap`, decoded when
+        first looked up; here each value is only checked to be an ``ItemState`` of the
+        item its key names (a cheap look at its first field).
+
         Raises:
-            SchemaError: An item state that cannot be decoded, or a key that is not its id.
+            SchemaError: A value that is not an ItemState, or a key that is not its id.
         """
         for p, restored in self.out.items():
             restored.discarded = len(self._tentative[p])
+            raw: dict[str, bytes] = {}
             for key, value in self._committed[p].items():
                 if value is None:
                     continue
-                task = self.codec.decode(value)
-                if task.item_id.encode() != key:
-                    raise SchemaError(f"{self.topic}[{p}]: key {key!r} holds item {task.item_id!r}")
-                restored.items[task.item_id] = task
+                if not self.codec.key_matches(key, value):
+                    raise SchemaError(f"{self.topic}[{p}]: key {key!r} holds another item")
+                try:
+                    raw[key.decode()] = value
+                except UnicodeDecodeError as exc:
+                    raise SchemaError(f"{self.topic}[{p}]: key {key!r} is not UTF-8") from exc
+            restored.items = ItemMap(raw=raw, load=self.codec.load)
         return self.out
 
 
@@ -140,10 +154,11 @@ def restore_partitions(
         listed[(topic, p)] = int(hi) if hi > lo else 0
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     try:
+        feed = fold.feed
         for msg in read_assigned_to_end(consumer, listed, timeout_s=timeout_s):
             part = msg.partition()
             if part is not None:
-                fold.feed(part, msg.key(), msg.value())
+                feed(part, msg.key(), msg.value())
     finally:
         consumer.unassign()
     out = fold.result()

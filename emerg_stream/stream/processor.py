@@ -34,7 +34,7 @@ when they leave the buffer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,15 +170,20 @@ class WarmupProcessor:
     # -- partitions ------------------------------------------------------------------
 
     def assign(
-        self, partition: int, items: dict[str, ItemTask], mark: PartitionMark | None
+        self, partition: int, items: Mapping[str, ItemTask], mark: PartitionMark | None
     ) -> dict[str, int | None]:
         """Take over a partition with its restored items and last mark.
+
+        Restored items may still be raw changelog values (an :class:`ItemMap` from
+        :func:`~emerg_stream.stream.changelog.restore_partitions`): they are checked
+        (params shape, threshold) when first decoded, the decoded ones here.
 
         Returns:
             Role -> offset to start reading at (``None``: the committed offset).
 
         Raises:
-            ModelError: The restored state belongs to another model version or shape.
+            ModelError: The restored state belongs to another model version or shape (a
+                raw item's shape raises when it is first looked up).
         """
         if mark is not None and mark.model_version != self.handler.model_version:
             raise ModelError(
@@ -186,21 +191,26 @@ class WarmupProcessor:
                 f"{mark.model_version}, this worker runs {self.handler.model_version}: use a "
                 f"fresh changelog topic (EMERG_TOPICS__CHANGELOG) for a new checkpoint"
             )
-        f2, d = self.handler.n_fields**2, self.handler.dim
-        for task in items.values():
-            if task.adjacency is not None and (
-                task.adjacency.size != f2
-                or task.id_embedding is None
-                or task.id_embedding.size != d
-            ):
-                raise ModelError(f"restored item {task.item_id!r} has params of another shape")
-            if not task.is_old and task.support_size >= task.next_threshold:
-                raise ModelError(f"restored item {task.item_id!r} is past its threshold")
-        self.store.add_partition(partition, items)
+        part = self.store.add_partition(partition, items)
+        for task in part.items.decoded():
+            self._check_restored(task)
+        part.items.add_check(self._check_restored)
         prog = PartitionProgress(partition) if mark is None else PartitionProgress.from_mark(mark)
         self.progress[partition] = prog
         self._gauges()
         return prog.start_offsets()
+
+    def _check_restored(self, task: ItemTask) -> None:
+        """Refuse a restored item of another model shape, or one past its threshold."""
+        adjacency, id_embedding = task.adjacency, task.id_embedding
+        if adjacency is not None and (
+            adjacency.size != self.handler.n_fields**2
+            or id_embedding is None
+            or id_embedding.size != self.handler.dim
+        ):
+            raise ModelError(f"restored item {task.item_id!r} has params of another shape")
+        if not task.is_old and task.support_size >= task.next_threshold:
+            raise ModelError(f"restored item {task.item_id!r} is past its threshold")
 
     def revoke(self, partition: int) -> None:
         """Drop a partition's items, progress and pending interactions.
@@ -486,7 +496,7 @@ class WarmupProcessor:
         summary: BatchSummary,
     ) -> None:
         slots = np.asarray(crossing, dtype=np.int64)
-        support = [[self.codec.decode_row(b) for b in tasks[j].support] for j in crossing]
+        support = [self.codec.decode_rows(tasks[j].support) for j in crossing]
         t0 = time.perf_counter()
         session.update(slots, support)
         if self.on_update is not None:

@@ -76,25 +76,38 @@ def follow_params(
         while not stop.is_set():
             for m in c.consume(500, timeout=0.05):
                 if m.error() is None:
-                    out.append((time.time(), serde.decode(m.value())))
+                    value = m.value()
+                if value is not None:
+                    out.append((time.time(), serde.decode(value)))
     finally:
         c.close()
 
 
 def paced_produce(
     conf: dict[str, str], topics: TopicSettings, events: si.Events, rate: float, seconds: float
-) -> tuple[dict[tuple[str, int, int], float], int]:
-    """Produce events in send order at ``rate``/s for ``seconds``; (offset -> produce time)."""
+) -> tuple[dict[tuple[str, int, int], float], int, list[float]]:
+    """Produce events in send order at ``rate``/s for ``seconds``.
+
+    Returns:
+        (offset -> produce() time, records produced, produce() -> delivery report s each).
+    """
     p = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
     sent_at: dict[tuple[str, int, int], float] = {}
+    acked: list[float] = []  # produce() -> delivery report, s
 
     def cb(t: float) -> Any:
         def done(err: Any, msg: Any) -> None:
             if err is None:
                 sent_at[(msg.topic(), msg.partition(), msg.offset())] = t
+                acked.append(time.time() - t)
 
         return done
 
+    # Ready the producer before the clock: metadata of both topics and (idempotence) its
+    # producer id, which took ~500 ms on Tansu and would be charged to the first records.
+    for topic in (topics.items, topics.interactions):
+        p.list_topics(topic, timeout=10)
+    p.poll(1.0)
     n = min(len(events.records), int(rate * seconds))
     t0 = time.perf_counter()
     for i in range(n):
@@ -106,7 +119,7 @@ def paced_produce(
         p.produce(topic, value, key.encode(), on_delivery=cb(time.time()))
         p.poll(0)
     p.flush(60)
-    return sent_at, n
+    return sent_at, n, acked
 
 
 #: How the worker forms batches: ``natural`` is the worker's own (take what is
@@ -149,22 +162,33 @@ def paced_run(
     worker = Worker(settings, handler)
     if mode == "fill":
         fill_batches(worker)
-    handled: list[tuple[int, float, float]] = []  # (records, handle s, checkpoint s)
-    handle, checkpoint = worker._handle, worker._checkpoint
-    cp_s: list[float] = []
+    # per batch: records, then seconds in handle / process / produce + flush / checkpoint
+    handled: list[tuple[int, float, float, float, float]] = []
+    parts: dict[str, float] = {}
 
-    def timed_checkpoint(**kw: Any) -> int:
-        t = time.perf_counter()
-        out = checkpoint(**kw)
-        cp_s.append(time.perf_counter() - t)
-        return out
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    handle = worker._handle
 
     def timed_handle(batch: list[Any]) -> None:
+        parts.clear()
         t = time.perf_counter()
         handle(batch)
-        handled.append((len(batch), time.perf_counter() - t, cp_s[-1] if cp_s else 0.0))
+        took = time.perf_counter() - t
+        cp, proc = parts.get("checkpoint", 0.0), parts.get("process", 0.0)
+        handled.append((len(batch), took, proc, parts.get("flush", 0.0), cp))
 
-    worker._checkpoint = timed_checkpoint  # type: ignore[method-assign]
+    worker._checkpoint = timed("checkpoint", worker._checkpoint)  # type: ignore[method-assign]
+    worker._flush = timed("flush", worker._flush)  # type: ignore[method-assign]
+    worker.processor.process = timed("process", worker.processor.process)  # type: ignore[method-assign]
     worker._handle = timed_handle  # type: ignore[method-assign]
     wthread = threading.Thread(target=worker.run)
     wthread.start()
@@ -177,7 +201,7 @@ def paced_run(
         time.sleep(0.05)
     time.sleep(1.0)
     load = os.getloadavg()[0]
-    sent_at, n_sent = paced_produce(conf, topics, events, rate, seconds)
+    sent_at, n_sent, acked = paced_produce(conf, topics, events, rate, seconds)
     # drain: until the worker counted every record and the reader is quiet
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -224,15 +248,17 @@ def paced_run(
             "n": len(handled),
             "records_median": statistics.median(sizes) if sizes else None,
             "records_p99": pct([float(x) for x in sizes], 99),
-            "handle_ms_median": statistics.median([h[1] * 1000 for h in handled])
-            if handled
-            else None,
-            "handle_ms_p99": pct([h[1] * 1000 for h in handled], 99),
-            "checkpoint_ms_median": statistics.median([h[2] * 1000 for h in handled])
-            if handled
-            else None,
+            **{
+                f"{name}_ms_{q}": pct([h[i] * 1000 for h in handled], 50 if q == "median" else 99)
+                for i, name in enumerate(["handle", "process", "flush", "checkpoint"], start=1)
+                for q in ("median", "p99")
+            },
         },
         "p99_ms_by_second": {t: pct(v, 99) for t, v in sorted(by_second.items())},
+        "producer_ack_ms": {
+            "p50": pct([a * 1000 for a in acked], 50),
+            "p99": pct([a * 1000 for a in acked], 99),
+        },
     }
 
 
@@ -317,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 fmt(b["records_median"]),
                 fmt(b["handle_ms_median"]),
                 fmt(b["handle_ms_p99"]),
+                " / ".join(fmt(b[f"{k}_ms_median"]) for k in ("process", "flush", "checkpoint")),
                 fmt(pct(lat, 50)),
                 fmt(pct(lat, 99)),
             ]
@@ -329,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "records/batch (median)",
             "handle ms (median)",
             "handle ms (p99)",
+            "ms (medians): process / flushes (2) / checkpoint (with 1 flush)",
             "p50 ms",
             "p99 ms",
         ],
@@ -368,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "events_sent": run["events_sent"],
                 "batches": run["batches"],
                 "p99_ms_by_second": run["p99_ms_by_second"],
+                "producer_ack_ms": run["producer_ack_ms"],
                 "latency_ms": {
                     name: {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99)}
                     for name, xs in run["series"].items()

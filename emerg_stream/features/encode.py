@@ -19,7 +19,7 @@ A column absent from the input is all-null. Unknown categories never raise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,13 +87,22 @@ class EncodedTensors:
     item_ids: npt.NDArray[np.object_]
 
 
-def encode(spec: FeatureSpec, table: pa.Table, *, allow_nonfinite: bool = False) -> Encoded:
+def encode(
+    spec: FeatureSpec,
+    table: pa.Table,
+    *,
+    allow_nonfinite: bool = False,
+    fields: Collection[int] | None = None,
+) -> Encoded:
     """Encode the rows of an arrow table.
 
     Args:
         spec: The fitted spec.
         table: Rows with (some of) the schema's columns; missing ones are all-null.
         allow_nonfinite: Map NaN/inf numeric values to weight 0 instead of raising.
+        fields: Encode only these field positions; the others stay padding (token 0,
+            weight 0). For callers that fill them from elsewhere (the worker copies an
+            item's fields into its interactions' rows). ``None``: every field.
 
     Returns:
         The encoded rows (N = ``table.num_rows``).
@@ -108,6 +117,8 @@ def encode(spec: FeatureSpec, table: pa.Table, *, allow_nonfinite: bool = False)
     weights = np.zeros((n, n_fields, n_slots), dtype=np.float32)
     present = set(table.column_names)
     for j, f in enumerate(spec.fields):
+        if fields is not None and j not in fields:
+            continue
         col = table.column(f.name) if f.name in present else None
         if f.kind == "numeric":
             tokens[:, j, 0] = f.offset
@@ -135,7 +146,11 @@ def encode(spec: FeatureSpec, table: pa.Table, *, allow_nonfinite: bool = False)
 
 
 def encode_records(
-    spec: FeatureSpec, records: Sequence[Mapping[str, Any]], *, allow_nonfinite: bool = False
+    spec: FeatureSpec,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    allow_nonfinite: bool = False,
+    fields: Collection[int] | None = None,
 ) -> Encoded:
     """Encode a list of records (column name -> value), e.g. decoded Avro records.
 
@@ -147,6 +162,7 @@ def encode_records(
         spec: The fitted spec.
         records: The records, shape [N].
         allow_nonfinite: As in :func:`encode`.
+        fields: As in :func:`encode` (the other fields' values are not read).
 
     Returns:
         The encoded rows.
@@ -156,7 +172,9 @@ def encode_records(
     """
     schema = spec.schema
     columns: dict[str, pa.Array] = {}
-    for f in spec.fields:
+    for j, f in enumerate(spec.fields):
+        if fields is not None and j not in fields and f.name != schema.item_id:
+            continue
         values = [r.get(f.name) for r in records]
         if f.kind == "multi":
             columns[f.name] = _multi_values(f.name, values)
@@ -171,7 +189,7 @@ def encode_records(
     if any(v is not None for v in stamps):
         columns[schema.timestamp] = _typed(schema.timestamp, stamps, pa.int64())
     table = pa.table(columns) if columns else pa.table({"_": pa.nulls(len(records))})
-    return encode(spec, table, allow_nonfinite=allow_nonfinite)
+    return encode(spec, table, allow_nonfinite=allow_nonfinite, fields=fields)
 
 
 def item_side_index(spec: FeatureSpec) -> list[int]:

@@ -17,6 +17,7 @@ dicts handed to the vectorised encoder.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,13 +41,18 @@ class FeatureColumns:
 
     Only columns of the right side *and* kind are taken (the worker dead-letters records
     whose maps contradict the spec before they get here); ids go last so a feature map
-    cannot overwrite them.
+    cannot overwrite them. Items are encoded on their item fields only and remembered
+    (the ``cache_items`` most recently used, keyed by id and checked against the
+    features, so a re-announced item with other features is encoded again): an item
+    comes back in batch after batch while its clicks arrive. Interactions are encoded
+    on their user fields only (the item's are copied in by the session).
 
     Args:
         spec: The checkpoint's feature spec.
+        cache_items: Encoded items remembered (about 0.5 KiB each at F = 9, T = 8).
     """
 
-    def __init__(self, spec: FeatureSpec) -> None:
+    def __init__(self, spec: FeatureSpec, cache_items: int = 4096) -> None:
         self.spec = spec
         self.item_id = spec.schema.item_id
         self.user_id = spec.schema.user_id
@@ -55,6 +61,14 @@ class FeatureColumns:
         for f in spec.fields:
             if f.name not in (self.item_id, self.user_id):
                 self._kinds[f.side][f.name] = f.kind
+        self._fields = {
+            side: frozenset(j for j, f in enumerate(spec.fields) if f.side == side)
+            for side in ("item", "user")
+        }
+        self._cache_items = cache_items
+        self._cache: OrderedDict[
+            str, tuple[ItemFeatures, npt.NDArray[np.int64], npt.NDArray[np.float32]]
+        ] = OrderedDict()
 
     def item_record(self, item: ItemFeatures) -> dict[str, Any]:
         """Flat record of an item's fields (user fields absent)."""
@@ -84,13 +98,38 @@ class FeatureColumns:
         return out
 
     def encode_items(self, items: Sequence[ItemFeatures]) -> tuple[Tensor, Tensor]:
-        """``tokens [I, F, T]`` long and ``weights [I, F, T]`` float32 (CPU) of items."""
-        enc = encode_records(self.spec, [self.item_record(i) for i in items])
-        return torch.from_numpy(enc.tokens), torch.from_numpy(enc.weights)
+        """``tokens [I, F, T]`` long and ``weights [I, F, T]`` float32 (CPU) of items.
+
+        Only the item fields are encoded; the user fields are padding.
+        """
+        f, t = self.spec.n_fields, self.spec.max_tokens
+        tokens = np.zeros((len(items), f, t), dtype=np.int64)
+        weights = np.zeros((len(items), f, t), dtype=np.float32)
+        cache, misses = self._cache, []
+        for i, item in enumerate(items):
+            hit = cache.get(item.item_id)
+            if hit is not None and hit[0] == item:
+                cache.move_to_end(item.item_id)
+                tokens[i], weights[i] = hit[1], hit[2]
+            else:
+                misses.append(i)
+        if misses:
+            enc = encode_records(
+                self.spec, [self.item_record(items[i]) for i in misses], fields=self._fields["item"]
+            )
+            tokens[misses], weights[misses] = enc.tokens, enc.weights
+            for k, i in enumerate(misses):
+                cache[items[i].item_id] = (items[i], enc.tokens[k].copy(), enc.weights[k].copy())
+                cache.move_to_end(items[i].item_id)
+            while len(cache) > self._cache_items:
+                cache.popitem(last=False)
+        return torch.from_numpy(tokens), torch.from_numpy(weights)
 
     def encode_users(self, rows: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
-        """``tokens [B, F, T]`` and ``weights [B, F, T]`` (CPU); item fields are OOV."""
-        enc = encode_records(self.spec, [self.user_record(r) for r in rows])
+        """``tokens [B, F, T]`` and ``weights [B, F, T]`` (CPU); item fields are padding."""
+        enc = encode_records(
+            self.spec, [self.user_record(r) for r in rows], fields=self._fields["user"]
+        )
         return torch.from_numpy(enc.tokens), torch.from_numpy(enc.weights)
 
 

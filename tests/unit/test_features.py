@@ -162,6 +162,22 @@ def test_encode_records_matches_encode(spec: FeatureSpec) -> None:
     assert np.array_equal(from_records.timestamps, expected.timestamps)
 
 
+def test_encode_records_of_some_fields_leaves_the_others_padding(spec: FeatureSpec) -> None:
+    records = train_table().to_pylist()
+    full = encode_records(spec, records)
+    some = {CAT, PRICE, CITY}
+    part = encode_records(spec, records, fields=some)
+    for j in range(spec.n_fields):
+        if j in some:
+            assert np.array_equal(part.tokens[:, j], full.tokens[:, j])
+            assert np.array_equal(part.weights[:, j], full.weights[:, j])
+        else:
+            assert not part.tokens[:, j].any() and not part.weights[:, j].any()
+    assert part.item_ids.tolist() == full.item_ids.tolist()
+    # a field left out is not read at all: a bad value in it raises nothing
+    encode_records(spec, [{"tags": "x|y", "city": "c1"}], fields={CITY})
+
+
 def test_encode_records_item_only_and_non_string_ids(spec: FeatureSpec) -> None:
     enc = encode_records(spec, [{"item": "i2", "cat": "a", "tags": ["y"], "price": 3}, {"item": 7}])
     assert enc.item_ids.tolist() == ["i2", "7"]
@@ -259,3 +275,28 @@ def test_encoding_invariants(rows) -> None:
         if f.kind != "numeric":
             np.testing.assert_allclose(enc.weights[:, j, :].sum(axis=1), 1.0, rtol=1e-5)
             assert used.sum(axis=1).max() <= f.max_len
+
+
+def test_feature_columns_cache_items_by_id_and_features(spec: FeatureSpec) -> None:
+    from emerg_stream.serving.engine import FeatureColumns
+    from emerg_stream.stream.handler import ItemFeatures
+
+    def item(i: str, cat: str, tags: list[str]) -> ItemFeatures:
+        return ItemFeatures(i, {"cat": cat}, {"tags": tags}, {"price": 2.0})
+
+    def fresh(items: list[ItemFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
+        return FeatureColumns(spec, cache_items=0).encode_items(items)
+
+    cols = FeatureColumns(spec, cache_items=2)
+    a, b, c = item("i1", "a", ["x"]), item("i2", "b", ["y", "z"]), item("i3", "a", [])
+    for batch in ([a, b], [b, a, b], [c, a], [a, item("i1", "b", ["z"])]):
+        tokens, weights = cols.encode_items(batch)
+        want_t, want_w = fresh(batch)
+        assert torch.equal(tokens, want_t) and torch.equal(weights, want_w)
+        assert not tokens[:, CITY].any()  # user fields: padding
+        assert len(cols._cache) <= 2
+    # the re-announced i1 (other features) replaced the cached one
+    assert cols._cache["i1"][0] == item("i1", "b", ["z"])
+    full = encode_records(spec, [cols.item_record(a)])
+    tokens, _ = cols.encode_items([a])
+    assert torch.equal(tokens[0, :USER], torch.from_numpy(full.tokens[0, :USER]))

@@ -7,10 +7,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from emerg_stream.meta.rows import Rows
-from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.model.base import ItemModel, Phi, Prepared
 
 
-def per_item_mean_loss(model: ItemModel, rows: Rows, phi: Phi, n_items: int) -> Tensor:
+def per_item_mean_loss(
+    model: ItemModel, rows: Rows, phi: Phi, n_items: int, prepared: Prepared | None = None
+) -> Tensor:
     """Mean BCE over each item's own rows.
 
     Because items share no φ entries, the gradient of ``loss.sum()`` with respect to
@@ -21,13 +23,20 @@ def per_item_mean_loss(model: ItemModel, rows: Rows, phi: Phi, n_items: int) -> 
         rows: Rows whose ``item`` indexes into ``phi``.
         phi: Stacked item-specific parameters ``[I, ...]``.
         n_items: I.
+        prepared: ``model.prepare(rows.tokens, rows.weights)`` when the caller evaluates
+            the same rows repeatedly (warm-up steps); the result is the same.
 
     Returns:
         ``[I]`` mean loss per item (0 for an item without rows).
     """
-    logits = model(rows.tokens, rows.weights, phi, rows.item)
+    if prepared is None:
+        logits = model(rows.tokens, rows.weights, phi, rows.item)
+    else:
+        logits = model.forward_prepared(prepared, phi, rows.item)
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     sums = torch.zeros(n_items, dtype=losses.dtype, device=losses.device)
     sums = sums.index_add(0, rows.item, losses)
-    counts = torch.bincount(rows.item, minlength=n_items).clamp_min(1).to(losses.dtype)
+    # counted with index_add rather than bincount: the same integers, and a shape that
+    # torch.compile can trace without a graph break (bincount's depends on the data)
+    counts = torch.zeros_like(sums).index_add(0, rows.item, torch.ones_like(losses)).clamp_min(1)
     return sums / counts

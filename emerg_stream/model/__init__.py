@@ -1,6 +1,6 @@
 """nn.Modules only: EmerG and the DeepFM/MetaE baselines (imports torch, nothing else)."""
 
-from emerg_stream.model.base import ItemModel, Phi, gather_rows, item_noise
+from emerg_stream.model.base import ItemModel, Phi, Prepared, gather_rows, item_noise
 from emerg_stream.model.config import ModelConfig
 from emerg_stream.model.deepfm import DeepFM
 from emerg_stream.model.emerg import EmerG
@@ -19,6 +19,7 @@ __all__ = [
     "ItemModel",
     "ModelConfig",
     "Phi",
+    "Prepared",
     "build_model",
     "gather_rows",
     "item_noise",

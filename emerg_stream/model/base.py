@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,26 @@ from emerg_stream.model.config import ModelConfig
 from emerg_stream.model.layers import FeatureEmbedding
 
 Phi = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Rows made ready for repeated forward passes with changing φ.
+
+    What a model can compute from the rows and its shared parameters alone (never from
+    φ) sits in ``cache``; :meth:`ItemModel.forward_prepared` reads it instead of
+    recomputing it. Valid while the shared parameters do not change (one warm-up phase).
+
+    Args:
+        tokens: ``[B, F, T]``.
+        weights: ``[B, F, T]``.
+        cache: Model-specific tensors with a leading row axis ``B`` (empty by default).
+    """
+
+    tokens: Tensor
+    weights: Tensor
+    cache: dict[str, Tensor] = field(default_factory=dict)
+
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -152,6 +173,32 @@ class ItemModel(nn.Module, ABC):
         Returns:
             ``[B]`` logits.
         """
+
+    def prepare(self, tokens: Tensor, weights: Tensor) -> Prepared:
+        """The φ-independent part of a forward pass over these rows, computed once.
+
+        The default caches nothing; models override it together with
+        :meth:`forward_prepared`. Call it under ``torch.no_grad()`` when no gradient to
+        the shared parameters is wanted (warm-up).
+
+        Args:
+            tokens: ``[B, F, T]``.
+            weights: ``[B, F, T]``.
+        """
+        return Prepared(tokens, weights)
+
+    def forward_prepared(
+        self, prepared: Prepared, phi: Phi, row_index: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B]`` of prepared rows; equal to :meth:`forward` on the same rows.
+
+        Args:
+            prepared: From :meth:`prepare` with the current shared parameters.
+            phi: Item-specific parameters, ``[I, ...]`` each.
+            row_index: ``[B]`` item of each row in ``phi``; ``None`` means one φ per row.
+        """
+        out: Tensor = self(prepared.tokens, prepared.weights, phi, row_index)
+        return out
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """Parameters that meta-training updates (all shared ones by default)."""

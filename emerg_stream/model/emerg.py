@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.model.base import ItemModel, Phi, Prepared
 from emerg_stream.model.config import ModelConfig
 from emerg_stream.model.graph import GraphGenerator, refine
 from emerg_stream.model.interaction import GraphInteraction, OrderAttention, Predictor
@@ -69,18 +69,47 @@ class EmerG(ItemModel):
         self, tokens: Tensor, weights: Tensor, phi: Phi, row_index: Tensor | None = None
     ) -> Tensor:
         """Message-passing outputs h^(0)..h^(L), ``[B, L+1, F, D]``."""
-        graphs = self.graphs(phi["adj"])
-        id_emb = phi["id"]
-        if row_index is not None:
-            graphs, id_emb = graphs[row_index], id_emb[row_index]
-        e = self.embed_with_id(tokens, weights, id_emb)
-        out: Tensor = self.interaction(e, graphs)
-        return out
+        return self._orders(self._side_and_user(tokens, weights), phi, row_index)
 
     def forward(
         self, tokens: Tensor, weights: Tensor, phi: Phi, row_index: Tensor | None = None
     ) -> Tensor:
         """Logits ``[B]``; see ItemModel.forward."""
-        h = self.orders(tokens, weights, phi, row_index)
+        return self.forward_prepared(self.prepare(tokens, weights), phi, row_index)
+
+    def prepare(self, tokens: Tensor, weights: Tensor) -> Prepared:
+        """Cache the embeddings of fields 1..F-1; see ItemModel.prepare.
+
+        φ = (graph, ID embedding) replaces field 0's embedding and reaches every
+        message and attention term through the graphs, so the embeddings of the other
+        fields (a table gather and a weighted token sum, ``[B, F-1, D]``) are all of a
+        forward pass that is fixed for given rows and shared parameters. Warm-up
+        computes them once per phase instead of once per step. (Caching what those
+        fields send, W_l e_s, and their order-0 attention projections as well was
+        measured slower: joining the cached part to field 0's costs a copy as large as
+        the product it saves; docs/BENCHMARKS.md.)
+        """
+        return Prepared(tokens, weights, {"e": self._side_and_user(tokens, weights)})
+
+    def forward_prepared(
+        self, prepared: Prepared, phi: Phi, row_index: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B]`` of prepared rows, the same function as :meth:`forward`."""
+        h = self._orders(prepared.cache["e"], phi, row_index)
         out: Tensor = self.predictor(self.attention(h))
+        return out
+
+    def _side_and_user(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        """Embeddings of fields 1..F-1 (everything but the id), ``[B, F-1, D]``."""
+        e: Tensor = self.embedding(tokens[:, 1:], weights[:, 1:])
+        return e
+
+    def _orders(self, e_rest: Tensor, phi: Phi, row_index: Tensor | None) -> Tensor:
+        """h^(0)..h^(L) ``[B, L+1, F, D]`` from fields 1..F-1's embeddings and φ."""
+        graphs = self.graphs(phi["adj"])
+        id_emb = phi["id"]
+        if row_index is not None:
+            graphs, id_emb = graphs[row_index], id_emb[row_index]
+        e = torch.cat([id_emb.unsqueeze(1), e_rest], dim=1)
+        out: Tensor = self.interaction(e, graphs)
         return out

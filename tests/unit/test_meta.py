@@ -90,6 +90,41 @@ def test_batched_warm_up_equals_the_per_item_path(kind, optimizer):
         assert (batched[k] - phi[k]).abs().max() > (1e-4 if k == "id" or optimizer == "adam" else 0)
 
 
+def _f64_warm_up_inputs(kind="emerg"):
+    torch.manual_seed(0)
+    model = build_model(config(kind)).double()
+    rows, items = make_data(dtype=torch.float64)
+    phi = model.cold_params(
+        items.tokens, items.weights, item_noise(items.ids, model.noise_dim).double()
+    )
+    return model, {k: v.detach() for k, v in phi.items()}, rows.select(torch.arange(0, 200))
+
+
+def test_warm_up_in_chunks_equals_the_per_item_path():
+    """Chunks that split the items (5 + 5 + 2 of 12) change nothing: the items are
+    independent and each keeps its own rows."""
+    model, phi, support = _f64_warm_up_inputs()
+    cfg = WarmupConfig(steps=4, lr=0.05, optimizer="adam")
+    chunked = warm_up(model, phi, support, cfg, chunk=5)
+    reference = warm_up_reference(model, phi, support, cfg)
+    for k in phi:
+        assert (chunked[k] - reference[k]).abs().max() <= 1e-12
+
+
+@pytest.mark.slow
+def test_compiled_warm_up_equals_the_per_item_path():
+    """warm_up(compiled=True) (torch.compile, about a minute to compile) is the same
+    update; the shared parameters keep requires_grad afterwards."""
+    model, phi, support = _f64_warm_up_inputs()
+    cfg = WarmupConfig(steps=4, lr=0.05)
+    compiled = warm_up(model, phi, support, cfg, chunk=5, compiled=True)
+    reference = warm_up_reference(model, phi, support, cfg)
+    for k in phi:
+        assert (compiled[k] - reference[k]).abs().max() <= 1e-10
+        assert (compiled[k] - phi[k]).abs().max() > 0
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_warm_up_changes_only_items_with_rows_and_never_the_model():
     torch.manual_seed(0)
     model = build_model(config())

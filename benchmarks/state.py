@@ -4,11 +4,23 @@ Builds ``--items`` item states as the worker holds them at their fullest: ``K-1`
 the support buffer (the most it holds between updates; K from the checkpoint), a common
 phase item that has seen ``5K-1`` clicks (all their event ids in the de-duplication
 window), φ of the checkpoint's shape, side features and user features of real replay
-records. Measured: the changelog encoding's size per item and the process RSS delta of
-holding the store (``/proc/self/statm``); the worst case where the de-duplication
-window is full (``dedupe_window`` ids per item, default 1000) on a sample; then every
-state is produced to a changelog topic (2 partitions, with a partition mark each) and
-restored with the worker's ``restore_partitions`` (reps, median) -> items/s.
+records.
+
+Bytes per item, each measured in a forked child that allocates nothing else (growth of
+``/proc/self/statm`` RSS while holding the items, gc before and after):
+
+* **before**: the in-memory layout up to ItemState v1 (event ids as ``str`` in a
+  ``deque`` + ``set``, one ``bytes`` per support row, two float32 arrays, a slotted
+  dataclass), re-created here as ``Legacy*`` for the comparison;
+* **after**: :class:`~emerg_stream.state.ItemTask` (hashed ids, packed rows, φ bytes);
+* **restored, lazy**: what :func:`restore_partitions` returns (raw values only);
+* **restored, decoded**: the same after decoding every item (``ItemMap.load_all``);
+* the worst case of a full de-duplication window (``--dedupe-window`` ids) on a sample.
+
+Restore: every state is produced to a changelog topic (2 partitions, a partition mark
+each) in the current format and, to a second topic, in the old format (ItemState v1, ids
+as strings); then per rep, interleaved, the worker's ``restore_partitions`` (read to the
+end + fold; lazy) and the decoding of every item afterwards, timed apart.
 Targets: <= 4 KiB per item, restore >= 50,000 items/s.
 
     python benchmarks/state.py            # 100,000 items
@@ -18,19 +30,24 @@ Targets: <= 4 KiB per item, restore >= 50,000 items/s.
 from __future__ import annotations
 
 import gc
+import io
+import json
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fastavro
 import numpy as np
 import torch
-from confluent_kafka import Consumer, Producer
 
 from benchmarks import stream_inputs as si
 from benchmarks.common import (
@@ -42,13 +59,11 @@ from benchmarks.common import (
     markdown_table,
     setup,
 )
+from emerg_stream.io.avro import frame
+from emerg_stream.io.schemas import load_manifest, load_schema
 from emerg_stream.serving.handler import TorchWarmupHandler
-from emerg_stream.state import COMMON, ItemTask, RecentIds, StateStore
+from emerg_stream.state import COMMON, ItemMap, ItemTask, RecentIds
 from emerg_stream.state.codec import ItemStateCodec
-from emerg_stream.stream.changelog import restore_partitions
-from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
-from emerg_stream.stream.metrics import OutcomeCounts
-from emerg_stream.stream.replay import reader_conf
 
 TARGET_BYTES = 4096
 TARGET_RESTORE = 50_000.0
@@ -61,55 +76,243 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_tasks(
-    n: int, events: si.Events, codec: ItemStateCodec, k: int, f: int, d: int, recent: int
-) -> dict[str, ItemTask]:
-    """``n`` full item states (see the module docstring), ``recent`` event ids each."""
-    items = [r for kind, _, r, _ in events.records if kind == "item"]
-    clicks = [r for kind, _, r, _ in events.records if kind == "interaction"]
-    rng = np.random.default_rng(0)
-    out: dict[str, ItemTask] = {}
-    for i in range(n):
-        item = items[i % len(items)]
-        item_id = f"item-{i:07d}"
-        support = []
-        for j in range(k - 1):
-            row = dict(clicks[(i * k + j) % len(clicks)])
-            row["event_id"] = f"ml-100k:{i * 5 * k + 4 * k + j}"
-            support.append(codec.encode_row(row))
-        task = ItemTask(
-            item_id=item_id,
-            categorical=dict(item["categorical"]),
-            multi={kk: list(v) for kk, v in item["multi"].items()},
-            numeric=dict(item["numeric"]),
-            phase=COMMON,
-            version=5,
-            support_size=5 * k - 1,
-            next_threshold=5 * k,
-            support=support,
-            recent=RecentIds(
-                codec.dedupe_window, (f"ml-100k:{i * 5 * k + j}" for j in range(recent))
-            ),
-            last_offsets={
-                ("emerg.items", i % PARTITIONS): i,
-                ("emerg.interactions", i % PARTITIONS): 5 * k * i,
-            },
-            updated_time=1_700_000_000_000 + i,
-        )
-        task.set_params(
-            rng.standard_normal(f * f).astype(np.float32), rng.standard_normal(d).astype(np.float32)
-        )
-        out[item_id] = task
+def in_child(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child (fresh allocator state) and return its result."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=lambda: q.put(fn()))
+    proc.start()
+    out = q.get()
+    proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"child failed ({proc.exitcode})")
     return out
 
 
-def held_bytes(build: Any) -> tuple[int, Any]:
+def held_bytes(build: Callable[[], Any]) -> tuple[int, Any]:
     """RSS growth while holding what ``build()`` returns (gc'd before and after)."""
     gc.collect()
     before = rss_bytes()
     obj = build()
     gc.collect()
     return rss_bytes() - before, obj
+
+
+# -- the layout before ItemState v2, for the comparison -----------------------------------
+
+
+class LegacyRecentIds:
+    """Event ids as strings in a deque and a set (the window up to ItemState v1)."""
+
+    __slots__ = ("_order", "_set", "window")
+
+    def __init__(self, window: int, ids: Iterable[str] = ()) -> None:
+        self.window = window
+        self._order: deque[str] = deque()
+        self._set: set[str] = set()
+        for i in ids:
+            if i not in self._set:
+                self._order.append(i)
+                self._set.add(i)
+                if len(self._order) > window:
+                    self._set.discard(self._order.popleft())
+
+
+@dataclass(slots=True)
+class LegacyItemTask:
+    """The item state's in-memory form up to ItemState v1."""
+
+    item_id: str
+    categorical: dict[str, str] = field(default_factory=dict)
+    multi: dict[str, list[str]] = field(default_factory=dict)
+    numeric: dict[str, float] = field(default_factory=dict)
+    phase: str = "cold"
+    version: int = 0
+    support_size: int = 0
+    next_threshold: int = 0
+    support: list[bytes] = field(default_factory=list)
+    recent: LegacyRecentIds = field(default_factory=lambda: LegacyRecentIds(1000))
+    adjacency: np.ndarray | None = None
+    id_embedding: np.ndarray | None = None
+    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    updated_time: int = 0
+
+
+# -- building the states --------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """What the states are built from."""
+
+    items: list[Any]
+    clicks: list[Any]
+    k: int
+    f: int
+    d: int
+
+
+def event_ids(i: int, k: int, recent: int) -> list[str]:
+    """The ids in item ``i``'s window (its last ``recent`` of ``5K-1`` clicks)."""
+    return [f"ml-100k:{i * 5 * k + j}" for j in range(5 * k - 1 - recent, 5 * k - 1)]
+
+
+def build(
+    n: int, spec: Spec, codec: ItemStateCodec, recent: int, *, legacy: bool = False
+) -> dict[str, Any]:
+    """``n`` full item states (see the module docstring), ``recent`` event ids each."""
+    rng = np.random.default_rng(0)
+    k, f, d = spec.k, spec.f, spec.d
+    out: dict[str, Any] = {}
+    for i in range(n):
+        item = spec.items[i % len(spec.items)]
+        item_id = f"item-{i:07d}"
+        support = []
+        for j in range(k - 1):
+            row = dict(spec.clicks[(i * k + j) % len(spec.clicks)])
+            row["event_id"] = f"ml-100k:{i * 5 * k + 4 * k + j}"
+            support.append(codec.encode_row(row))
+        ids = event_ids(i, k, recent)
+        adjacency = rng.standard_normal(f * f).astype(np.float32)
+        id_embedding = rng.standard_normal(d).astype(np.float32)
+        common: dict[str, Any] = {
+            "item_id": item_id,
+            "categorical": dict(item["categorical"]),
+            "multi": {kk: list(v) for kk, v in item["multi"].items()},
+            "numeric": dict(item["numeric"]),
+            "phase": COMMON,
+            "version": 5,
+            "support_size": 5 * k - 1,
+            "next_threshold": 5 * k,
+            "support": support,
+            "last_offsets": {
+                ("emerg.items", i % PARTITIONS): i,
+                ("emerg.interactions", i % PARTITIONS): 5 * k * i,
+            },
+            "updated_time": 1_700_000_000_000 + i,
+        }
+        if legacy:
+            out[item_id] = LegacyItemTask(
+                **common,
+                recent=LegacyRecentIds(codec.dedupe_window, ids),
+                adjacency=adjacency.copy(),
+                id_embedding=id_embedding.copy(),
+            )
+        else:
+            out[item_id] = ItemTask(
+                **common,
+                recent=RecentIds(codec.dedupe_window, ids),
+                adjacency=adjacency,
+                id_embedding=id_embedding,
+            )
+    return out
+
+
+def encode_v1(task: ItemTask, ids: list[str], codec: ItemStateCodec, parsed: Any) -> bytes:
+    """``task`` as written before version 2: ItemState v1 (ids as strings), its schema id."""
+    rec = dict(codec.serde.decode(codec.encode(task)))
+    del rec["recent_event_hashes"]
+    rec["recent_event_ids"] = ids
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed, rec)
+    return frame(load_manifest().records["ItemState"].versions[1].schema_id, buf.getvalue())
+
+
+# -- the measurements -------------------------------------------------------------------------
+
+
+def bytes_per_item(n: int, spec: Spec, codec: ItemStateCodec, recent: int, legacy: bool) -> float:
+    """RSS growth per item of holding ``n`` states (run it in a child)."""
+    rss, held = held_bytes(lambda: build(n, spec, codec, recent, legacy=legacy))
+    return rss / len(held)
+
+
+def produce_changelogs(
+    conf: dict[str, str], n: int, spec: Spec, codec: ItemStateCodec, recent: int, model: str
+) -> dict[str, Any]:
+    """Both changelog topics (current format, v1) and encoding figures (run it in a child)."""
+    from confluent_kafka import Producer
+
+    from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
+    from emerg_stream.stream.metrics import OutcomeCounts
+
+    tasks = build(n, spec, codec, recent)
+    t0 = time.perf_counter()
+    values = [codec.encode(t) for t in tasks.values()]
+    encode_s = time.perf_counter() - t0
+    v1_schema = json.loads(json.dumps(load_schema("ItemState", 1)).replace("timestamp-millis", "x"))
+    parsed = fastavro.parse_schema(v1_schema, named_schemas={})
+    topics = {}
+    p = Producer({**conf, "linger.ms": 20, "enable.idempotence": True})
+    for fmt_name in ("current", "v1"):
+        topic = si.fresh_topics(conf, PARTITIONS, "st").changelog
+        topics[fmt_name] = topic
+        for i, (task, value) in enumerate(zip(tasks.values(), values, strict=True)):
+            if fmt_name == "v1":
+                value = encode_v1(task, event_ids(i, spec.k, recent), codec, parsed)
+            p.produce(topic, value, task.item_id.encode(), i % PARTITIONS)
+            if i % 5000 == 4999 and p.flush(120):  # as checkpoints do: flushed in steps
+                raise RuntimeError("changelog not delivered")
+        for part in range(PARTITIONS):
+            counts = {"items": n, "interactions": n}
+            mark = PartitionMark(part, model, counts, [], 0, OutcomeCounts(), 0)
+            p.produce(topic, mark.encode(), MARK_KEY, part)
+        if p.flush(300):
+            raise RuntimeError("changelog not delivered")
+    return {
+        "topics": topics,
+        "encoded": statistics.mean(len(v) for v in values),
+        "encode_items_per_s": n / encode_s,
+    }
+
+
+def restore(consumer: Any, topic: str, codec: ItemStateCodec) -> list[ItemMap]:
+    """The worker's restore of every partition of ``topic`` (lazy item maps)."""
+    from emerg_stream.stream.changelog import restore_partitions
+
+    out = restore_partitions(consumer, topic, list(range(PARTITIONS)), codec, timeout_s=600)
+    return [r.items for r in out.values()]
+
+
+def reader(conf: dict[str, str]) -> Any:
+    """A consumer like the worker's restore consumer (made once, reused per restore)."""
+    from confluent_kafka import Consumer
+
+    from emerg_stream.stream.replay import reader_conf
+
+    return Consumer(reader_conf(conf))
+
+
+def restored_bytes(conf: dict[str, str], topic: str, codec: ItemStateCodec) -> dict[str, float]:
+    """RSS per item of a restore, lazy and then decoded (run it in a child)."""
+    consumer = reader(conf)
+    gc.collect()
+    before = rss_bytes()
+    maps = restore(consumer, topic, codec)
+    gc.collect()
+    lazy = rss_bytes() - before
+    n = sum(len(m) for m in maps)
+    raw = sum(m.raw_bytes for m in maps)
+    for m in maps:
+        m.load_all()
+    gc.collect()
+    return {"lazy": lazy / n, "raw_value": raw / n, "decoded": (rss_bytes() - before) / n}
+
+
+def timed_restore(consumer: Any, topic: str, codec: ItemStateCodec, n: int) -> list[float]:
+    """Seconds of the (lazy) restore and of decoding every item afterwards."""
+    gc.collect()
+    t0 = time.perf_counter()
+    maps = restore(consumer, topic, codec)
+    t1 = time.perf_counter()
+    got = sum(len(m) for m in maps)
+    if got != n:
+        raise RuntimeError(f"restored {got} items of {n}")
+    for m in maps:
+        m.load_all()
+    t2 = time.perf_counter()
+    del maps
+    return [t1 - t0, t2 - t1]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -123,139 +326,114 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reps = args.reps or (2 if args.quick else 3)
     events = si.load_events(20_000, args.checkpoint)
     handler = TorchWarmupHandler.from_checkpoint(events.checkpoint, "cpu")
-    k, f, d = handler.k, handler.n_fields, handler.dim
-    codec = ItemStateCodec(dedupe_window=args.dedupe_window)
-
-    # resident bytes: the store as the worker holds it
-    def build_store() -> StateStore:
-        store = StateStore()
-        tasks = build_tasks(n, events, codec, k, f, d, recent=min(5 * k - 1, args.dedupe_window))
-        for p in range(PARTITIONS):
-            store.add_partition(
-                p, {i: t for j, (i, t) in enumerate(tasks.items()) if j % PARTITIONS == p}
-            )
-        return store
-
-    rss, store = held_bytes(build_store)
-    tasks = [t for p in store.partitions for t in store.partition(p).items.values()]
-    t0 = time.perf_counter()
-    values = [codec.encode(t) for t in tasks]
-    encode_s = time.perf_counter() - t0
-    enc = statistics.mean(len(v) for v in values)
-
-    # worst case: a full de-duplication window
-    sample = min(n, 2000)
-    rss_full, full = held_bytes(
-        lambda: build_tasks(sample, events, codec, k, f, d, recent=args.dedupe_window)
+    spec = Spec(
+        items=[r for kind, _, r, _ in events.records if kind == "item"],
+        clicks=[r for kind, _, r, _ in events.records if kind == "interaction"],
+        k=handler.k,
+        f=handler.n_fields,
+        d=handler.dim,
     )
-    enc_full = statistics.mean(len(codec.encode(t)) for t in full.values())
-    del full
+    k, window = spec.k, args.dedupe_window
+    recent = min(5 * k - 1, window)
+    codec = ItemStateCodec(dedupe_window=window)
+    sample = min(n, 2000)
+
+    rss: dict[str, float] = {}
+    for name, legacy in (("before", True), ("after", False)):
+        rss[name] = in_child(lambda lg=legacy: bytes_per_item(n, spec, codec, recent, lg))
+        rss[f"{name}_full"] = in_child(
+            lambda lg=legacy: bytes_per_item(sample, spec, codec, window, lg)
+        )
+    full = build(1, spec, codec, window)
+    enc_full = len(codec.encode(next(iter(full.values()))))
 
     from emerg_stream.stream.broker import EmbeddedBroker
 
-    restore_s: list[float] = []
+    times: dict[str, list[list[float]]] = {"current": [], "v1": []}
     with EmbeddedBroker() as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
-        topics = si.fresh_topics(conf, PARTITIONS, "st")
-        p = Producer({**conf, "linger.ms": 20, "enable.idempotence": True})
-        for i, (task, value) in enumerate(zip(tasks, values, strict=True)):
-            part = int(task.item_id[5:]) % PARTITIONS
-            p.produce(topics.changelog, value, task.item_id.encode(), part)
-            if i % 5000 == 4999 and p.flush(120):  # as checkpoints do: flushed in steps
-                raise RuntimeError("changelog not delivered")
-        for part in range(PARTITIONS):
-            mark = PartitionMark(
-                part,
-                handler.model_version,
-                {"items": n, "interactions": n},
-                [],
-                0,
-                OutcomeCounts(),
-                0,
-            )
-            p.produce(topics.changelog, mark.encode(), MARK_KEY, part)
-        if p.flush(300):
-            raise RuntimeError("changelog not delivered")
-        del p, values
-        consumer = Consumer(reader_conf(conf))
+        made = in_child(
+            lambda: produce_changelogs(conf, n, spec, codec, recent, handler.model_version)
+        )
+        topics = made["topics"]
+        restored = in_child(lambda: restored_bytes(conf, topics["current"], codec))
+        consumer = reader(conf)
         try:
             for _ in range(reps):
-                t0 = time.perf_counter()
-                restored = restore_partitions(
-                    consumer, topics.changelog, list(range(PARTITIONS)), codec, timeout_s=600
-                )
-                restore_s.append(time.perf_counter() - t0)
-                got = sum(len(r.items) for r in restored.values())
-                if got != n:
-                    raise RuntimeError(f"restored {got} items of {n}")
-                del restored
+                for name in ("current", "v1"):
+                    times[name].append(timed_restore(consumer, topics[name], codec, n))
         finally:
             consumer.close()
 
-    per_item_rss = rss / n
-    restore_rate = n / statistics.median(restore_s)
+    def rate(name: str, step: int) -> float:
+        return n / statistics.median(t[step] for t in times[name])
+
+    restore_rate, decode_rate = rate("current", 0), rate("current", 1)
+    v1_restore, v1_decode = rate("v1", 0), rate("v1", 1)
+    met_rss = rss["after"] <= TARGET_BYTES and restored["decoded"] <= TARGET_BYTES
+
+    def ok(x: bool) -> str:
+        return "met" if x else "missed"
+
     rows = [
-        [
-            "changelog value (encoded ItemState)",
-            fmt(enc),
-            fmt(TARGET_BYTES),
-            "met" if enc <= TARGET_BYTES else "missed",
-        ],
-        [
-            "process RSS delta per item (store held)",
-            fmt(per_item_rss),
-            fmt(TARGET_BYTES),
-            "met" if per_item_rss <= TARGET_BYTES else "missed",
-        ],
-        [
-            f"worst case: full dedupe window ({args.dedupe_window} ids), encoded",
-            fmt(enc_full),
-            "-",
-            "-",
-        ],
-        [
-            f"worst case: full dedupe window ({args.dedupe_window} ids), RSS",
-            fmt(rss_full / sample),
-            "-",
-            "-",
-        ],
+        ["changelog value (encoded ItemState v2)", fmt(made["encoded"]), fmt(TARGET_BYTES), ""],
+        ["RSS per item, before (layout up to v1)", fmt(rss["before"]), fmt(TARGET_BYTES), ""],
+        ["RSS per item, after (ItemTask)", fmt(rss["after"]), fmt(TARGET_BYTES), ""],
+        ["RSS per item, restored, lazy (raw values)", fmt(restored["lazy"]), fmt(TARGET_BYTES), ""],
+        ["RSS per item, restored, every item decoded", fmt(restored["decoded"]), "4,096", ""],
+        [f"full window ({window} ids): encoded", fmt(enc_full), "-", ""],
+        [f"full window ({window} ids): RSS before", fmt(rss["before_full"]), "-", ""],
+        [f"full window ({window} ids): RSS after", fmt(rss["after_full"]), "-", ""],
     ]
+    rows[2][3] = ok(rss["after"] <= TARGET_BYTES)
+    rows[3][3] = ok(restored["lazy"] <= TARGET_BYTES)
+    rows[4][3] = ok(restored["decoded"] <= TARGET_BYTES)
     md = markdown_table(["bytes per item", "value", "target", ""], rows)
     md += "\n" + markdown_table(
-        ["restore from the changelog", "items/s (median)", "target", ""],
+        ["changelog, items/s (median)", "restore (read + fold, lazy)", "decode every item after"],
         [
-            [
-                f"{n:,} items, {PARTITIONS} partitions, {reps} reps",
-                fmt(restore_rate),
-                fmt(TARGET_RESTORE),
-                "met" if restore_rate >= TARGET_RESTORE else "missed",
-            ]
+            [f"current format (v2), {n:,} items", fmt(restore_rate), fmt(decode_rate)],
+            [f"old format (v1, ids as strings), {n:,} items", fmt(v1_restore), fmt(v1_decode)],
         ],
     )
     md += (
-        f"\nK={k}, F={f}, D={d}: {k - 1} support rows, "
-        f"{min(5 * k - 1, args.dedupe_window)} event ids per item; "
-        f"encode {n / encode_s:,.0f} items/s; source {events.source}\n"
+        f"\nrestore target {fmt(TARGET_RESTORE)} items/s: {ok(restore_rate >= TARGET_RESTORE)}; "
+        f"{PARTITIONS} partitions, {reps} reps; raw value {fmt(restored['raw_value'])} B/item\n"
+        f"K={k}, F={spec.f}, D={spec.d}: {k - 1} support rows, {recent} event ids per item; "
+        f"encode {made['encode_items_per_s']:,.0f} items/s; source {events.source}; "
+        f"load avg 1m at end {os.getloadavg()[0]:.2f}\n"
     )
     result = {
         "benchmark": "state",
         "command": command_line("state.py", argv),
         "machine": machine_info(torch.device("cpu")),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "items": n,
         "k": k,
-        "n_fields": f,
-        "dim": d,
-        "encoded_bytes_per_item": enc,
-        "rss_bytes_per_item": per_item_rss,
+        "n_fields": spec.f,
+        "dim": spec.d,
+        "encoded_bytes_per_item": made["encoded"],
+        "rss_bytes_per_item": rss["after"],
+        "rss_bytes_per_item_before": rss["before"],
+        "rss_bytes_per_item_restored_lazy": restored["lazy"],
+        "rss_bytes_per_item_restored_decoded": restored["decoded"],
+        "raw_value_bytes_per_item": restored["raw_value"],
         "full_dedupe_encoded_bytes_per_item": enc_full,
-        "full_dedupe_rss_bytes_per_item": rss_full / sample,
-        "encode_items_per_s": n / encode_s,
-        "restore_s": restore_s,
+        "full_dedupe_rss_bytes_per_item": rss["after_full"],
+        "full_dedupe_rss_bytes_per_item_before": rss["before_full"],
+        "encode_items_per_s": made["encode_items_per_s"],
+        "restore_s": [t[0] for t in times["current"]],
+        "decode_all_s": [t[1] for t in times["current"]],
+        "restore_v1_s": [t[0] for t in times["v1"]],
+        "decode_all_v1_s": [t[1] for t in times["v1"]],
         "restore_items_per_s": restore_rate,
+        "decode_items_per_s": decode_rate,
+        "restore_v1_items_per_s": v1_restore,
+        "decode_v1_items_per_s": v1_decode,
         "targets": {"bytes_per_item": TARGET_BYTES, "restore_items_per_s": TARGET_RESTORE},
         "met": {
-            "bytes_encoded": enc <= TARGET_BYTES,
-            "bytes_rss": per_item_rss <= TARGET_BYTES,
+            "bytes_encoded": made["encoded"] <= TARGET_BYTES,
+            "bytes_rss": met_rss,
             "restore": restore_rate >= TARGET_RESTORE,
         },
     }

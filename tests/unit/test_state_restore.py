@@ -24,6 +24,7 @@ from emerg_stream.io.records import Interaction, ItemEvent, ItemParams, Predicti
 from emerg_stream.io.schemas import load_manifest, load_schema
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state.codec import ItemStateCodec
+from emerg_stream.state.dedupe import event_hash
 from emerg_stream.stream.changelog import ChangelogFold, Restored
 from emerg_stream.stream.checkpointing import MARK_KEY
 from emerg_stream.stream.envelope import Inbound, Outbound
@@ -98,23 +99,12 @@ def fold(records: list[Outbound], codec: ItemStateCodec) -> Restored:
 def as_version_1(value: bytes, event_ids: list[str], codec: ItemStateCodec) -> bytes:
     """``value`` rewritten as emerg-stream wrote it before version 2 (ids as strings)."""
     rec = dict(codec.serde.decode(value))
-    hashes = RecentHashes(rec.pop("recent_event_hashes"))
-    rec["recent_event_ids"] = [i for i in event_ids if hashes.has(i)]
+    remembered = set(np.frombuffer(rec.pop("recent_event_hashes"), dtype="<u8").tolist())
+    rec["recent_event_ids"] = [i for i in event_ids if event_hash(i) in remembered]
     schema = json.loads(json.dumps(load_schema("ItemState", 1)).replace("timestamp-millis", "x"))
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, fastavro.parse_schema(schema, named_schemas={}), rec)
     return frame(load_manifest().records["ItemState"].versions[1].schema_id, buf.getvalue())
-
-
-class RecentHashes:
-    def __init__(self, packed: bytes) -> None:
-        from emerg_stream.state.dedupe import event_hash
-
-        self._hash = event_hash
-        self._set = set(np.frombuffer(packed, dtype="<u8").tolist())
-
-    def has(self, event_id: str) -> bool:
-        return self._hash(event_id) in self._set
 
 
 def outputs(out: list[Outbound]) -> tuple[list[dict], list[dict]]:

@@ -15,7 +15,8 @@ Bytes per item, each measured in a forked child that allocates nothing else (gro
 * **after**: :class:`~emerg_stream.state.ItemTask` (hashed ids, packed rows, φ bytes);
 * **restored, lazy**: what :func:`restore_partitions` returns (raw values only);
 * **restored, decoded**: the same after decoding every item (``ItemMap.load_all``);
-* the worst case of a full de-duplication window (``--dedupe-window`` ids) on a sample.
+* the worst case of a full de-duplication window (``--dedupe-window`` ids) on a sample;
+* the cost of remembering a new event id, before and after (interleaved, median).
 
 Restore: every state is produced to a changelog topic (2 partitions, a partition mark
 each) in the current format and, to a second topic, in the old format (ItemState v1, ids
@@ -111,11 +112,17 @@ class LegacyRecentIds:
         self._order: deque[str] = deque()
         self._set: set[str] = set()
         for i in ids:
-            if i not in self._set:
-                self._order.append(i)
-                self._set.add(i)
-                if len(self._order) > window:
-                    self._set.discard(self._order.popleft())
+            self.add(i)
+
+    def add(self, event_id: str) -> bool:
+        """Remember ``event_id``; False if it was remembered (as ``RecentIds.add``)."""
+        if event_id in self._set:
+            return False
+        self._order.append(event_id)
+        self._set.add(event_id)
+        if len(self._order) > self.window:
+            self._set.discard(self._order.popleft())
+        return True
 
 
 @dataclass(slots=True)
@@ -221,6 +228,30 @@ def encode_v1(task: ItemTask, ids: list[str], codec: ItemStateCodec, parsed: Any
 # -- the measurements -------------------------------------------------------------------------
 
 
+def dedupe_add_us(window: int, reps: int) -> dict[str, dict[str, float]]:
+    """Median µs per ``add`` of a new id, before/after, interleaved: the first 49 ids of a
+    window, and a full window (the ring overwriting its oldest)."""
+    out: dict[str, dict[str, list[float]]] = {
+        name: {"first_49": [], "full": []} for name in ("before", "after")
+    }
+    kinds: dict[str, Callable[..., Any]] = {"before": LegacyRecentIds, "after": RecentIds}
+    for _ in range(reps):
+        for name, cls in kinds.items():
+            ids = [f"ml-100k:{j}" for j in range(49 * 400)]
+            t0 = time.perf_counter()
+            for k in range(400):
+                r = cls(window)
+                for i in ids[k * 49 : (k + 1) * 49]:
+                    r.add(i)
+            out[name]["first_49"].append((time.perf_counter() - t0) / len(ids) * 1e6)
+            r = cls(window, (f"fill:{j}" for j in range(window)))
+            t0 = time.perf_counter()
+            for i in ids[:5000]:
+                r.add(i)
+            out[name]["full"].append((time.perf_counter() - t0) / 5000 * 1e6)
+    return {n: {k: statistics.median(v) for k, v in d.items()} for n, d in out.items()}
+
+
 def bytes_per_item(n: int, spec: Spec, codec: ItemStateCodec, recent: int, legacy: bool) -> float:
     """RSS growth per item of holding ``n`` states (run it in a child)."""
     rss, held = held_bytes(lambda: build(n, spec, codec, recent, legacy=legacy))
@@ -274,13 +305,23 @@ def restore(consumer: Any, topic: str, codec: ItemStateCodec) -> list[ItemMap]:
     return [r.items for r in out.values()]
 
 
-def reader(conf: dict[str, str]) -> Any:
-    """A consumer like the worker's restore consumer (made once, reused per restore)."""
+#: The restore consumer's fetch wait proposed for the worker (librdkafka's default: 500).
+PROPOSED_FETCH_WAIT_MS = 10
+
+
+def reader(conf: dict[str, str], fetch_wait_ms: int | None = None) -> Any:
+    """A consumer like the worker's restore consumer (made once, reused per restore).
+
+    ``fetch_wait_ms`` sets ``fetch.wait.max.ms``: with the default, the end-offset query
+    of every restore after the first waits for the previous restore's last fetch, which
+    the broker holds until that wait runs out.
+    """
     from confluent_kafka import Consumer
 
     from emerg_stream.stream.replay import reader_conf
 
-    return Consumer(reader_conf(conf))
+    extra = {} if fetch_wait_ms is None else {"fetch.wait.max.ms": str(fetch_wait_ms)}
+    return Consumer({**reader_conf(conf), **extra})
 
 
 def restored_bytes(conf: dict[str, str], topic: str, codec: ItemStateCodec) -> dict[str, float]:
@@ -299,8 +340,10 @@ def restored_bytes(conf: dict[str, str], topic: str, codec: ItemStateCodec) -> d
     return {"lazy": lazy / n, "raw_value": raw / n, "decoded": (rss_bytes() - before) / n}
 
 
-def timed_restore(consumer: Any, topic: str, codec: ItemStateCodec, n: int) -> list[float]:
-    """Seconds of the (lazy) restore and of decoding every item afterwards."""
+def timed_restore(
+    consumer: Any, topic: str, codec: ItemStateCodec, n: int, *, decode: bool = True
+) -> list[float]:
+    """Seconds of the (lazy) restore and of decoding every item afterwards (0 if not)."""
     gc.collect()
     t0 = time.perf_counter()
     maps = restore(consumer, topic, codec)
@@ -308,8 +351,9 @@ def timed_restore(consumer: Any, topic: str, codec: ItemStateCodec, n: int) -> l
     got = sum(len(m) for m in maps)
     if got != n:
         raise RuntimeError(f"restored {got} items of {n}")
-    for m in maps:
-        m.load_all()
+    if decode:
+        for m in maps:
+            m.load_all()
     t2 = time.perf_counter()
     del maps
     return [t1 - t0, t2 - t1]
@@ -344,12 +388,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rss[f"{name}_full"] = in_child(
             lambda lg=legacy: bytes_per_item(sample, spec, codec, window, lg)
         )
+    dedupe_us = dedupe_add_us(window, max(reps, 3))
     full = build(1, spec, codec, window)
     enc_full = len(codec.encode(next(iter(full.values()))))
 
     from emerg_stream.stream.broker import EmbeddedBroker
 
-    times: dict[str, list[list[float]]] = {"current": [], "v1": []}
+    times: dict[str, list[list[float]]] = {"current": [], "v1": [], "current_wait": []}
     with EmbeddedBroker() as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         made = in_child(
@@ -357,19 +402,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         topics = made["topics"]
         restored = in_child(lambda: restored_bytes(conf, topics["current"], codec))
-        consumer = reader(conf)
+        consumer, proposed = reader(conf), reader(conf, PROPOSED_FETCH_WAIT_MS)
         try:
             for _ in range(reps):
                 for name in ("current", "v1"):
                     times[name].append(timed_restore(consumer, topics[name], codec, n))
+                times["current_wait"].append(
+                    timed_restore(proposed, topics["current"], codec, n, decode=False)
+                )
         finally:
             consumer.close()
+            proposed.close()
 
     def rate(name: str, step: int) -> float:
         return n / statistics.median(t[step] for t in times[name])
 
     restore_rate, decode_rate = rate("current", 0), rate("current", 1)
     v1_restore, v1_decode = rate("v1", 0), rate("v1", 1)
+    wait_restore = rate("current_wait", 0)
     met_rss = rss["after"] <= TARGET_BYTES and restored["decoded"] <= TARGET_BYTES
 
     def ok(x: bool) -> str:
@@ -394,6 +444,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         [
             [f"current format (v2), {n:,} items", fmt(restore_rate), fmt(decode_rate)],
             [f"old format (v1, ids as strings), {n:,} items", fmt(v1_restore), fmt(v1_decode)],
+            [
+                f"current format, restore consumer with fetch.wait.max.ms={PROPOSED_FETCH_WAIT_MS}",
+                fmt(wait_restore),
+                "-",
+            ],
+        ],
+    )
+    md += "\n" + markdown_table(
+        ["dedupe add of a new id, µs (median)", "before (str set)", "after (hash ring)"],
+        [
+            [
+                f"{label}",
+                f"{dedupe_us['before'][key]:.2f}",
+                f"{dedupe_us['after'][key]:.2f}",
+            ]
+            for key, label in (("first_49", "first 49 ids"), ("full", f"full ({window} ids)"))
         ],
     )
     md += (
@@ -422,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "full_dedupe_rss_bytes_per_item": rss["after_full"],
         "full_dedupe_rss_bytes_per_item_before": rss["before_full"],
         "encode_items_per_s": made["encode_items_per_s"],
+        "dedupe_add_us": dedupe_us,
         "restore_s": [t[0] for t in times["current"]],
         "decode_all_s": [t[1] for t in times["current"]],
         "restore_v1_s": [t[0] for t in times["v1"]],
@@ -430,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "decode_items_per_s": decode_rate,
         "restore_v1_items_per_s": v1_restore,
         "decode_v1_items_per_s": v1_decode,
+        "restore_fetch_wait_s": [t[0] for t in times["current_wait"]],
+        "restore_fetch_wait_items_per_s": wait_restore,
+        "proposed_fetch_wait_ms": PROPOSED_FETCH_WAIT_MS,
         "targets": {"bytes_per_item": TARGET_BYTES, "restore_items_per_s": TARGET_RESTORE},
         "met": {
             "bytes_encoded": made["encoded"] <= TARGET_BYTES,

@@ -26,13 +26,12 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import fastavro
-import numpy as np
 
 from emerg_stream.errors import ConfigError, SchemaError
 from emerg_stream.io.avro import HEADER_SIZE, AvroSerde, frame, peek_schema_id
 from emerg_stream.io.records import ItemState, SupportRow
 from emerg_stream.io.schemas import SchemaIds, default_schema_ids, load_schema
-from emerg_stream.state.dedupe import RecentIds, event_hash
+from emerg_stream.state.dedupe import RecentIds, event_digest
 from emerg_stream.state.item import ItemTask, SupportRows
 
 __all__ = ["ItemStateCodec"]
@@ -282,10 +281,8 @@ class ItemStateCodec:
         except ValueError as exc:
             raise SchemaError(f"item state {rec['item_id']!r}: {exc}") from exc
         if rec["recent_event_ids"]:  # written by version 1: the window as strings
-            old = np.array([event_hash(i) for i in rec["recent_event_ids"]], dtype=np.uint64)
-            recent = RecentIds.from_hashes(
-                self.dedupe_window, np.concatenate((old, recent.hashes()))
-            )
+            old = b"".join(event_digest(i) for i in dict.fromkeys(rec["recent_event_ids"]))
+            recent = RecentIds.from_bytes(self.dedupe_window, old + recent.to_bytes())
         keys = self._offset_keys
         last_offsets: dict[tuple[str, int], int] = {}
         for o in rec["last_offsets"]:

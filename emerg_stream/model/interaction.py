@@ -41,7 +41,10 @@ class GraphInteraction(nn.Module):
         outs = [e]
         h = e
         for layer, w in enumerate(self.weights):
-            msg = graphs[:, layer] @ w(e)
+            if torch.compiler.is_compiling():  # a broadcast sum fuses; a tiny bmm does not
+                msg = (graphs[:, layer].unsqueeze(-1) * w(e).unsqueeze(1)).sum(2)
+            else:
+                msg = graphs[:, layer] @ w(e)
             if self.activation == "relu":
                 msg = torch.relu(msg)
             h = h * msg

@@ -164,3 +164,16 @@ def test_prepared_forward_equals_the_plain_forward(kind):
         g_fast = torch.autograd.grad(fast.sum(), list(phi.values()))
         for a, b in zip(g_plain, g_fast, strict=True):
             assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+def test_message_passing_has_one_function_in_both_forms(activation, monkeypatch):
+    """The broadcast-sum form used under torch.compile is the eager matmul form."""
+    torch.manual_seed(0)
+    gi = GraphInteraction(dim=8, layers=3, activation=activation).double()
+    e = torch.randn(5, 6, 8, dtype=torch.float64)
+    graphs = refine(_raw(2, 5, 6), 3, k=20)
+    eager = gi(e, graphs)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.allclose(gi(e, graphs), eager, atol=1e-12, rtol=0)
+    assert not torch.allclose(gi(e, torch.zeros_like(graphs))[:, 1:], eager[:, 1:])

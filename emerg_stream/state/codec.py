@@ -14,8 +14,9 @@ Values of an older version (an id other than the current one) go through
 de-duplication window as event id strings (``recent_event_ids``), which are hashed as they
 are read, and its support rows are re-encoded into the compact form.
 
-Decoded strings (feature names and tokens, topics) are interned, so the many items that
-share them hold one copy.
+The side features (``categorical``, ``multi``, ``numeric``, right after ``item_id``) stay
+Avro in memory too (:meth:`ItemTask.side_features` decodes them), so they are sliced out
+and spliced in the same way. Decoded topics and phases are interned.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from emerg_stream.io.avro import HEADER_SIZE, AvroSerde, frame, peek_schema_id
 from emerg_stream.io.records import ItemState, SupportRow
 from emerg_stream.io.schemas import SchemaIds, default_schema_ids, load_schema
 from emerg_stream.state.dedupe import RecentIds, event_digest
-from emerg_stream.state.item import ItemTask, SupportRows
+from emerg_stream.state.item import SIDE_FIELDS, ItemTask, SupportRows, encode_side
 
 __all__ = ["ItemStateCodec"]
 
@@ -121,15 +122,15 @@ class ItemStateCodec:
         if names != (*_FRONT, "support"):
             raise ConfigError(f"ItemState fields changed ({names}); update the state codec")
         ns = schema.get("namespace", "emerg_stream")
-        self._front = fastavro.parse_schema(
-            {
-                "type": "record",
-                "namespace": ns,
-                "name": "ItemStateFront",
-                "fields": schema["fields"][:-1],
-            },
-            named_schemas={},
-        )
+
+        def part(name: str, fields: list[Any]) -> Any:
+            record = {"type": "record", "namespace": ns, "name": name, "fields": fields}
+            return fastavro.parse_schema(record, named_schemas={})
+
+        # item_id + the side features, then the rest up to (not with) the support rows
+        cut = 1 + len(SIDE_FIELDS)
+        self._head = part("ItemStateHead", schema["fields"][:cut])
+        self._rest = part("ItemStateRest", schema["fields"][cut:-1])
         row = schema["fields"][-1]["type"]["items"]
         self._row = fastavro.parse_schema(row, named_schemas={})
         self._rows = fastavro.parse_schema({"type": "array", "items": row}, named_schemas={})
@@ -171,15 +172,15 @@ class ItemStateCodec:
         """The framed ``ItemState`` value of ``task``."""
         buf = io.BytesIO()
         buf.write(self._prefix)
+        item_id = task.item_id.encode("utf-8")
+        buf.write(_long(len(item_id)))
+        buf.write(item_id)
+        buf.write(task.side_bytes)  # categorical, multi, numeric: already Avro
         adjacency, id_embedding = task.adjacency, task.id_embedding
         fastavro.schemaless_writer(
             buf,
-            self._front,
+            self._rest,
             {
-                "item_id": task.item_id,
-                "categorical": task.categorical,
-                "multi": task.multi,
-                "numeric": task.numeric,
                 "version": task.version,
                 "phase": task.phase,
                 "support_size": task.support_size,
@@ -237,14 +238,18 @@ class ItemStateCodec:
         return self.decode(value, item_id)
 
     def _decode_current(self, data: bytes) -> tuple[dict[str, Any], SupportRows]:
-        """Front fields by fastavro, then the support rows' bytes sliced out."""
+        """Fields by fastavro; the side features' and the support rows' bytes sliced out."""
         buf = io.BytesIO(memoryview(data)[HEADER_SIZE:])
         try:
-            rec = fastavro.schemaless_reader(buf, self._front, None)
+            rec = fastavro.schemaless_reader(buf, self._head, None)
+            side_end = HEADER_SIZE + buf.tell()
+            rest = fastavro.schemaless_reader(buf, self._rest, None)
         except _DECODE_ERRORS as exc:
             raise SchemaError(f"ItemState: corrupt or truncated value: {exc}") from exc
-        if not isinstance(rec, dict):
+        if not isinstance(rec, dict) or not isinstance(rest, dict):
             raise SchemaError(f"ItemState: decoded a {type(rec).__name__}")
+        n, side_start = _read_long(data, HEADER_SIZE)  # after the item id
+        rec = {"item_id": rec["item_id"], "side": data[side_start + n : side_end], **rest}
         count, pos = _read_long(data, HEADER_SIZE + buf.tell())
         if count < 0:  # a block with its byte size: not written by this codec
             return self._decode_older(data)
@@ -259,6 +264,7 @@ class ItemStateCodec:
     def _decode_older(self, data: bytes) -> tuple[dict[str, Any], SupportRows]:
         """Any other writer schema, resolved to the current one by :class:`AvroSerde`."""
         rec = cast(dict[str, Any], self.serde.decode(data))
+        rec["side"] = encode_side(rec["categorical"], rec["multi"], rec["numeric"])
         rows = SupportRows(self.encode_row(r) for r in rec["support"])
         return rec, rows
 
@@ -288,11 +294,9 @@ class ItemStateCodec:
         for o in rec["last_offsets"]:
             key = (o["topic"], o["partition"])
             last_offsets[keys.setdefault(key, (_intern(key[0]), key[1]))] = o["offset"]
-        task = ItemTask(
-            item_id=rec["item_id"],
-            categorical={_intern(k): _intern(v) for k, v in rec["categorical"].items()},
-            multi={_intern(k): [_intern(t) for t in v] for k, v in rec["multi"].items()},
-            numeric={_intern(k): v for k, v in rec["numeric"].items()},
+        task = ItemTask.with_side_bytes(
+            rec["item_id"],
+            rec["side"],
             phase=_intern(rec["phase"]),
             version=rec["version"],
             support_size=rec["support_size"],

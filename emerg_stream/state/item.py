@@ -1,28 +1,62 @@
 """The state of one item: what the worker needs to score it and to warm it up.
 
 Kept compact, because a worker holds one per item of its partitions (the target is at
-most 4 KiB per item at 10^5 items): the support buffer is one ``bytes`` of packed
-schemaless Avro rows (:class:`SupportRows`), φ is one ``bytes`` of float32 values
-(``adjacency`` and ``id_embedding`` are read-only views of it), the de-duplication window
-holds 64-bit hashes (:class:`~emerg_stream.state.dedupe.RecentIds`), and the object has
-``__slots__``.
+most 4 KiB per item at 10^5 items): the side features are one ``bytes``, their Avro
+encoding as in ``ItemState`` (decoded when read: :meth:`ItemTask.side_features`), the
+support buffer is one ``bytes`` of packed schemaless Avro rows (:class:`SupportRows`), φ
+is one ``bytes`` of float32 values (``adjacency`` and ``id_embedding`` are read-only views
+of it), the de-duplication window holds 64-bit hashes
+(:class:`~emerg_stream.state.dedupe.RecentIds`), and the object has ``__slots__``.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable
+from functools import cache
+from typing import Any
 
+import fastavro
 import numpy as np
 import numpy.typing as npt
 
+from emerg_stream.io.schemas import load_schema
 from emerg_stream.state.dedupe import RecentIds
 from emerg_stream.state.phases import COLD, OLD
 
-__all__ = ["Float32Array", "ItemTask", "SupportRows"]
+__all__ = ["SIDE_FIELDS", "Float32Array", "ItemTask", "SupportRows", "side_schema"]
 
 Float32Array = npt.NDArray[np.float32]
 _F32 = np.dtype("<f4")
+#: The side-feature fields of ``ItemState``, consecutive and in this order.
+SIDE_FIELDS: tuple[str, str, str] = ("categorical", "multi", "numeric")
+
+Categorical = dict[str, str]
+Multi = dict[str, list[str]]
+Numeric = dict[str, float]
+
+
+@cache
+def side_schema() -> Any:
+    """The parsed Avro record of the side-feature fields, cut out of ``ItemState``."""
+    fields = [f for f in load_schema("ItemState")["fields"] if f["name"] in SIDE_FIELDS]
+    if tuple(f["name"] for f in fields) != SIDE_FIELDS:
+        raise ValueError(f"ItemState side-feature fields changed: {[f['name'] for f in fields]}")
+    record = {"type": "record", "name": "ItemSide", "namespace": "emerg_stream", "fields": fields}
+    return fastavro.parse_schema(record, named_schemas={})
+
+
+def encode_side(categorical: Categorical, multi: Multi, numeric: Numeric) -> bytes:
+    """The Avro encoding of the three side-feature maps (as inside ``ItemState``)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(
+        buf, side_schema(), {"categorical": categorical, "multi": multi, "numeric": numeric}
+    )
+    return buf.getvalue()
+
+
+_EMPTY_SIDE = b"\x00\x00\x00"  # three empty maps
 
 
 class SupportRows:
@@ -105,12 +139,10 @@ class ItemTask:
     __slots__ = (
         "_n_fields",
         "_phi",
-        "categorical",
+        "_side",
         "item_id",
         "last_offsets",
-        "multi",
         "next_threshold",
-        "numeric",
         "phase",
         "recent",
         "support",
@@ -137,9 +169,10 @@ class ItemTask:
         updated_time: int = 0,
     ) -> None:
         self.item_id = item_id
-        self.categorical = {} if categorical is None else categorical
-        self.multi = {} if multi is None else multi
-        self.numeric = {} if numeric is None else numeric
+        if categorical or multi or numeric:
+            self._side = encode_side(categorical or {}, multi or {}, numeric or {})
+        else:
+            self._side = _EMPTY_SIDE
         self.phase = phase
         self.version = version
         self.support_size = support_size
@@ -154,6 +187,40 @@ class ItemTask:
             if adjacency is None or id_embedding is None:
                 raise ValueError(f"item {item_id!r}: adjacency and id_embedding go together")
             self.set_params(adjacency, id_embedding)
+
+    @classmethod
+    def with_side_bytes(cls, item_id: str, side: bytes, **fields: Any) -> ItemTask:
+        """A task whose side features are given already encoded (see :meth:`side_bytes`)."""
+        task = cls(item_id, **fields)
+        task._side = side
+        return task
+
+    @property
+    def side_bytes(self) -> bytes:
+        """The side features as stored: Avro ``categorical``, ``multi``, ``numeric``."""
+        return self._side
+
+    def side_features(self) -> tuple[Categorical, Multi, Numeric]:
+        """The side features, decoded (fresh dicts): categorical, multi, numeric."""
+        rec = fastavro.schemaless_reader(io.BytesIO(self._side), side_schema(), None)
+        if not isinstance(rec, dict):
+            raise TypeError(f"item {self.item_id!r}: side features decoded to {type(rec)}")
+        return rec["categorical"], rec["multi"], rec["numeric"]
+
+    @property
+    def categorical(self) -> Categorical:
+        """Item side categorical features (field -> token; decoded, a fresh dict)."""
+        return self.side_features()[0]
+
+    @property
+    def multi(self) -> Multi:
+        """Item side multi-valued features (field -> tokens; decoded, a fresh dict)."""
+        return self.side_features()[1]
+
+    @property
+    def numeric(self) -> Numeric:
+        """Item side numeric features (field -> value; decoded, a fresh dict)."""
+        return self.side_features()[2]
 
     @property
     def is_old(self) -> bool:

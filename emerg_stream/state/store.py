@@ -100,6 +100,8 @@ class ItemMap(MutableMapping[str, ItemTask]):
             check(task)
         self._live[item_id] = task
         del self._raw[item_id]
+        if not self._raw:
+            self._raw = {}  # a dict keeps its table when emptied: give it back
         return task
 
     def get(self, item_id: str, default: ItemTask | None = None) -> ItemTask | None:  # type: ignore[override]

@@ -583,4 +583,4 @@ class WarmupProcessor:
 
 
 def _features(task: ItemTask) -> ItemFeatures:
-    return ItemFeatures(task.item_id, task.categorical, task.multi, task.numeric)
+    return ItemFeatures(task.item_id, *task.side_features())

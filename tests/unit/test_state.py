@@ -201,6 +201,17 @@ def test_item_state_without_params_and_support_round_trips():
     back = codec.decode(value)
     assert back.adjacency is None and back.is_old and len(back.support) == 0
     assert codec.decode_rows(back.support) == []
+    bare = ItemTask("bare")  # no side features, no params, no rows, no ids
+    value = codec.encode(bare)
+    assert codec.serde.encode(codec.serde.decode(value)) == value
+    assert codec.decode(value).side_features() == ({}, {}, {})
+
+
+def test_side_features_are_kept_encoded_and_read_back_as_given():
+    task = ItemTask("i", categorical={"year": "1996"}, multi={"genres": ["Drama", "War"]})
+    assert task.side_features() == ({"year": "1996"}, {"genres": ["Drama", "War"]}, {})
+    task.categorical["year"] = "2001"  # a decoded copy: the state does not change
+    assert task.categorical == {"year": "1996"} and isinstance(task.side_bytes, bytes)
 
 
 def test_a_version_1_value_restores_with_its_ids_hashed_and_rows_kept():

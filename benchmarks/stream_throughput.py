@@ -167,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     si.add_arguments(p)
     p.add_argument("--batch", type=int, default=512, help="batch_max_records (worker default)")
     p.add_argument(
+        "--warmup-compile",
+        action="store_true",
+        help="the worker's warmup_compile setting (compiled warm-up step) for (b) and (c)",
+    )
+    p.add_argument(
         "--cases", default="abc", help="which of a, b, c to run (the ratio needs all three)"
     )
     args = p.parse_args(argv)
@@ -176,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reps = args.reps or (1 if args.quick else 3)
     limit = 5000 if args.quick and not args.limit else args.limit
     events = si.load_events(limit, args.checkpoint)
-    handler = TorchWarmupHandler.from_checkpoint(events.checkpoint, "cpu")
+    handler = TorchWarmupHandler.from_checkpoint(
+        events.checkpoint, "cpu", compile_warmup=args.warmup_compile
+    )
     n = len(events.records)
 
     from emerg_stream.stream.broker import EmbeddedBroker
@@ -251,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target": TARGET,
         "met": ratio is not None and ratio >= TARGET,
         "worker_last_run": extra,
+        "warmup_compile": args.warmup_compile,
     }
     emit(result, md, args.json)
     return result

@@ -231,6 +231,10 @@ class WorkerSettings(Settings):
             read minus the interaction's own) an interaction waits for its item's
             announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
+        warmup_compile: Run the warm-up steps through ``torch.compile``: about 2x the
+            warm-up throughput on CPU (docs/BENCHMARKS.md), after a compilation of tens
+            of seconds at start (before joining the group). Worth it where warm-ups
+            dominate (many steps, Adam, large K); off by default.
         metrics_port: Prometheus port; ``None`` = no metrics server.
         metrics_host: Address the metrics server binds: the loopback by default,
             ``0.0.0.0`` in a container whose port is published or scraped from outside.
@@ -254,6 +258,7 @@ class WorkerSettings(Settings):
     pending_max: int = Field(default=10_000, ge=0)
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
+    warmup_compile: bool = False
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     auc_window: int = Field(default=10_000, ge=2)

@@ -107,7 +107,9 @@ def run_member(args: argparse.Namespace, index: int) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.torch_threads))
-    handler = TorchWarmupHandler.from_checkpoint(settings.checkpoint, settings.device)
+    handler = TorchWarmupHandler.from_checkpoint(
+        settings.checkpoint, settings.device, compile_warmup=settings.warmup_compile
+    )
     worker = Worker(
         settings,
         handler,

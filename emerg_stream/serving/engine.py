@@ -144,6 +144,7 @@ class TorchBatchSession:
         trained: ``[I]`` items that use trained params (old items).
         warmup: The checkpoint's warm-up protocol.
         device: Where φ lives during the batch.
+        compiled: Warm-up steps through ``torch.compile`` (see ``warm_up``).
     """
 
     def __init__(
@@ -155,6 +156,8 @@ class TorchBatchSession:
         trained: npt.NDArray[np.bool_],
         warmup: WarmupConfig,
         device: torch.device,
+        *,
+        compiled: bool = False,
     ) -> None:
         n, f = len(items), model.config.n_fields
         if len(params) != n or trained.shape != (n,):
@@ -163,6 +166,7 @@ class TorchBatchSession:
         self.columns = columns
         self.warmup = warmup
         self.device = device
+        self.compiled = compiled
         tokens, weights = columns.encode_items(items)
         self._item_tokens = tokens.to(device)
         self._item_weights = weights.to(device)
@@ -212,7 +216,7 @@ class TorchBatchSession:
         rows = Rows(tokens, weights, labels.to(self.device), item.to(self.device))
         idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
         current = {k: v[idx] for k, v in self.phi.items()}
-        new = warm_up(self.model, current, rows, self.warmup)
+        new = warm_up(self.model, current, rows, self.warmup, compiled=self.compiled)
         for k in self.phi:
             self.phi[k][idx] = new[k].to(self.phi[k].dtype)
 

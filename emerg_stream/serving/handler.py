@@ -24,8 +24,8 @@ from emerg_stream.errors import ConfigError, ModelError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.meta.evaluate import cold_start
-from emerg_stream.meta.rows import ItemSet
-from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.warmup import WarmupConfig, warm_up
 from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
 from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays
 
@@ -70,13 +70,19 @@ class TorchWarmupHandler:
     Args:
         checkpoint: The loaded checkpoint (its model is moved to ``device``).
         device: Where φ and the model live.
+        compile_warmup: Run warm-up steps through ``torch.compile`` (about 2x the
+            warm-up throughput on CPU; the same φ within float rounding). The one-off
+            compilation (tens of seconds, less with inductor's on-disk cache) happens
+            here, before the worker joins its group, not in its first batch.
 
     Raises:
         ModelError: The checkpoint's meta lacks what the stream needs (``noise_salt``,
             ``warmup``, ``split.k``) or its feature spec is invalid.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, device: torch.device, *, compile_warmup: bool = False
+    ) -> None:
         meta = checkpoint.meta
         try:
             self._salt = int(meta["noise_salt"])
@@ -94,6 +100,9 @@ class TorchWarmupHandler:
         self.model = checkpoint.model.to(device).eval()
         self._version = checkpoint.model_version
         self.columns = FeatureColumns(self.spec)
+        self.compile_warmup = compile_warmup
+        if compile_warmup:
+            self._compile_warmup()
         self._fields = tuple(
             FieldInfo(f.name, f.side, f.kind)
             for f in self.spec.fields
@@ -101,10 +110,35 @@ class TorchWarmupHandler:
         )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> TorchWarmupHandler:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", *, compile_warmup: bool = False
+    ) -> TorchWarmupHandler:
         """Load and verify a checkpoint directory (see :func:`load_checkpoint`)."""
         dev = resolve_device(device)
-        return cls(load_checkpoint(path, device=dev), dev)
+        return cls(load_checkpoint(path, device=dev), dev, compile_warmup=compile_warmup)
+
+    def _compile_warmup(self) -> None:
+        """Compile the warm-up step now, on a stand-in phase (3 items, 7 rows)."""
+        import time
+
+        import structlog
+
+        f, d, t = self.n_fields, self.dim, self.spec.max_tokens
+        phi = {
+            "adj": torch.zeros(3, f, f, device=self.device),
+            "id": torch.zeros(3, d, device=self.device),
+        }
+        rows = Rows(
+            torch.zeros(7, f, t, dtype=torch.long, device=self.device),
+            torch.zeros(7, f, t, device=self.device),
+            torch.zeros(7, device=self.device),
+            torch.tensor([0, 0, 1, 1, 1, 2, 2], device=self.device),
+        )
+        t0 = time.perf_counter()
+        warm_up(self.model, phi, rows, self._warmup, compiled=True)
+        structlog.get_logger(__name__).info(
+            "warmup_compiled", seconds=round(time.perf_counter() - t0, 1)
+        )
 
     @property
     def model_version(self) -> str:
@@ -160,5 +194,12 @@ class TorchWarmupHandler:
     ) -> TorchBatchSession:
         """A session holding the batch's φ on the device."""
         return TorchBatchSession(
-            self.model, self.columns, items, params, trained, self._warmup, self.device
+            self.model,
+            self.columns,
+            items,
+            params,
+            trained,
+            self._warmup,
+            self.device,
+            compiled=self.compile_warmup,
         )

@@ -153,6 +153,20 @@ def test_published_params_equal_the_offline_protocol_for_any_batching(
     check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
 
 
+@pytest.mark.slow
+def test_compiled_warmup_publishes_the_offline_params(world, checkpoint, offline):
+    """``warmup_compile``: the worker's compiled warm-up step gives the offline φ."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compiled = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", compile_warmup=True)
+        assert compiled.compile_warmup
+        out = run(new_processor(compiled), stream_log(world).msgs, 40)
+    finally:
+        torch.set_num_threads(threads)
+    check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
+
+
 @pytest.mark.parametrize("batch", [1, 9, 10_000])
 def test_every_prediction_uses_the_params_before_its_interaction(world, handler, batch):
     proc = new_processor(handler)

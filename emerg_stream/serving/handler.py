@@ -118,24 +118,31 @@ class TorchWarmupHandler:
         return cls(load_checkpoint(path, device=dev), dev, compile_warmup=compile_warmup)
 
     def _compile_warmup(self) -> None:
-        """Compile the warm-up step now, on a stand-in phase (3 items, 7 rows)."""
+        """Compile the warm-up step now, on stand-in phases of 3 items and of 1 item.
+
+        Shapes are dynamic, but torch specialises a size of 1: without the second
+        stand-in the first one-item phase of the stream would recompile mid-batch.
+        """
         import time
 
         import structlog
 
         f, d, t = self.n_fields, self.dim, self.spec.max_tokens
-        phi = {
-            "adj": torch.zeros(3, f, f, device=self.device),
-            "id": torch.zeros(3, d, device=self.device),
-        }
-        rows = Rows(
-            torch.zeros(7, f, t, dtype=torch.long, device=self.device),
-            torch.zeros(7, f, t, device=self.device),
-            torch.zeros(7, device=self.device),
-            torch.tensor([0, 0, 1, 1, 1, 2, 2], device=self.device),
-        )
         t0 = time.perf_counter()
-        warm_up(self.model, phi, rows, self._warmup, compiled=True)
+        for item in ([0, 0, 1, 1, 1, 2, 2], [0, 0]):
+            index = torch.tensor(item, device=self.device)
+            n_items, n_rows = int(index.max()) + 1, len(item)
+            phi = {
+                "adj": torch.zeros(n_items, f, f, device=self.device),
+                "id": torch.zeros(n_items, d, device=self.device),
+            }
+            rows = Rows(
+                torch.zeros(n_rows, f, t, dtype=torch.long, device=self.device),
+                torch.zeros(n_rows, f, t, device=self.device),
+                torch.zeros(n_rows, device=self.device),
+                index,
+            )
+            warm_up(self.model, phi, rows, self._warmup, compiled=True)
         structlog.get_logger(__name__).info(
             "warmup_compiled", seconds=round(time.perf_counter() - t0, 1)
         )

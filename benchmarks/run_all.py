@@ -172,7 +172,7 @@ def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             line(
                 "state",
-                f"<= {t['bytes_per_item']:,} B/item resident",
+                f"<= {t['bytes_per_item']:,.0f} B/item resident",
                 f"{r['rss_bytes_per_item']:,.0f} B/item",
                 met["bytes_rss"],
             )
@@ -180,7 +180,7 @@ def stream_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             line(
                 "state",
-                f">= {t['restore_items_per_s']:,} items/s restore",
+                f">= {t['restore_items_per_s']:,.0f} items/s restore",
                 f"{r['restore_items_per_s']:,.0f} items/s",
                 met["restore"],
             )

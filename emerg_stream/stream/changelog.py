@@ -32,13 +32,11 @@ from emerg_stream.errors import SchemaError, TransientError
 from emerg_stream.state import ItemMap
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
+from emerg_stream.stream.replay import read_assigned_to_end
 
 __all__ = ["ChangelogFold", "Restored", "restore_partitions"]
 
 log = structlog.get_logger(__name__)
-
-#: Records taken from the consumer's queue per call (what is fetched already).
-_BATCH = 1000
 
 
 @dataclass
@@ -160,7 +158,11 @@ def restore_partitions(
         listed[(topic, p)] = int(hi) if hi > lo else 0
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     try:
-        _read_to_end(consumer, topic, listed, fold, time.monotonic() + timeout_s)
+        feed = fold.feed
+        for msg in read_assigned_to_end(consumer, listed, timeout_s=timeout_s):
+            part = msg.partition()
+            if part is not None:
+                feed(part, msg.key(), msg.value())
     finally:
         consumer.unassign()
     out = fold.result()
@@ -174,53 +176,3 @@ def restore_partitions(
         ms=round((time.monotonic() - t0) * 1000, 1),
     )
     return out
-
-
-def _read_to_end(
-    consumer: Consumer,
-    topic: str,
-    listed: dict[tuple[str, int], int],
-    fold: ChangelogFold,
-    deadline: float,
-) -> None:
-    """Feed every record of the assigned partitions up to their ends into ``fold``.
-
-    The end of a partition is the larger of its listed high watermark and the one its
-    first fetch response reported (Tansu lists the base offset of the last batch + 1);
-    a partition whose position passed its end while nothing arrives (compaction can leave
-    a gap at the end) is done too.
-
-    Raises:
-        TransientError: The end was not reached before ``deadline``, or a record error.
-    """
-    todo: dict[int, int | None] = {p: None for (_, p), hi in listed.items() if hi > 0}
-    feed = fold.feed
-    while todo:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransientError(
-                f"reading {topic} to the end timed out; not done (partition: end offset): "
-                f"{dict(sorted(todo.items()))}"
-            )
-        msgs = consumer.consume(_BATCH, timeout=0) or consumer.consume(1, min(left, 0.5))
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                raise TransientError(f"reading {topic}: {err.str()}")
-            p, off = msg.partition(), msg.offset()
-            if p is None or off is None:
-                continue
-            feed(p, msg.key(), msg.value())
-            if p not in todo:
-                continue
-            end = todo[p]
-            if end is None:
-                _, fetched = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-                end = todo[p] = max(listed[(topic, p)], int(fetched))
-            if off + 1 >= end:
-                del todo[p]
-        if not msgs and todo:
-            for tp in consumer.position([TopicPartition(topic, p) for p in todo]):
-                end = todo.get(tp.partition)
-                if end is not None and tp.offset >= end:
-                    del todo[tp.partition]

@@ -570,7 +570,9 @@ def read_assigned_to_end(
                 f"reading to the end timed out after {timeout_s}s; not done "
                 f"((topic, partition): end offset): {dict(sorted(todo.items()))}"
             )
-        msgs = consumer.consume(num_messages=1000, timeout=min(left, 0.5))
+        # what is fetched already, else wait for one record: a read that waited for a
+        # full batch spent its whole timeout on the last, partial one of every read
+        msgs = consumer.consume(1000, timeout=0) or consumer.consume(1, min(left, 0.5))
         for msg in msgs:
             err = msg.error()
             if err is not None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import (
     cold_start,
     growth,
+    growth_stream,
     inner_loop,
     latency,
     members,
@@ -36,7 +37,7 @@ from benchmarks.common import base_parser, command_line, emit, machine_info, mar
 
 #: Model-side benchmarks (BENCHMARKS.md) and stream benchmarks (BENCHMARKS_STREAM.md).
 MODEL = ("inner_loop", "cold_start", "training", "growth")
-STREAM = ("stream_throughput", "latency", "state", "members")
+STREAM = ("stream_throughput", "latency", "state", "members", "growth_stream")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -75,6 +76,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "latency": (latency.main, stream_args),
         "state": (state.main, stream_args),
         "members": (members.main, stream_args),
+        "growth_stream": (
+            growth_stream.main,
+            [*stream_args, "--no-plot"] if args.quick else stream_args,
+        ),
     }
     results: dict[str, Any] = {}
     for name, (fn, fn_args) in plan.items():

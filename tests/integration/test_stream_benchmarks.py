@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import latency, members, run_all, state, stream_throughput
+from benchmarks import growth_stream, latency, members, run_all, state, stream_throughput
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,3 +69,12 @@ def test_members_tiny(capsys):
     assert sum(res["records_per_member"]["2"]) == res["events"]
     (line,) = run_all.stream_targets({"members": res})
     assert "x" in line["measured"]
+
+
+def test_growth_stream_tiny(capsys, tmp_path):
+    png = tmp_path / "growth.png"
+    res = growth_stream.main(["--sizes", "30", "60", "--clicks", "3", "--png", str(png)])
+    assert last_json(capsys.readouterr().out)["benchmark"] == "growth_stream"
+    assert [r["stream"]["events"] for r in res["rows"]] == [30 * 4, 60 * 4]
+    assert all(r["state"]["restore_items_per_s"] > 0 for r in res["rows"])
+    assert png.stat().st_size > 0

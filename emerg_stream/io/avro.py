@@ -37,7 +37,7 @@ from fastavro.validation import validate as _validate
 from emerg_stream.errors import SchemaError
 from emerg_stream.io.schemas import SchemaIds, WriterSchema, default_schema_ids, load_schema
 
-__all__ = ["HEADER_SIZE", "MAGIC", "AvroSerde", "frame", "peek_schema_id"]
+__all__ = ["DECODE_ERRORS", "HEADER_SIZE", "MAGIC", "AvroSerde", "frame", "peek_schema_id"]
 
 _OBJECT_REPR = re.compile(r" from <[^>]*>")
 
@@ -52,7 +52,7 @@ T = TypeVar("T", bound=Mapping[str, Any])
 # What fastavro raises on malformed input: short reads, bad varints, union or enum indexes
 # out of range, invalid UTF-8, resolution failures (SchemaResolutionError is a ValueError
 # in some versions and a plain Exception subclass in others, hence its own entry).
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     ValueError,
     TypeError,
@@ -219,7 +219,7 @@ class AvroSerde(Generic[T]):
                 record = fastavro.schemaless_reader(buf, self._read_schema, None)
             else:
                 record = fastavro.schemaless_reader(buf, writer_schema, self._read_schema)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise SchemaError(
                 f"{self.record_name} (schema id {schema_id}): corrupt or truncated Avro "
                 f"payload of {len(view)} bytes: {_one_line(exc)}"

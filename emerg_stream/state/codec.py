@@ -29,7 +29,7 @@ from typing import Any, cast
 import fastavro
 
 from emerg_stream.errors import ConfigError, SchemaError
-from emerg_stream.io.avro import HEADER_SIZE, AvroSerde, frame, peek_schema_id
+from emerg_stream.io.avro import DECODE_ERRORS, HEADER_SIZE, AvroSerde, frame, peek_schema_id
 from emerg_stream.io.records import ItemState, SupportRow
 from emerg_stream.io.schemas import SchemaIds, default_schema_ids, load_schema
 from emerg_stream.state.dedupe import RecentIds, event_digest
@@ -43,16 +43,6 @@ _FRONT += ("support_size", "next_threshold", "recent_event_ids", "recent_event_h
 _FRONT += ("adjacency", "id_embedding", "n_fields", "last_offsets", "updated_time")
 _ROW = ("event_id", "user_id", "categorical", "multi", "numeric", "label", "event_time")
 
-# What fastavro raises on malformed input (short reads, bad varints, invalid UTF-8, ...).
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    EOFError,
-    ValueError,
-    TypeError,
-    IndexError,
-    KeyError,
-    OverflowError,
-    MemoryError,
-)
 _intern = sys.intern
 
 
@@ -160,7 +150,7 @@ class ItemStateCodec:
         buf = io.BytesIO(_long(rows.count) + rows.data + b"\x00")
         try:
             out = fastavro.schemaless_reader(buf, self._rows, None)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise SchemaError(f"support rows cannot be decoded: {exc}") from exc
         if buf.tell() != len(buf.getbuffer()):
             raise SchemaError("support rows: trailing bytes after the rows (corrupt state)")
@@ -244,7 +234,7 @@ class ItemStateCodec:
             rec = fastavro.schemaless_reader(buf, self._head, None)
             side_end = HEADER_SIZE + buf.tell()
             rest = fastavro.schemaless_reader(buf, self._rest, None)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise SchemaError(f"ItemState: corrupt or truncated value: {exc}") from exc
         if not isinstance(rec, dict) or not isinstance(rest, dict):
             raise SchemaError(f"ItemState: decoded a {type(rec).__name__}")

@@ -22,6 +22,8 @@ running (a) then (b) back to back (target >= 0.7).
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import sys
 import threading
@@ -172,6 +174,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="the worker's warmup_compile setting (compiled warm-up step) for (b) and (c)",
     )
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run (b)'s first rep under cProfile and print its N costliest calls (cumulative)",
+    )
+    p.add_argument(
         "--cases", default="abc", help="which of a, b, c to run (the ratio needs all three)"
     )
     args = p.parse_args(argv)
@@ -208,9 +217,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     got, took = consume_decode(conf, inputs, n)
                     samples["a"].append(took)
                 elif case == "b":
+                    profiler = cProfile.Profile() if args.profile and rep == 0 else None
                     t0 = time.perf_counter()
+                    if profiler is not None:
+                        profiler.enable()
                     got = process_offline(handler, inputs, inbound, decoded, args.batch)
                     samples["b"].append(time.perf_counter() - t0)
+                    if profiler is not None:
+                        profiler.disable()
+                        pstats.Stats(profiler, stream=sys.stderr).sort_stats(
+                            "cumulative"
+                        ).print_stats(args.profile)
                 else:
                     took, extra = run_worker(handler, broker.bootstrap, inputs, n, args.batch)
                     samples["c"].append(took)

@@ -17,7 +17,11 @@ per item and the changelog restore of N item states. The curves go to
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,8 +96,6 @@ def stream_costs(handler: TorchWarmupHandler, events: si.Events, partitions: int
         got, a_s = consume_decode(conf, inputs, n)
         if got != n:
             raise RuntimeError(f"(a) read {got} of {n}")
-        import time
-
         t0 = time.perf_counter()
         got = process_offline(handler, inputs, inbound, decoded, 512)
         b_s = time.perf_counter() - t0
@@ -113,10 +115,6 @@ def stream_costs(handler: TorchWarmupHandler, events: si.Events, partitions: int
 def state_costs(n_items: int, checkpoint: Path) -> dict[str, Any]:
     """``state.py --items n_items`` in a fresh process (resident-set growth is only
     meaningful in a process whose heap has not held and freed the stream runs' data)."""
-    import json
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "state.json"
         cmd = [sys.executable, str(Path(__file__).with_name("state.py")), "--items", str(n_items)]

@@ -14,6 +14,7 @@ outside the clock; producing is inside it for every case alike. Cases alternate
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -46,8 +47,6 @@ from emerg_stream.stream.members import member_path
 
 
 def read_json(path: Path | None) -> dict[str, Any] | None:
-    import json
-
     if path is None:
         return None
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -90,3 +90,17 @@ def _reset_structlog():
 
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def restore_benchmark_globals() -> Iterator[None]:
+    """Give back what a benchmark script's ``main`` sets: torch threads and structlog."""
+    import structlog
+    import torch
+
+    threads = torch.get_num_threads()
+    config = structlog.get_config()
+    yield
+    torch.set_num_threads(threads)
+    structlog.reset_defaults()
+    structlog.configure(**config)

@@ -58,20 +58,6 @@ def topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> Top
     return make_topics(kafka_conf, unique_name)
 
 
-def spawn(
-    checkpoint: Path,
-    bootstrap: str,
-    topics: TopicSettings,
-    group: str,
-    stats: Path,
-    log: Path,
-    env_extra: dict[str, str] | None = None,
-    args: list[str] | None = None,
-) -> subprocess.Popen[bytes]:
-    """The worker job as a subprocess; see ``test_worker.worker_proc``."""
-    return worker_proc(checkpoint, bootstrap, topics, group, stats, log, env_extra, args)
-
-
 def expected_totals(world: ww.World, dupes: list[Any]) -> dict[str, dict[str, int]]:
     n_old = sum(1 for r in world.interactions if r["item_id"] in world.old_ids)
     dup_old = sum(1 for r in dupes if r["item_id"] in world.old_ids)
@@ -125,7 +111,7 @@ def test_a_crash_at_every_checkpoint_step_then_restart_changes_nothing(
     progress = []
     for i, fault in enumerate(FAULTS):
         stats, log = tmp_path / f"run{i}.json", tmp_path / f"run{i}.log"
-        proc = spawn(
+        proc = worker_proc(
             checkpoint, bootstrap, topics, group, stats, log, {"EMERG_FAULT_INJECT": fault}
         )
         try:
@@ -142,7 +128,7 @@ def test_a_crash_at_every_checkpoint_step_then_restart_changes_nothing(
     marks = [m for _, m in progress]
     assert marks[0] > 0 and marks == sorted(marks), progress  # each run resumed, none lost
     stats, log = tmp_path / "final.json", tmp_path / "final.log"
-    proc = spawn(checkpoint, bootstrap, topics, group, stats, log)
+    proc = worker_proc(checkpoint, bootstrap, topics, group, stats, log)
     try:
         wait_for(all_marked(kafka_conf, topics, total_in), 120, "the clean run", proc)
     finally:
@@ -225,7 +211,7 @@ def test_no_broker_at_start_retries_then_exits_with_one_line(checkpoint, topics,
     env = {"EMERG_STARTUP_RETRIES": "1", "EMERG_STARTUP_BACKOFF_MS": "200"}
     log = tmp_path / "absent.log"
     t0 = time.monotonic()
-    proc = spawn(checkpoint, address, topics, "g-absent", tmp_path / "s.json", log, env)
+    proc = worker_proc(checkpoint, address, topics, "g-absent", tmp_path / "s.json", log, env)
     code = proc.wait(60)
     took = time.monotonic() - t0
     text = log.read_text()
@@ -247,7 +233,7 @@ def test_sigterm_under_load_checkpoints_and_the_restart_reapplies_nothing(
     group = unique_name("group")
     stats1, stats2 = tmp_path / "run1.json", tmp_path / "run2.json"
     log1, log2 = tmp_path / "run1.log", tmp_path / "run2.log"
-    run1 = spawn(checkpoint, bootstrap, topics, group, stats1, log1)
+    run1 = worker_proc(checkpoint, bootstrap, topics, group, stats1, log1)
 
     def progressed() -> bool:
         s = read_stats(stats1)
@@ -262,7 +248,7 @@ def test_sigterm_under_load_checkpoints_and_the_restart_reapplies_nothing(
     # the final checkpoint holds everything run 1 counted
     assert mark_totals(latest_marks(kafka_conf, topics)) == s1["process"]
 
-    run2 = spawn(checkpoint, bootstrap, topics, group, stats2, log2)
+    run2 = worker_proc(checkpoint, bootstrap, topics, group, stats2, log2)
     try:
         wait_for(all_marked(kafka_conf, topics, total_in), 120, "run 2 to finish", run2)
     finally:
@@ -319,7 +305,7 @@ def test_a_rebalance_storm_of_three_workers_loses_nothing_and_applies_nothing_tw
     def start(name: str, idle_exit: bool = False) -> None:
         files[name] = (tmp_path / f"{name}.json", tmp_path / f"{name}.log")
         args = ["--exit-when-idle", "10"] if idle_exit else []
-        procs[name] = spawn(checkpoint, bootstrap, topics, group, *files[name], args=args)
+        procs[name] = worker_proc(checkpoint, bootstrap, topics, group, *files[name], args=args)
         wait_for(assigned(name), 90, f"{name} to join", *procs.values())
         events.append((f"+{name}", produced[0]))
 
@@ -453,7 +439,7 @@ def test_a_broker_demanding_sasl_refuses_the_worker_in_one_line_without_the_secr
     log = tmp_path / "auth.log"
     with EmbeddedBroker(authentication=True) as broker:
         address = broker.bootstrap
-        proc = spawn(checkpoint, address, names, "g-auth", tmp_path / "s.json", log, env)
+        proc = worker_proc(checkpoint, address, names, "g-auth", tmp_path / "s.json", log, env)
         code = proc.wait(60)
     text = log.read_text()
     line = one_error_line(text)
@@ -484,7 +470,7 @@ def test_a_tampered_or_pickled_checkpoint_is_refused_at_start(checkpoint, topics
     (pickled / "manifest.json").write_text(json.dumps(manifest))
     for ck, want in ((tampered, "does not match its manifest"), (pickled, "not a plain weights")):
         log = tmp_path / f"{ck.name}.log"
-        proc = spawn(ck, "127.0.0.1:1", topics, "g-ck", tmp_path / "s.json", log)
+        proc = worker_proc(ck, "127.0.0.1:1", topics, "g-ck", tmp_path / "s.json", log)
         code = proc.wait(60)
         text = log.read_text()
         line = one_error_line(text)

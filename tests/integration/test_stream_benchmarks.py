@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import growth_stream, latency, members, run_all, state, stream_throughput
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _restore_globals() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    config = structlog.get_config()
-    yield
-    torch.set_num_threads(threads)
-    structlog.reset_defaults()
-    structlog.configure(**config)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("restore_benchmark_globals"),
+]
 
 
 def last_json(out: str) -> dict:

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import cold_start, growth, inner_loop, run_all, training  # noqa: E402
 
+# the scripts set torch threads and quieten structlog: give both back
+pytestmark = pytest.mark.usefixtures("restore_benchmark_globals")
+
 CPU = ["--device", "cpu", "--reps", "1", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_globals() -> Iterator[None]:
-    """The scripts set torch threads and quieten structlog; give both back."""
-    threads = torch.get_num_threads()
-    config = structlog.get_config()
-    yield
-    torch.set_num_threads(threads)
-    structlog.reset_defaults()
-    structlog.configure(**config)
 
 
 def last_json(out: str) -> dict:

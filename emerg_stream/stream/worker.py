@@ -4,22 +4,33 @@ Per micro-batch (what has been fetched, up to ``batch_max_records``; see
 :meth:`Worker._next_batch`) the
 :class:`~emerg_stream.stream.processor.WarmupProcessor` decodes, cold-starts new items,
 scores and applies interactions in prequential rounds and runs the batched warm-up
-updates; then the worker checkpoints. **Checkpoint order** (at-least-once delivery,
-idempotent effects):
+updates, and takes the batch's checkpoint (changed item states, partition marks, input
+offsets). **Checkpoint order** (at-least-once delivery, idempotent effects), for every
+batch ``n``:
 
-1. produce the batch's outputs (ItemParams, Predictions, DeadLetters) and **flush**;
-2. produce every changed item's ``ItemState`` and then the partition mark to changelog
-   partition ``p`` (explicitly the input partition's number) and **flush**;
-3. **commit** the input offsets (the resume points) synchronously; the consumer runs
-   with ``enable.auto.commit=false`` and ``enable.auto.offset.store=false``, so nothing
-   is committed before the outputs and the state are flushed;
+1. produce the batch's outputs (ItemParams, Predictions, DeadLetters);
+2. once they are acknowledged, produce every changed item's ``ItemState`` and then the
+   partition mark to changelog partition ``p`` (explicitly the input partition's number);
+3. once those are acknowledged, **commit** the input offsets (the resume points)
+   synchronously; the consumer runs with ``enable.auto.commit=false`` and
+   ``enable.auto.offset.store=false``, so nothing is committed before the outputs and the
+   state are durable;
 4. write the stats file (if any).
 
-A crash before step 2 completes replays the records since the previous mark: params
-versions are recomputed identically (φ depends only on the item's records) and
-re-published under the same version; predictions and dead letters may appear twice. A
-crash between steps 2 and 3 resumes from the mark, which is authoritative, so nothing
-is applied or counted twice (see :mod:`emerg_stream.stream.checkpointing`).
+The waits are **pipelined** (:meth:`Worker._settle`): after processing batch ``n`` the
+worker waits for what it produced before processing it (batch ``n-1``'s outputs and
+``n-2``'s changelog), which the broker acknowledged while ``n`` was processed; it then
+commits ``n-2``, produces ``n-1``'s changelog and ``n``'s outputs, and goes on to fetch.
+The broker's round trips overlap the model work instead of adding to it. An idle
+worker, a revoke and a stop drain the pipeline (everything processed is then durable
+and committed).
+
+A crash before a batch's changelog is acknowledged replays the records since the
+previous mark: params versions are recomputed identically (φ depends only on the item's
+records) and re-published under the same version; predictions and dead letters may
+appear twice. A crash between steps 2 and 3 resumes from the mark, which is
+authoritative, so nothing is applied or counted twice (see
+:mod:`emerg_stream.stream.checkpointing`).
 
 Rebalances use the eager ``range`` assignor: it gives a member the same partition
 numbers of the two co-partitioned topics (cooperative-sticky does not promise that, and
@@ -66,7 +77,7 @@ from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
 from emerg_stream.stream.lag import assigned_lag
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
-from emerg_stream.stream.processor import BatchSummary, WarmupProcessor
+from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, WarmupProcessor
 from emerg_stream.stream.replay import reader_conf
 from emerg_stream.stream.topics import check_copartitioned, topic_partitions
 
@@ -175,6 +186,11 @@ class Worker:
         self._restorer: Consumer | None = None
         self._last_activity = time.monotonic()
         self._marks: dict[int, PartitionMark] = {}
+        # The checkpoint pipeline (see _settle): the last batch's checkpoint, whose
+        # outputs are produced but not known durable, and the one before it, whose
+        # changelog records are produced but not known durable.
+        self._held: CheckpointRecords | None = None
+        self._sent: CheckpointRecords | None = None
         self.flow = Backpressure(settings.pending_max)
         self.pauses = 0
         self.batches = 0
@@ -318,12 +334,15 @@ class Worker:
         ``batch_linger_ms`` for company, so a trickle is not processed one record at a
         time. Rebalance callbacks run inside these calls: if one runs during the linger,
         the record read before it may be of a revoked partition, so it is left unread
-        (nothing was committed past it; its partition's owner reads it again).
+        (nothing was committed past it; its partition's owner reads it again). Before
+        blocking, the checkpoint pipeline is drained (:meth:`_checkpoint`), so an idle
+        worker has everything committed.
         """
         most = self.settings.batch_max_records
         msgs = consumer.consume(most, timeout=0)
         if msgs:
             return msgs
+        self._checkpoint()  # nothing to overlap with: drain the pipeline before waiting
         msgs = consumer.consume(1, timeout=self.settings.batch_timeout_ms / 1000)
         linger = self.settings.batch_linger_ms / 1000
         if msgs and most > 1 and linger > 0:
@@ -351,12 +370,13 @@ class Worker:
     def _handle(self, batch: list[Inbound]) -> None:
         t0 = time.perf_counter()
         outputs, summary = self.processor.process(batch)
-        self._produce(outputs)
-        self._flush()
+        cp = self.processor.checkpoint()
         t1 = time.perf_counter()
-        cp_items = self._checkpoint()
+        self._settle()
+        self._produce(outputs)
+        self._held = cp if cp.records else None
         self.batches += 1
-        self._log_batch(batch, summary, t0, t1, cp_items)
+        self._log_batch(batch, summary, t0, t1, cp.items)
 
     def _log_batch(
         self, batch: list[Inbound], summary: BatchSummary, t0: float, t1: float, cp_items: int
@@ -377,7 +397,7 @@ class Worker:
             predictions=summary.predictions,
             update_ms=round(summary.update_s * 1000, 1),
             process_ms=round((t1 - t0) * 1000, 1),
-            checkpoint_ms=round((time.perf_counter() - t1) * 1000, 1),
+            settle_ms=round((time.perf_counter() - t1) * 1000, 1),
             states_written=cp_items,
         )
 
@@ -415,14 +435,31 @@ class Worker:
             err, self._delivery_error = self._delivery_error, None
             raise TransientError(f"delivery failed: {err.str()}")
 
-    def _checkpoint(self, *, in_revoke: bool = False) -> int:
-        """Changelog + marks, flush, commit; returns the item states written."""
+    def _settle(self, *, in_revoke: bool = False) -> None:
+        """One stage of the checkpoint pipeline: wait, commit, produce the next changelog.
+
+        Waits until everything produced so far is acknowledged; then the changelog
+        produced by the previous stage is durable, so its input offsets are committed,
+        and the held checkpoint's outputs are durable, so its changelog records are
+        produced (and acknowledged by the next stage). Called after each batch, the wait
+        is for records produced one batch earlier: the broker answered them while that
+        batch was processed.
+        """
+        sent, held = self._sent, self._held
+        if sent is None and held is None:
+            return
         t0 = time.perf_counter()
-        cp = self.processor.checkpoint()
-        if not cp.records:
-            return 0
-        self._produce(cp.records)
         self._flush()
+        self._sent = self._held = None
+        if sent is not None:
+            self._commit(sent, in_revoke=in_revoke)
+        if held is not None:
+            self._produce(held.records)
+            self._sent = held
+        self.metrics.checkpoint.observe(time.perf_counter() - t0)
+
+    def _commit(self, cp: CheckpointRecords, *, in_revoke: bool) -> None:
+        """Commit the offsets of a checkpoint whose changelog records are durable."""
         self.faults.hit("after_changelog")
         self._marks.update(cp.marks)
         if cp.offsets and self._consumer is not None:
@@ -439,9 +476,12 @@ class Worker:
                 log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
             self.faults.hit("after_commit")
         self.checkpoints += 1
-        self.metrics.checkpoint.observe(time.perf_counter() - t0)
         self._write_stats()
-        return cp.items
+
+    def _checkpoint(self, *, in_revoke: bool = False) -> None:
+        """Drain the pipeline: everything processed is durable and committed."""
+        self._settle(in_revoke=in_revoke)
+        self._settle(in_revoke=in_revoke)
 
     def _write_stats(self) -> None:
         if self.stats_path is None:
@@ -544,6 +584,9 @@ class Worker:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
         numbers = sorted({tp.partition for tp in partitions})
+        # Another member may own them now: what is not yet in the changelog stays out
+        # of it (its records are replayed by the new owner from the last mark).
+        self._held = self._sent = None
         for p in numbers:
             self.processor.revoke(p)
         self.flow.revoked(numbers)

@@ -1,14 +1,16 @@
 """End-to-end latency: an interaction produced -> the params version it triggered readable.
 
-One run: (1) the sustainable rate: a worker drains a backlog of the first events (as in
-``stream_throughput.py`` (c)); (2) on fresh topics, with a worker already in its group,
-the events are produced paced at **half** that rate while a reader (assigned,
-``fetch.wait.max.ms=10``) follows the item-params topic. Each published version names
-the input records it applied last (``source_offsets``); the latest-produced of them is
-the record that triggered it (an item's announcement for version 1, the K-th click of a
-phase for the others). Latency = when the reader got the version - when that record was
-produced (``produce()`` called); the worker-side part ends at the version's
-``produced_time``. Target: p99 <= 500 ms on CPU.
+One run: (1) the sustainable rate: a worker drains a backlog of the events (the whole
+replay by default, as in ``stream_throughput.py`` (c)); (2) on fresh topics, with a
+worker already in its group, the events are produced paced at **half** that rate while a
+reader (assigned, ``fetch.wait.max.ms=10``) follows the item-params topic. The producer
+and the reader run in processes of their own (as they would in production; sharing the
+worker's process they took its GIL), the worker in this one, instrumented per batch.
+Each published version names the input records it applied last (``source_offsets``); the
+latest-produced of them is the record that triggered it (an item's announcement for
+version 1, the K-th click of a phase for the others). Latency = when the reader got the
+version - when that record was produced (``produce()`` called); the worker-side part
+ends at the version's ``produced_time``. Target: p99 <= 500 ms on CPU.
 
 Step (2) runs once per batching mode, side by side in one process (``--modes``, order
 alternating over ``--reps``): the worker's natural batching, and the "fill" batching it
@@ -20,6 +22,7 @@ replaced (wait for ``batch_max_records`` or ``batch_timeout_ms``).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -27,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +65,18 @@ STEADY_AFTER_S = 2.0
 
 
 def follow_params(
-    conf: dict[str, str], topics: TopicSettings, stop: threading.Event, out: list[tuple[float, Any]]
+    conf: dict[str, str],
+    topics: TopicSettings,
+    ready: Any,
+    stop: Any,
+    seen: Any,
+    out: Connection,
 ) -> None:
-    """Append (receive time, ItemParams) for every params record until ``stop``."""
+    """Reader process: (receive time, source offsets, produced_time) of every params record.
+
+    Sets ``ready`` once assigned, counts records in ``seen``, and sends the list through
+    ``out`` when ``stop`` is set.
+    """
     serde: AvroSerde[ItemParams] = AvroSerde(ItemParams)
     c = Consumer(reader_conf({**conf, "fetch.wait.max.ms": "10"}))
     c.assign(
@@ -72,24 +85,36 @@ def follow_params(
             for p in range(topics.partitions or 1)
         ]
     )
+    got: list[tuple[float, list[tuple[str, int, int]], int, int]] = []
     try:
+        c.consume(1, timeout=0.5)  # nothing published yet; the fetch session is set up
+        ready.set()
         while not stop.is_set():
             for m in c.consume(500, timeout=0.05):
-                if m.error() is None:
-                    value = m.value()
+                value = m.value() if m.error() is None else None
                 if value is not None:
-                    out.append((time.time(), serde.decode(value)))
+                    rec = serde.decode(value)
+                    offs = rec["source_offsets"]
+                    srcs = [(o["topic"], o["partition"], o["offset"]) for o in offs]
+                    got.append((time.time(), srcs, rec["produced_time"], rec["version"]))
+                    seen.value = len(got)
     finally:
         c.close()
+    out.send(got)
 
 
 def paced_produce(
-    conf: dict[str, str], topics: TopicSettings, events: si.Events, rate: float, seconds: float
-) -> tuple[dict[tuple[str, int, int], float], int, list[float]]:
-    """Produce events in send order at ``rate``/s for ``seconds``.
+    conf: dict[str, str],
+    topics: TopicSettings,
+    records: list[tuple[str, str, bytes]],
+    rate: float,
+    seconds: float,
+    out: Connection,
+) -> None:
+    """Producer process: produce ``(kind, key, value)`` in order at ``rate``/s for ``seconds``.
 
-    Returns:
-        (offset -> produce() time, records produced, produce() -> delivery report s each).
+    Sends (offset -> produce() time, records produced, produce() -> delivery report s
+    each) through ``out``.
     """
     p = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
     sent_at: dict[tuple[str, int, int], float] = {}
@@ -108,18 +133,18 @@ def paced_produce(
     for topic in (topics.items, topics.interactions):
         p.list_topics(topic, timeout=10)
     p.poll(1.0)
-    n = min(len(events.records), int(rate * seconds))
+    n = min(len(records), int(rate * seconds))
     t0 = time.perf_counter()
     for i in range(n):
         due = t0 + i / rate
         while (now := time.perf_counter()) < due:
             p.poll(min(0.005, due - now))
-        kind, key, _, value = events.records[i]
+        kind, key, value = records[i]
         topic = topics.items if kind == "item" else topics.interactions
         p.produce(topic, value, key.encode(), on_delivery=cb(time.time()))
         p.poll(0)
     p.flush(60)
-    return sent_at, n, acked
+    out.send((sent_at, n, acked))
 
 
 #: How the worker forms batches: ``natural`` is the worker's own (take what is
@@ -195,16 +220,28 @@ def paced_run(
     worker._handle = timed_handle  # type: ignore[method-assign]
     wthread = threading.Thread(target=worker.run)
     wthread.start()
-    got: list[tuple[float, Any]] = []
-    stop = threading.Event()
-    reader = threading.Thread(target=follow_params, args=(conf, topics, stop, got))
+    # The producer and the reader run in processes of their own, as they would in
+    # production: in this process their Python work would take the worker's GIL.
+    ctx = mp.get_context("spawn")
+    ready, stop, seen = ctx.Event(), ctx.Event(), ctx.Value("q", 0)
+    read_end, read_out = ctx.Pipe(duplex=False)
+    reader = ctx.Process(
+        target=follow_params, args=(conf, topics, ready, stop, seen, read_out), daemon=True
+    )
     reader.start()
     deadline = time.monotonic() + 60
-    while worker.rebalances == 0 and time.monotonic() < deadline:
+    while (worker.rebalances == 0 or not ready.is_set()) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)
     load = os.getloadavg()[0]
-    sent_at, n_sent, acked = paced_produce(conf, topics, events, rate, seconds)
+    prod_end, prod_out = ctx.Pipe(duplex=False)
+    records = [(kind, key, value) for kind, key, _, value in events.records]
+    producer = ctx.Process(
+        target=paced_produce, args=(conf, topics, records, rate, seconds, prod_out), daemon=True
+    )
+    producer.start()
+    sent_at, n_sent, acked = prod_end.recv()
+    producer.join(30)
     # drain: until the worker counted every record and the reader is quiet
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -212,27 +249,27 @@ def paced_run(
             break
         time.sleep(0.1)
     last = -1
-    while len(got) != last:
-        last = len(got)
+    while seen.value != last:
+        last = seen.value
         time.sleep(1.0)
     stop.set()
-    worker.stop()
+    got = read_end.recv()
     reader.join(30)
+    worker.stop()
     wthread.join(60)
 
     total, worker_side, warm, steady = [], [], [], []
     by_second: dict[int, list[float]] = {}
     t_first = min(sent_at.values()) if sent_at else 0.0
-    for recv, rec in got:
-        srcs = [(o["topic"], o["partition"], o["offset"]) for o in rec["source_offsets"]]
+    for recv, srcs, produced_time, version in got:
         times = [sent_at[s] for s in srcs if s in sent_at]
         if not times:
             continue
         t_in = max(times)
         total.append((recv - t_in) * 1000)
         by_second.setdefault(int(t_in - t_first), []).append(total[-1])
-        worker_side.append(rec["produced_time"] - t_in * 1000)
-        if rec["version"] >= 2:
+        worker_side.append(produced_time - t_in * 1000)
+        if version >= 2:
             warm.append((recv - t_in) * 1000)
         if t_in - t_first >= STEADY_AFTER_S:
             steady.append((recv - t_in) * 1000)
@@ -283,6 +320,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--batch-timeout-ms", type=int, default=200, help="worker batch_timeout_ms")
     ap.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="events of the sustainable-rate run (0: all; the replay's early part has "
+        "fewer warm-up updates per event and overstates it)",
+    )
+    ap.add_argument(
         "--modes",
         default="natural,fill",
         help="batching modes, run in this order then reversed, --reps times (natural: the "
@@ -306,9 +350,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with EmbeddedBroker() as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         # (1) sustainable rate on a backlog
-        backlog = si.Events(
-            events.source, events.checkpoint, events.records[: 3000 if args.quick else 10_000]
-        )
+        size = args.backlog or (3000 if args.quick else len(events.records))
+        backlog = si.Events(events.source, events.checkpoint, events.records[:size])
         inputs = si.fresh_topics(conf, args.partitions, "lb")
         si.produce_all(conf, inputs, backlog)
         took, _ = run_worker(handler, broker.bootstrap, inputs, len(backlog.records), 512)

@@ -421,8 +421,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     main_mode = "natural" if "natural" in modes else modes[0]
     p99 = summary[main_mode]["p99"]
     md += (
-        f"\nrate {rate:,.0f} events/s = half the sustainable {sustainable:,.0f} events/s "
-        f"(worker draining a backlog of {len(backlog.records)} events); {runs[0]['events_sent']} "
+        f"\nrate {rate:,.0f} events/s ({'given' if args.rate else 'half the sustainable'}; "
+        f"sustainable {sustainable:,.0f} events/s in this run: a worker draining a backlog "
+        f"of {len(backlog.records)} events); {runs[0]['events_sent']} "
         f"events over {seconds:.0f} s per run from {events.source}, {args.partitions} "
         f"partitions, batch_max_records 512, batch_timeout_ms {args.batch_timeout_ms}, "
         f"fetch.wait.max.ms {args.fetch_wait_ms or 'the worker default'}; p99 ({main_mode}) "

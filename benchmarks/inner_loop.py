@@ -17,6 +17,7 @@ threads and 1 vs one process per core.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
 import os
@@ -389,6 +390,29 @@ def chunk_compare(model: EmerG, n: int, device: torch.device, reps: int) -> dict
     }
 
 
+def compiled_chunks(
+    model: EmerG, n: int, device: torch.device, reps: int, chunks: Sequence[int] = (16, 32, 64, 128)
+) -> dict[str, Any]:
+    """``warm_up(compiled=True)`` at several chunk sizes, interleaved (one compilation)."""
+    items, rows = synthetic_items(n, K, seed=9)
+    phi = cold_start(model, items, salt=0, device=device)
+    rows_d = rows.to(device)
+    cfg = WarmupConfig()
+
+    def case(c: int) -> Callable[[], Phi]:
+        return lambda: warm_up(model, phi, rows_d, cfg, chunk=c, compiled=True)
+
+    samples, results = interleaved({str(c): case(c) for c in chunks}, device, reps)
+    first = results[str(chunks[0])]
+    return {
+        "items": n,
+        "default": getattr(warmup_module, "CPU_CHUNK_ITEMS_COMPILED", None),
+        "items_per_s": {c: _rate(n, samples[str(c)].wall_s) for c in chunks},
+        "samples": {c: samples[str(c)].to_dict() for c in chunks},
+        "max_abs_diff": max(max_abs_diff(first, results[str(c)]) for c in chunks),
+    }
+
+
 def threads_compare(model: EmerG, n: int, device: torch.device, reps: int) -> dict[str, Any] | None:
     """Default-config warm-up with 1 torch thread vs the current count, interleaved."""
     current = torch.get_num_threads()
@@ -507,6 +531,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--no-extras", action="store_true", help="skip flops/profile/fix/threads")
     p.add_argument(
+        "--only",
+        choices=["processes", "compiled-chunks"],
+        default=None,
+        help="run just this comparison (1 vs N processes, compiled: --procs-items items; "
+        "compiled warm-up at chunks of 16/32/64/128: --chunk-items items)",
+    )
+    p.add_argument(
         "--compiled",
         choices=["auto", "yes", "no"],
         default="auto",
@@ -519,6 +550,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.procs_items = 0 if device.type != "cpu" else 100 if args.quick else 1000
     sizes = args.sizes or ([10, 50] if args.quick else [100, 1000, 10000])
     reps = args.reps or (3 if args.quick else 5)
+    if args.only:
+        return run_only(args, device, reps, argv)
     mid_reps, big_reps = max(1, min(reps, 3)), max(1, min(reps, 2))
     model = build_emerg(device)
     model64 = build_emerg(device, dtype=torch.float64)
@@ -630,6 +663,45 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **extras,
     }
     emit(result, markdown(result), args.json)
+    return result
+
+
+def run_only(
+    args: argparse.Namespace, device: torch.device, reps: int, argv: Sequence[str] | None
+) -> dict[str, Any]:
+    """``--only``: one comparison, its JSON and a line of markdown."""
+    result: dict[str, Any] = {
+        "benchmark": "inner_loop",
+        "command": command_line("inner_loop.py", argv),
+        "machine": machine_info(device),
+    }
+    if args.only == "processes":
+        n = args.procs_items or (100 if args.quick else 1000)
+        pr = processes_compare(n, reps, compiled=True)
+        if pr is None:
+            raise SystemExit("--only processes needs at least 2 usable CPUs")
+        result["processes_compiled"] = pr
+        md = (
+            f"compiled warm-up, {n:,} items: 1 process {pr['one']['items_per_s']:,.0f}/s, "
+            f"{pr['processes']} processes {pr['split']['items_per_s']:,.0f}/s "
+            f"(**{pr['speedup']:.2f}x**)\n"
+        )
+    else:
+        n = args.chunk_items or (64 if args.quick else 1024)
+        model = build_emerg(device)
+        cc = compiled_chunks(model, n, device, reps)
+        result["compiled_chunks"] = cc
+        md = markdown_table(
+            ["items", *[f"chunk {c}" for c in cc["items_per_s"]], "max abs diff"],
+            [
+                [
+                    n,
+                    *[f"{v:,.0f}/s" for v in cc["items_per_s"].values()],
+                    f"{cc['max_abs_diff']:.1e}",
+                ]
+            ],
+        )
+    emit(result, md, args.json)
     return result
 
 

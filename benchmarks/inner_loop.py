@@ -406,7 +406,7 @@ def compiled_chunks(
     first = results[str(chunks[0])]
     return {
         "items": n,
-        "default": getattr(warmup_module, "CPU_CHUNK_ITEMS_COMPILED", None),
+        "default": getattr(warmup_module, "CPU_CHUNK_ITEMS", None),
         "items_per_s": {c: _rate(n, samples[str(c)].wall_s) for c in chunks},
         "samples": {c: samples[str(c)].to_dict() for c in chunks},
         "max_abs_diff": max(max_abs_diff(first, results[str(c)]) for c in chunks),

@@ -83,11 +83,6 @@ class _Stepper:
 #: (1.2-1.3x over 256; docs/BENCHMARKS.md).
 CPU_CHUNK_ITEMS = 64
 
-#: The same for ``compiled=True``: 32 was 4-15 % faster than 64 there in every
-#: comparison (inductor's fused loops keep a chunk's temporaries in cache;
-#: docs/BENCHMARKS.md).
-CPU_CHUNK_ITEMS_COMPILED = 32
-
 
 #: The loss of one warm-up step: (model, prepared rows, rows, φ leaves, I) -> scalar.
 StepLoss = Callable[[ItemModel, Prepared, Rows, Phi, int], Tensor]
@@ -152,9 +147,8 @@ def warm_up(
         phi: ``[I, ...]`` current item parameters.
         rows: Support rows, ``rows.item`` indexing into ``phi``.
         cfg: Steps, lr, optimiser.
-        chunk: Items per batched computation; ``None`` = :data:`CPU_CHUNK_ITEMS` on CPU
-            (:data:`CPU_CHUNK_ITEMS_COMPILED` when compiled), all items at once on an
-            accelerator.
+        chunk: Items per batched computation; ``None`` = :data:`CPU_CHUNK_ITEMS` on CPU,
+            all items at once on an accelerator.
         compiled: Run each step's forward and backward through ``torch.compile`` (the
             same function; about 2x faster on CPU, after a one-off compilation of about
             a minute per process). Meant for long-running workers; it freezes the shared
@@ -169,9 +163,7 @@ def warm_up(
     if len(rows) == 0 or cfg.steps == 0:
         return cur
     if chunk is None:
-        on_cpu = rows.item.device.type == "cpu"
-        cpu_chunk = CPU_CHUNK_ITEMS_COMPILED if compiled else CPU_CHUNK_ITEMS
-        chunk = cpu_chunk if on_cpu else max(n_items, 1)
+        chunk = CPU_CHUNK_ITEMS if rows.item.device.type == "cpu" else max(n_items, 1)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     if not compiled:

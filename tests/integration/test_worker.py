@@ -286,6 +286,93 @@ def test_end_to_end_params_equal_the_offline_protocol(
     )
 
 
+def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
+    world, handler, kafka_conf, bootstrap, topics, unique_name
+):
+    """The pipelined checkpoint keeps the at-least-once order for every batch.
+
+    Batch n's changelog is produced only after a flush that followed n's outputs, its
+    offsets are committed only after a flush that followed its changelog, and every
+    batch's checkpoint is committed by the time the worker stops.
+    """
+    produce(kafka_conf, input_records(world, topics))
+    settings = settings_for(bootstrap, topics, unique_name("group"), batch_max_records=16)
+    worker = Worker(settings, handler)
+    events: list[tuple[str, int]] = []  # (what, id of the object it concerns)
+    process, checkpoint = worker.processor.process, worker.processor.checkpoint
+    produce_, flush, commit = worker._produce, worker._flush, worker._commit
+    batches: list[tuple[int, int]] = []  # (id of outputs, id of checkpoint records)
+    alive: list[Any] = []  # every object whose id is recorded (ids are not reused then)
+
+    def spy_process(batch: Any) -> Any:
+        out = process(batch)
+        alive.append(out[0])
+        batches.append((id(out[0]), -1))
+        return out
+
+    def spy_checkpoint() -> Any:
+        cp = checkpoint()
+        alive.append(cp.records)
+        if batches and batches[-1][1] == -1:
+            batches[-1] = (batches[-1][0], id(cp.records) if cp.records else 0)
+        return cp
+
+    def spy_produce(records: Any) -> None:
+        events.append(("produce", id(records)))
+        produce_(records)
+
+    def spy_flush() -> None:
+        flush()
+        events.append(("flush", 0))
+
+    def spy_commit(cp: Any, **kw: Any) -> None:
+        events.append(("commit", id(cp.records)))
+        commit(cp, **kw)
+
+    worker.processor.process = spy_process  # type: ignore[method-assign]
+    worker.processor.checkpoint = spy_checkpoint  # type: ignore[method-assign]
+    worker._produce = spy_produce  # type: ignore[method-assign]
+    worker._flush = spy_flush  # type: ignore[method-assign]
+    worker._commit = spy_commit  # type: ignore[method-assign]
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(
+            lambda: worker.counts.total("interactions") == len(world.interactions), 90, "worker"
+        )
+        # idle, the worker drains the pipeline by itself (before any stop)
+        wait_for(lambda: worker._held is None and worker._sent is None, 10, "the idle drain")
+        committed_while_idle = worker.checkpoints
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert not thread.is_alive(), "worker did not stop"
+
+    def first(what: str, obj: int) -> int:
+        hits = [i for i, e in enumerate(events) if e == (what, obj)]
+        assert len(hits) == 1, f"{what} of one batch seen {len(hits)} times"
+        return hits[0]
+
+    def flushed_between(a: int, b: int) -> bool:
+        return any(e[0] == "flush" for e in events[a + 1 : b])
+
+    checked = 0
+    for outputs, records in batches:
+        if records == 0:  # nothing changed: no changelog, nothing to commit
+            continue
+        out_i, cl_i, commit_i = (
+            first("produce", outputs),
+            first("produce", records),
+            first("commit", records),
+        )
+        assert out_i < cl_i < commit_i
+        assert flushed_between(out_i, cl_i), "changelog produced before its outputs were acked"
+        assert flushed_between(cl_i, commit_i), "offsets committed before the changelog was acked"
+        checked += 1
+    assert checked >= 10, f"only {checked} batches checked"
+    assert committed_while_idle == checked == worker.checkpoints
+
+
 # -- (2) bad records ----------------------------------------------------------------
 
 

@@ -340,8 +340,17 @@ def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
         wait_for(
             lambda: worker.counts.total("interactions") == len(world.interactions), 90, "worker"
         )
+
         # idle, the worker drains the pipeline by itself (before any stop)
-        wait_for(lambda: worker._held is None and worker._sent is None, 10, "the idle drain")
+        def drained() -> bool:  # and stays so (not a glimpse between two stages)
+            before = worker.checkpoints
+            if worker._held is not None or worker._sent is not None:
+                return False
+            time.sleep(0.5)
+            idle = worker._held is None and worker._sent is None
+            return idle and worker.checkpoints == before
+
+        wait_for(drained, 20, "the idle drain")
         committed_while_idle = worker.checkpoints
     finally:
         worker.stop()

@@ -188,7 +188,9 @@ class WorkerMetrics:
         )
         self.checkpoint = Histogram(
             "emerg_worker_checkpoint_seconds",
-            "Latency of a checkpoint (changelog produce + flush + offset commit).",
+            "Time a batch waits in a checkpoint stage: the flush of what was produced "
+            "before it, the offset commit and the changelog produce (the broker's "
+            "acknowledgements mostly arrived while the batch was processed).",
             registry=self.registry,
         )
         self.params_published = Counter(

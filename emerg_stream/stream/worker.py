@@ -450,12 +450,12 @@ class Worker:
             return
         t0 = time.perf_counter()
         self._flush()
-        self._sent = self._held = None
         if sent is not None:
             self._commit(sent, in_revoke=in_revoke)
+            self._sent = None
         if held is not None:
             self._produce(held.records)
-            self._sent = held
+            self._sent, self._held = held, None
         self.metrics.checkpoint.observe(time.perf_counter() - t0)
 
     def _commit(self, cp: CheckpointRecords, *, in_revoke: bool) -> None:

@@ -342,7 +342,7 @@ def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
         )
 
         # idle, the worker drains the pipeline by itself (before any stop)
-        def drained() -> bool:  # and stays so (not a glimpse between two stages)
+        def drained() -> bool:  # and stays so (no batch in between)
             before = worker.checkpoints
             if worker._held is not None or worker._sent is not None:
                 return False

@@ -52,6 +52,7 @@ from benchmarks.common import (
 from emerg_stream.config import TopicSettings
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent
+from emerg_stream.meta.warmup import BACKENDS
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.decode import Rejected
 from emerg_stream.stream.envelope import Inbound
@@ -178,9 +179,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     si.add_arguments(p)
     p.add_argument("--batch", type=int, default=512, help="batch_max_records (worker default)")
     p.add_argument(
-        "--warmup-compile",
-        action="store_true",
-        help="the worker's warmup_compile setting (compiled warm-up step) for (b) and (c)",
+        "--warmup-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="the worker's warmup_backend setting for (b) and (c)",
     )
     p.add_argument(
         "--profile",
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     limit = 5000 if args.quick and not args.limit else args.limit
     events = si.load_events(limit, args.checkpoint)
     handler = TorchWarmupHandler.from_checkpoint(
-        events.checkpoint, "cpu", compile_warmup=args.warmup_compile
+        events.checkpoint, "cpu", warmup_backend=args.warmup_backend
     )
     n = len(events.records)
 
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target": TARGET,
         "met": ratio is not None and ratio >= TARGET,
         "worker_last_run": extra,
-        "warmup_compile": args.warmup_compile,
+        "warmup_backend": args.warmup_backend,
     }
     emit(result, md, args.json)
     return result

@@ -19,6 +19,7 @@ a pydantic traceback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -231,10 +232,14 @@ class WorkerSettings(Settings):
             read minus the interaction's own) an interaction waits for its item's
             announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
-        warmup_compile: Run the warm-up steps through ``torch.compile``: about 2x the
-            warm-up throughput on CPU (docs/BENCHMARKS.md), after a compilation of tens
-            of seconds at start (before joining the group). Worth it where warm-ups
-            dominate (many steps, Adam, large K); off by default.
+        warmup_backend: Where warm-up gradients come from: ``auto`` (the default: the
+            compiled CPU kernel for EmerG on the CPU, about 4.5x autograd on one core,
+            built in seconds once per machine and model shape with the system C
+            compiler; autograd elsewhere, or where no compiler is found, with a
+            warning), ``kernel`` (the kernel or a start-up error), ``autograd``, or
+            ``compile`` (autograd through ``torch.compile``, about 2x autograd after tens
+            of seconds of compilation per process). Everything is built at start,
+            before the worker joins its group (docs/BENCHMARKS.md, section 1).
         metrics_port: Prometheus port; ``None`` = no metrics server.
         metrics_host: Address the metrics server binds: the loopback by default,
             ``0.0.0.0`` in a container whose port is published or scraped from outside.
@@ -258,7 +263,7 @@ class WorkerSettings(Settings):
     pending_max: int = Field(default=10_000, ge=0)
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
-    warmup_compile: bool = False
+    warmup_backend: Literal["auto", "autograd", "compile", "kernel"] = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     auc_window: int = Field(default=10_000, ge=2)
@@ -277,6 +282,11 @@ class WorkerSettings(Settings):
             )
         if self.startup_backoff_max_ms < self.startup_backoff_ms:
             raise ValueError("startup_backoff_max_ms is below startup_backoff_ms")
+        if "EMERG_WARMUP_COMPILE" in os.environ:  # retired: say so rather than ignore it
+            raise ValueError(
+                "EMERG_WARMUP_COMPILE was replaced by EMERG_WARMUP_BACKEND "
+                "(auto | kernel | autograd | compile; compile is the old true)"
+            )
         return self
 
 

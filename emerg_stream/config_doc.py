@@ -66,6 +66,7 @@ def other_variables() -> list[tuple[str, str]]:
     from emerg_stream.data.datasets import DATA_DIR_ENV
     from emerg_stream.data.fetch import DATA_URL_ENV, DEFAULT_BASE_URL
     from emerg_stream.io.schemas import SCHEMA_DIR_ENV
+    from emerg_stream.model.cpu_kernel import KERNEL_CACHE_ENV
     from emerg_stream.stream.faults import FAULT_ENV
 
     return [
@@ -84,6 +85,22 @@ def other_variables() -> list[tuple[str, str]]:
         (
             SCHEMA_DIR_ENV,
             "Folder of Avro schemas (`*.avsc` + `ids.json`) that replaces the packaged copy.",
+        ),
+        (
+            KERNEL_CACHE_ENV,
+            "Folder of the compiled CPU warm-up kernels, one shared library per model shape "
+            "and CPU (default `$XDG_CACHE_HOME/emerg-stream/kernels`, else "
+            "`~/.cache/emerg-stream/kernels`); see `EMERG_WARMUP_BACKEND`.",
+        ),
+        (
+            "EMERG_WARMUP_COMPILE",
+            "Retired: replaced by `EMERG_WARMUP_BACKEND` (`compile` is the old `true`). "
+            "The worker refuses to start while it is set, rather than ignore it.",
+        ),
+        (
+            "CC",
+            "The C compiler that builds the CPU warm-up kernel (default `cc`); without "
+            "one, `EMERG_WARMUP_BACKEND=auto` warns and uses autograd.",
         ),
         (
             FAULT_ENV,

@@ -108,7 +108,7 @@ def run_member(args: argparse.Namespace, index: int) -> int:
 
     torch.set_num_threads(max(1, args.torch_threads))
     handler = TorchWarmupHandler.from_checkpoint(
-        settings.checkpoint, settings.device, compile_warmup=settings.warmup_compile
+        settings.checkpoint, settings.device, warmup_backend=settings.warmup_backend
     )
     worker = Worker(
         settings,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def find_data_dir() -> Path | None:
     env = os.environ.get("EMERG_DATA_DIR")
     candidate = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
     return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def c_compiler() -> str:
+    """The C compiler that builds the CPU warm-up kernel; skips the test without one."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("no C compiler (cc or $CC): the CPU warm-up kernel cannot be built")
+    return cc
 
 
 @pytest.fixture(scope="session")

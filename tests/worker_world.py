@@ -247,7 +247,10 @@ def offline_phis(world: World, checkpoint: Path) -> dict[str, list[dict[str, np.
             torch.from_numpy(remap[row_item[keep]]),
         )
         idx = torch.from_numpy(full)
-        new = warm_up(ck.model, {k: v[idx] for k, v in phi.items()}, rows, WARMUP)
+        # autograd: the reference the worker's default backend (the CPU kernel) must meet
+        new = warm_up(
+            ck.model, {k: v[idx] for k, v in phi.items()}, rows, WARMUP, backend="autograd"
+        )
         for k in phi:
             phi[k] = phi[k].clone()
             phi[k][idx] = new[k]

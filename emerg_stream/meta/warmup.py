@@ -1,9 +1,14 @@
 """Phased warm-up of new items: gradient steps on φ only, batched over items.
 
 One call updates every item of a batch at once: φ is stacked over items, each item's
-loss is the mean over its own support rows, and one backward pass per step yields all
-items' gradients. :func:`warm_up_reference` loops over items one by one; it exists so
-tests can prove the batched path equal to it.
+loss is the mean over its own support rows, and one gradient computation per step
+yields all items' gradients. :func:`warm_up_reference` loops over items one by one; it
+exists so tests can prove the batched path equal to it.
+
+Where the gradient comes from is the ``backend`` (:data:`Backend`): autograd (any model,
+any device), autograd through ``torch.compile``, or, for EmerG on the CPU, the compiled
+kernel of :mod:`emerg_stream.model.cpu_kernel`. ``auto`` takes the kernel where it
+serves and autograd elsewhere; all of them compute the same function.
 """
 
 from __future__ import annotations
@@ -12,14 +17,30 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+import structlog
 import torch
 from torch import Tensor
 
 from emerg_stream.meta.losses import per_item_mean_loss
 from emerg_stream.meta.rows import Rows
 from emerg_stream.model.base import ItemModel, Phi, Prepared
+from emerg_stream.model.cpu_kernel import KernelUnavailableError, PhiGradKernel, phi_grad_kernel
+from emerg_stream.model.emerg import EmerG
+
+log = structlog.get_logger(__name__)
+
+#: Where a warm-up step's gradient comes from:
+#: ``autograd`` - one batched backward pass (every model and device);
+#: ``compile`` - the same step through ``torch.compile`` (about a minute to compile per
+#: process; ~2x autograd on CPU);
+#: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a few seconds to build
+#: once per machine and model shape; ~2.5x ``compile``, ~4.5x autograd on one core);
+#: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C compiler), else
+#: ``autograd``.
+Backend = Literal["auto", "autograd", "compile", "kernel"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)
@@ -79,9 +100,12 @@ class _Stepper:
 
 #: Items per chunk of :func:`warm_up` on CPU: the per-row temporaries of a chunk stay in
 #: cache and memory stays bounded (about 0.3 MB per item of K=20 rows); 64 was the
-#: fastest of 16/32/64/128/256/512 on the ML-1M shape, eager and compiled alike
-#: (1.2-1.3x over 256; docs/BENCHMARKS.md).
+#: fastest of 16/32/64/128/256/512 on the ML-1M shape for autograd, eager and compiled
+#: alike (1.2-1.3x over 256; docs/BENCHMARKS.md).
 CPU_CHUNK_ITEMS = 64
+
+#: The gradient of one chunk's summed per-item loss with respect to its φ.
+PhiGrad = Callable[[Phi], dict[str, Tensor]]
 
 
 #: The loss of one warm-up step: (model, prepared rows, rows, φ leaves, I) -> scalar.
@@ -127,6 +151,33 @@ def _frozen(model: ItemModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def resolve_backend(
+    model: ItemModel, backend: Backend, dtype: torch.dtype, device: torch.device
+) -> tuple[Literal["autograd", "compile", "kernel"], PhiGradKernel | None]:
+    """The backend ``backend`` means for this model, dtype and device, and its kernel.
+
+    ``auto`` becomes ``kernel`` where the kernel serves and ``autograd`` otherwise (the
+    reason is logged once per process); ``kernel`` raises :class:`KernelUnavailableError`
+    where it does not.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown warm-up backend {backend!r}; choose one of {BACKENDS}")
+    if backend in ("autograd", "compile"):
+        return backend, None
+    try:
+        return "kernel", phi_grad_kernel(model, dtype, device)
+    except KernelUnavailableError as exc:
+        if backend == "kernel":
+            raise
+        if exc.machine and str(exc) not in _FALLBACKS_LOGGED:  # worth an operator's look
+            _FALLBACKS_LOGGED.add(str(exc))
+            log.warning("warmup_kernel_unavailable", reason=str(exc), backend="autograd")
+        return "autograd", None
+
+
+_FALLBACKS_LOGGED: set[str] = set()
+
+
 def warm_up(
     model: ItemModel,
     phi: Phi,
@@ -134,7 +185,7 @@ def warm_up(
     cfg: WarmupConfig,
     *,
     chunk: int | None = None,
-    compiled: bool = False,
+    backend: Backend = "auto",
 ) -> Phi:
     """One warm-up phase for every item of ``phi`` at once.
 
@@ -149,11 +200,10 @@ def warm_up(
         cfg: Steps, lr, optimiser.
         chunk: Items per batched computation; ``None`` = :data:`CPU_CHUNK_ITEMS` on CPU,
             all items at once on an accelerator.
-        compiled: Run each step's forward and backward through ``torch.compile`` (the
-            same function; about 2x faster on CPU, after a one-off compilation of about
-            a minute per process). Meant for long-running workers; it freezes the shared
-            parameters' ``requires_grad`` during the call, so do not train the model
-            concurrently.
+        backend: Where each step's gradient comes from (:data:`Backend`); every
+            backend gives the same φ up to float rounding. ``compile`` freezes the
+            shared parameters' ``requires_grad`` during the call, so do not train the
+            model concurrently.
 
     Returns:
         The updated φ, detached.
@@ -166,19 +216,28 @@ def warm_up(
         chunk = CPU_CHUNK_ITEMS if rows.item.device.type == "cpu" else max(n_items, 1)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    if not compiled:
-        return _warm_up_chunks(model, cur, rows, cfg, chunk, _step_loss)
+    first = next(iter(cur.values()))
+    kind, kernel = resolve_backend(model, backend, first.dtype, first.device)
+    loss_fn = _compiled_step_loss(model) if kind == "compile" else _step_loss
+
+    def grads(own: Rows, n: int) -> PhiGrad:
+        if kernel is not None:
+            return _kernel_grad(model, kernel, own, n)
+        return _autograd_grad(model, own, n, loss_fn)
+
+    if kind != "compile":
+        return _warm_up_chunks(cur, rows, cfg, chunk, grads)
     with _frozen(model):
-        return _warm_up_chunks(model, cur, rows, cfg, chunk, _compiled_step_loss(model))
+        return _warm_up_chunks(cur, rows, cfg, chunk, grads)
 
 
 def _warm_up_chunks(
-    model: ItemModel, cur: Phi, rows: Rows, cfg: WarmupConfig, chunk: int, loss: StepLoss
+    cur: Phi, rows: Rows, cfg: WarmupConfig, chunk: int, grads: Callable[[Rows, int], PhiGrad]
 ) -> Phi:
-    """:func:`warm_up` over items ``chunk`` at a time."""
+    """:func:`warm_up` over items ``chunk`` at a time; ``grads`` builds each chunk's."""
     n_items = next(iter(cur.values())).shape[0]
     if n_items <= chunk:
-        return _warm_up_batch(model, cur, rows, cfg, loss)
+        return _warm_up_batch(cur, cfg, grads(rows, n_items))
     order = torch.argsort(rows.item, stable=True)  # keeps each item's rows in order
     edges = torch.arange(0, n_items + chunk, chunk, device=rows.item.device).clamp_max(n_items)
     bounds = torch.searchsorted(rows.item[order], edges).tolist()
@@ -189,27 +248,62 @@ def _warm_up_chunks(
         if len(idx) > 0:
             sel = rows.select(idx)
             own = Rows(sel.tokens, sel.weights, sel.labels, sel.item - start)
-            part = _warm_up_batch(model, part, own, cfg, loss)
+            n_part = next(iter(part.values())).shape[0]
+            part = _warm_up_batch(part, cfg, grads(own, n_part))
         parts.append(part)
     return {k: torch.cat([p[k] for p in parts]) for k in cur}
 
 
-def _warm_up_batch(
-    model: ItemModel, cur: Phi, rows: Rows, cfg: WarmupConfig, loss_fn: StepLoss
-) -> Phi:
+def _warm_up_batch(cur: Phi, cfg: WarmupConfig, grad: PhiGrad) -> Phi:
     """All items of ``cur`` in one batched computation per step."""
-    n_items = next(iter(cur.values())).shape[0]
     stepper = _Stepper(cur, cfg)
-    names = list(cur)
+    for _ in range(cfg.steps):
+        cur = stepper.step(cur, grad(cur))
+    return cur
+
+
+def _autograd_grad(model: ItemModel, rows: Rows, n_items: int, loss_fn: StepLoss) -> PhiGrad:
+    """The gradient by one backward pass of ``loss_fn`` (plain or compiled)."""
     with torch.no_grad():  # the rows' φ-independent part, once for all steps
         prepared = model.prepare(rows.tokens, rows.weights)
-    for _ in range(cfg.steps):
+
+    def grad(cur: Phi) -> dict[str, Tensor]:
+        names = list(cur)
         leaves = {k: cur[k].clone().requires_grad_(True) for k in names}
         with torch.enable_grad():
             loss = loss_fn(model, prepared, rows, leaves, n_items)
             grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-        cur = stepper.step(cur, dict(zip(names, grads, strict=True)))
-    return cur
+        return dict(zip(names, grads, strict=True))
+
+    return grad
+
+
+def _kernel_grad(model: ItemModel, kernel: PhiGradKernel, rows: Rows, n_items: int) -> PhiGrad:
+    """The gradient from the CPU kernel; the graph refinement's backward by autograd.
+
+    The kernel returns the loss's gradient to the refined per-layer graphs; the small
+    per-item refinement (min-max, TopK, powers) is differentiated by autograd from
+    there, so the two backends share that code.
+    """
+    if not isinstance(model, EmerG):  # phi_grad_kernel only serves EmerG
+        raise TypeError(f"the warm-up kernel serves EmerG, not {type(model).__name__}")
+    with torch.no_grad():
+        e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
+        ones = torch.ones_like(rows.labels)
+        counts = torch.zeros(n_items, dtype=ones.dtype).index_add(0, rows.item, ones)
+        inv_count = (1.0 / counts.clamp_min(1))[rows.item]
+
+    def grad(cur: Phi) -> dict[str, Tensor]:
+        adj = cur["adj"].detach().requires_grad_(True)
+        with torch.enable_grad():
+            graphs = model.graphs(adj)
+        _, d_graphs, d_id = kernel(
+            model, e_rest, graphs.detach(), cur["id"], rows.item, rows.labels, inv_count
+        )
+        (d_adj,) = torch.autograd.grad(graphs, adj, d_graphs.to(graphs.dtype))
+        return {"adj": d_adj, "id": d_id.to(cur["id"].dtype)}
+
+    return grad
 
 
 def warm_up_reference(model: ItemModel, phi: Phi, rows: Rows, cfg: WarmupConfig) -> Phi:
@@ -221,5 +315,5 @@ def warm_up_reference(model: ItemModel, phi: Phi, rows: Rows, cfg: WarmupConfig)
         own = rows.select(mask.nonzero().squeeze(1))
         own = Rows(own.tokens, own.weights, own.labels, torch.zeros_like(own.item))
         one = {k: v[i : i + 1] for k, v in phi.items()}
-        parts.append(warm_up(model, one, own, cfg))
+        parts.append(warm_up(model, one, own, cfg, backend="autograd"))
     return {k: torch.cat([p[k] for p in parts]) for k in phi}

@@ -29,7 +29,7 @@ from torch import Tensor
 from emerg_stream.features import FeatureSpec, encode_records
 from emerg_stream.io.records import SupportRow
 from emerg_stream.meta.rows import Rows
-from emerg_stream.meta.warmup import WarmupConfig, warm_up
+from emerg_stream.meta.warmup import Backend, WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi
 from emerg_stream.stream.handler import ItemFeatures, ParamsArrays
 
@@ -144,7 +144,7 @@ class TorchBatchSession:
         trained: ``[I]`` items that use trained params (old items).
         warmup: The checkpoint's warm-up protocol.
         device: Where φ lives during the batch.
-        compiled: Warm-up steps through ``torch.compile`` (see ``warm_up``).
+        backend: Where warm-up gradients come from (see ``warm_up``).
     """
 
     def __init__(
@@ -157,7 +157,7 @@ class TorchBatchSession:
         warmup: WarmupConfig,
         device: torch.device,
         *,
-        compiled: bool = False,
+        backend: Backend = "auto",
     ) -> None:
         n, f = len(items), model.config.n_fields
         if len(params) != n or trained.shape != (n,):
@@ -166,7 +166,7 @@ class TorchBatchSession:
         self.columns = columns
         self.warmup = warmup
         self.device = device
-        self.compiled = compiled
+        self.backend = backend
         tokens, weights = columns.encode_items(items)
         self._item_tokens = tokens.to(device)
         self._item_weights = weights.to(device)
@@ -216,7 +216,7 @@ class TorchBatchSession:
         rows = Rows(tokens, weights, labels.to(self.device), item.to(self.device))
         idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
         current = {k: v[idx] for k, v in self.phi.items()}
-        new = warm_up(self.model, current, rows, self.warmup, compiled=self.compiled)
+        new = warm_up(self.model, current, rows, self.warmup, backend=self.backend)
         for k in self.phi:
             self.phi[k][idx] = new[k].to(self.phi[k].dtype)
 

@@ -25,7 +25,8 @@ from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.meta.evaluate import cold_start
 from emerg_stream.meta.rows import ItemSet, Rows
-from emerg_stream.meta.warmup import WarmupConfig, warm_up
+from emerg_stream.meta.warmup import Backend, WarmupConfig, resolve_backend, warm_up
+from emerg_stream.model.cpu_kernel import KernelUnavailableError
 from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
 from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays
 
@@ -70,10 +71,11 @@ class TorchWarmupHandler:
     Args:
         checkpoint: The loaded checkpoint (its model is moved to ``device``).
         device: Where φ and the model live.
-        compile_warmup: Run warm-up steps through ``torch.compile`` (about 2x the
-            warm-up throughput on CPU; the same φ within float rounding). The one-off
-            compilation (tens of seconds, less with inductor's on-disk cache) happens
-            here, before the worker joins its group, not in its first batch.
+        warmup_backend: Where warm-up gradients come from (see
+            :data:`~emerg_stream.meta.warmup.Backend`; the same φ within float rounding).
+            Whatever it needs built (the CPU kernel: seconds, once per machine; a
+            ``torch.compile`` step: tens of seconds per process) is built here, before
+            the worker joins its group, not in its first batch.
 
     Raises:
         ModelError: The checkpoint's meta lacks what the stream needs (``noise_salt``,
@@ -81,7 +83,11 @@ class TorchWarmupHandler:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: torch.device, *, compile_warmup: bool = False
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        warmup_backend: Backend = "auto",
     ) -> None:
         meta = checkpoint.meta
         try:
@@ -100,9 +106,8 @@ class TorchWarmupHandler:
         self.model = checkpoint.model.to(device).eval()
         self._version = checkpoint.model_version
         self.columns = FeatureColumns(self.spec)
-        self.compile_warmup = compile_warmup
-        if compile_warmup:
-            self._compile_warmup()
+        self.warmup_backend = warmup_backend
+        self._prepare_warmup()
         self._fields = tuple(
             FieldInfo(f.name, f.side, f.kind)
             for f in self.spec.fields
@@ -111,40 +116,54 @@ class TorchWarmupHandler:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "auto", *, compile_warmup: bool = False
+        cls, path: str | Path, device: str = "auto", *, warmup_backend: Backend = "auto"
     ) -> TorchWarmupHandler:
         """Load and verify a checkpoint directory (see :func:`load_checkpoint`)."""
         dev = resolve_device(device)
-        return cls(load_checkpoint(path, device=dev), dev, compile_warmup=compile_warmup)
+        return cls(load_checkpoint(path, device=dev), dev, warmup_backend=warmup_backend)
 
-    def _compile_warmup(self) -> None:
-        """Compile the warm-up step now, on stand-in phases of 3 items and of 1 item.
+    def _prepare_warmup(self) -> None:
+        """Build the warm-up backend now and say which one runs.
 
-        Shapes are dynamic, but torch specialises a size of 1: without the second
+        The kernel builds (or loads from its cache) for the model's shape. A
+        ``torch.compile`` step compiles on stand-in phases of 3 items and of 1 item:
+        shapes are dynamic, but torch specialises a size of 1, and without the second
         stand-in the first one-item phase of the stream would recompile mid-batch.
+
+        Raises:
+            ModelError: ``kernel`` was asked for and cannot serve this model or machine.
         """
         import time
 
         import structlog
 
-        f, d, t = self.n_fields, self.dim, self.spec.max_tokens
         t0 = time.perf_counter()
-        for item in ([0, 0, 1, 1, 1, 2, 2], [0, 0]):
-            index = torch.tensor(item, device=self.device)
-            n_items, n_rows = int(index.max()) + 1, len(item)
-            phi = {
-                "adj": torch.zeros(n_items, f, f, device=self.device),
-                "id": torch.zeros(n_items, d, device=self.device),
-            }
-            rows = Rows(
-                torch.zeros(n_rows, f, t, dtype=torch.long, device=self.device),
-                torch.zeros(n_rows, f, t, device=self.device),
-                torch.zeros(n_rows, device=self.device),
-                index,
-            )
-            warm_up(self.model, phi, rows, self._warmup, compiled=True)
+        dtype = next(self.model.parameters()).dtype
+        try:
+            kind, _ = resolve_backend(self.model, self.warmup_backend, dtype, self.device)
+        except KernelUnavailableError as exc:
+            raise ModelError(f"warm-up backend 'kernel' is unavailable: {exc}") from exc
+        if kind == "compile":
+            f, d, t = self.n_fields, self.dim, self.spec.max_tokens
+            for item in ([0, 0, 1, 1, 1, 2, 2], [0, 0]):
+                index = torch.tensor(item, device=self.device)
+                n_items, n_rows = int(index.max()) + 1, len(item)
+                phi = {
+                    "adj": torch.zeros(n_items, f, f, device=self.device),
+                    "id": torch.zeros(n_items, d, device=self.device),
+                }
+                rows = Rows(
+                    torch.zeros(n_rows, f, t, dtype=torch.long, device=self.device),
+                    torch.zeros(n_rows, f, t, device=self.device),
+                    torch.zeros(n_rows, device=self.device),
+                    index,
+                )
+                warm_up(self.model, phi, rows, self._warmup, backend="compile")
         structlog.get_logger(__name__).info(
-            "warmup_compiled", seconds=round(time.perf_counter() - t0, 1)
+            "warmup_backend",
+            asked=self.warmup_backend,
+            runs=kind,
+            seconds=round(time.perf_counter() - t0, 1),
         )
 
     @property
@@ -208,5 +227,5 @@ class TorchWarmupHandler:
             trained,
             self._warmup,
             self.device,
-            compiled=self.compile_warmup,
+            backend=self.warmup_backend,
         )

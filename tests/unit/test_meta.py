@@ -100,12 +100,15 @@ def _f64_warm_up_inputs(kind="emerg"):
     return model, {k: v.detach() for k, v in phi.items()}, rows.select(torch.arange(0, 200))
 
 
-def test_warm_up_in_chunks_equals_the_per_item_path():
+@pytest.mark.parametrize("backend", ["autograd", "kernel"])
+def test_warm_up_in_chunks_equals_the_per_item_path(backend, request):
     """Chunks that split the items (5 + 5 + 2 of 12) change nothing: the items are
-    independent and each keeps its own rows."""
+    independent and each keeps its own rows (autograd and the CPU kernel alike)."""
+    if backend == "kernel":
+        request.getfixturevalue("c_compiler")
     model, phi, support = _f64_warm_up_inputs()
     cfg = WarmupConfig(steps=4, lr=0.05, optimizer="adam")
-    chunked = warm_up(model, phi, support, cfg, chunk=5)
+    chunked = warm_up(model, phi, support, cfg, chunk=5, backend=backend)
     reference = warm_up_reference(model, phi, support, cfg)
     for k in phi:
         assert (chunked[k] - reference[k]).abs().max() <= 1e-12
@@ -113,11 +116,11 @@ def test_warm_up_in_chunks_equals_the_per_item_path():
 
 @pytest.mark.slow
 def test_compiled_warm_up_equals_the_per_item_path():
-    """warm_up(compiled=True) (torch.compile, about a minute to compile) is the same
+    """warm_up(backend="compile") (torch.compile, about a minute to compile) is the same
     update; the shared parameters keep requires_grad afterwards."""
     model, phi, support = _f64_warm_up_inputs()
     cfg = WarmupConfig(steps=4, lr=0.05)
-    compiled = warm_up(model, phi, support, cfg, chunk=5, compiled=True)
+    compiled = warm_up(model, phi, support, cfg, chunk=5, backend="compile")
     reference = warm_up_reference(model, phi, support, cfg)
     for k in phi:
         assert (compiled[k] - reference[k]).abs().max() <= 1e-10

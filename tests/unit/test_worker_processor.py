@@ -155,12 +155,12 @@ def test_published_params_equal_the_offline_protocol_for_any_batching(
 
 @pytest.mark.slow
 def test_compiled_warmup_publishes_the_offline_params(world, checkpoint, offline):
-    """``warmup_compile``: the worker's compiled warm-up step gives the offline φ."""
+    """``warmup_backend=compile``: the worker's compiled warm-up step gives the offline φ."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        compiled = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", compile_warmup=True)
-        assert compiled.compile_warmup
+        compiled = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", warmup_backend="compile")
+        assert compiled.warmup_backend == "compile"
         out = run(new_processor(compiled), stream_log(world).msgs, 40)
     finally:
         torch.set_num_threads(threads)

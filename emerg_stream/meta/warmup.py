@@ -104,6 +104,11 @@ class _Stepper:
 #: alike (1.2-1.3x over 256; docs/BENCHMARKS.md).
 CPU_CHUNK_ITEMS = 64
 
+#: Items per chunk with the CPU kernel: its temporaries are per tile of 16 rows, so a
+#: chunk only spreads the per-step torch work (graph refinement, the call) over more
+#: items; 256 was 1.14x over 64 and level with 1,024 (scratch, ML-1M shape, K = 20).
+KERNEL_CHUNK_ITEMS = 256
+
 #: The gradient of one chunk's summed per-item loss with respect to its φ.
 PhiGrad = Callable[[Phi], dict[str, Tensor]]
 
@@ -198,8 +203,9 @@ def warm_up(
         phi: ``[I, ...]`` current item parameters.
         rows: Support rows, ``rows.item`` indexing into ``phi``.
         cfg: Steps, lr, optimiser.
-        chunk: Items per batched computation; ``None`` = :data:`CPU_CHUNK_ITEMS` on CPU,
-            all items at once on an accelerator.
+        chunk: Items per batched computation; ``None`` = :data:`KERNEL_CHUNK_ITEMS`
+            with the kernel, :data:`CPU_CHUNK_ITEMS` with autograd on the CPU, all items
+            at once on an accelerator.
         backend: Where each step's gradient comes from (:data:`Backend`); every
             backend gives the same φ up to float rounding. ``compile`` freezes the
             shared parameters' ``requires_grad`` during the call, so do not train the
@@ -212,12 +218,14 @@ def warm_up(
     cur = {k: v.detach() for k, v in phi.items()}
     if len(rows) == 0 or cfg.steps == 0:
         return cur
-    if chunk is None:
-        chunk = CPU_CHUNK_ITEMS if rows.item.device.type == "cpu" else max(n_items, 1)
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
     first = next(iter(cur.values()))
     kind, kernel = resolve_backend(model, backend, first.dtype, first.device)
+    if chunk is None:
+        on_cpu = rows.item.device.type == "cpu"
+        cpu_chunk = KERNEL_CHUNK_ITEMS if kernel is not None else CPU_CHUNK_ITEMS
+        chunk = cpu_chunk if on_cpu else max(n_items, 1)
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
     loss_fn = _compiled_step_loss(model) if kind == "compile" else _step_loss
 
     def grads(own: Rows, n: int) -> PhiGrad:

@@ -190,7 +190,11 @@ static void attention_backward(const params_t *P, tile_t *S, int f, const vec *d
             for (int p = 0; p < NO; p++) dot += S->a[f][o][p][h] * dab[p][h];
             for (int p = 0; p < NO; p++) ds[o][p][h] = S->a[f][o][p][h] * (dab[p][h] - dot) / (REAL)NO;
         }
-    for (int o = 0; o < NO; o++)
+    /* only field 0's order 0 (phi's ID embedding) is a leaf: the other fields' order-0
+     * inputs are fixed embeddings, whose gradient nobody reads */
+    int first = f == 0 ? 0 : 1;
+    if (first) memset(S->dx[f][0], 0, sizeof S->dx[f][0]);
+    for (int o = first; o < NO; o++)
         for (int d = 0; d < ND; d++) {
             vec acc = {0};
             for (int h = 0; h < NH; h++) {
@@ -199,7 +203,7 @@ static void attention_backward(const params_t *P, tile_t *S, int f, const vec *d
             }
             S->dx[f][o][d] = acc;
         }
-    for (int p = 0; p < NO; p++) {
+    for (int p = first; p < NO; p++) {
         vec du[HD];
         for (int h = 0; h < NH; h++)
             for (int d = 0; d < ND; d++) {

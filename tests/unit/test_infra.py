@@ -167,6 +167,12 @@ def test_dockerfile_ships_what_the_commands_need():
     assert 'ENTRYPOINT ["emerg-stream", "--log-json"]' in text
     assert "COPY infra/topics.yaml ./infra/topics.yaml" in text
     assert "WORKDIR /app" in text
+    # the CPU warm-up kernel is built at start: a compiler and a writable cache (/tmp is
+    # the pod's one writable path)
+    assert "gcc libc6-dev" in text
+    assert "EMERG_KERNEL_CACHE=/tmp/emerg-kernels" in text
+    worker = container(kind("Deployment"), "worker")
+    assert any(m["mountPath"] == "/tmp" for m in worker["volumeMounts"])
     build = compose()["worker"]["build"]
     assert (INFRA / build["context"] / build["dockerfile"]).resolve() == INFRA / "Dockerfile"
 

@@ -153,6 +153,8 @@ def test_unrelated_emerg_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) 
         ({"EMERG_SESSION_TIMEOUT_MS": "2000"}, "a third of session_timeout_ms"),
         ({"EMERG_DEVICE": "tpu"}, "EMERG_DEVICE"),
         ({"EMERG_BATCH_MAX_RECORDS": "0"}, "EMERG_BATCH_MAX_RECORDS"),
+        ({"EMERG_WARMUP_BACKEND": "fast"}, "EMERG_WARMUP_BACKEND"),
+        ({"EMERG_WARMUP_COMPILE": "true"}, "replaced by EMERG_WARMUP_BACKEND"),
     ],
 )
 def test_invalid_settings_raise_one_config_error(

@@ -1,5 +1,6 @@
 """Refinement and message passing: properties that a wrong equation would break."""
 
+import itertools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from emerg_stream.model import ModelConfig, build_model
 from emerg_stream.model.graph import GraphGenerator, minmax_norm, refine, topk_sparsify
 from emerg_stream.model.interaction import GraphInteraction, OrderAttention
+from emerg_stream.model.layers import FeatureEmbedding
 
 
 def _raw(seed: int, b: int, f: int) -> torch.Tensor:
@@ -177,3 +179,24 @@ def test_message_passing_has_one_function_in_both_forms(activation, monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.allclose(gi(e, graphs), eager, atol=1e-12, rtol=0)
     assert not torch.allclose(gi(e, torch.zeros_like(graphs))[:, 1:], eager[:, 1:])
+
+
+def test_field_embedding_is_the_weighted_sum_of_its_tokens_and_padding_learns_nothing():
+    """e[b, f] = Σ_t weights[b, f, t] · table[tokens[b, f, t]], row 0 (padding) included as
+    zero, and training never moves row 0."""
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(vocab_size=30, dim=4, init_std=0.5).double()
+    tokens = torch.randint(0, 30, (7, 3, 5))
+    tokens[:, :, 3:] = 0  # padding slots
+    tokens[0, 0, :] = 0  # a field with no token at all
+    weights = torch.rand(7, 3, 5, dtype=torch.float64)
+    table = emb.table.weight.detach()
+    expected = torch.zeros(7, 3, 4, dtype=torch.float64)
+    for b, f, t in itertools.product(range(7), range(3), range(5)):
+        expected[b, f] += weights[b, f, t] * table[tokens[b, f, t]]
+    out = emb(tokens, weights)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+    assert out[0, 0].abs().max() == 0
+    out.square().sum().backward()
+    grad = emb.table.weight.grad
+    assert grad is not None and grad[0].abs().max() == 0 and grad[1:].abs().max() > 0

@@ -8,6 +8,8 @@ protocol's, every prediction uses the params in force before its interaction
 
 from __future__ import annotations
 
+import os
+import shutil
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
@@ -19,8 +21,11 @@ import torch
 import worker_world as ww
 
 from emerg_stream.config import TopicSettings
+from emerg_stream.errors import ModelError
 from emerg_stream.io.avro import AvroSerde, frame
 from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemParams, Prediction
+from emerg_stream.meta.warmup import resolve_backend
+from emerg_stream.model import cpu_kernel
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.changelog import ChangelogFold
@@ -165,6 +170,32 @@ def test_compiled_warmup_publishes_the_offline_params(world, checkpoint, offline
     finally:
         torch.set_num_threads(threads)
     check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
+
+
+def test_the_handler_runs_the_kernel_by_default(handler):
+    """The stream's default backend is the CPU kernel wherever it builds (this machine
+    has a C compiler: the published-params tests above ran it against autograd)."""
+    assert handler.warmup_backend == "auto"
+    kind, kernel = resolve_backend(handler.model, "auto", torch.float32, torch.device("cpu"))
+    if shutil.which(os.environ.get("CC", "cc")):
+        assert kind == "kernel" and kernel is not None
+    else:
+        assert kind == "autograd"
+
+
+def test_a_kernel_that_cannot_build_stops_the_handler_or_falls_back(
+    checkpoint, monkeypatch, tmp_path
+):
+    """``warmup_backend=kernel`` without a compiler is a start-up error naming the cause;
+    ``auto`` starts on autograd."""
+    monkeypatch.setenv("CC", "no-such-cc-for-emerg")
+    monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
+    with pytest.raises(ModelError, match="no C compiler"):
+        TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", warmup_backend="kernel")
+    fallback = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu")
+    kind, _ = resolve_backend(fallback.model, "auto", torch.float32, torch.device("cpu"))
+    assert kind == "autograd"
 
 
 @pytest.mark.parametrize("batch", [1, 9, 10_000])

@@ -35,8 +35,8 @@ log = structlog.get_logger(__name__)
 #: ``autograd`` - one batched backward pass (every model and device);
 #: ``compile`` - the same step through ``torch.compile`` (about a minute to compile per
 #: process; ~2x autograd on CPU);
-#: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a few seconds to build
-#: once per machine and model shape; ~2.5x ``compile``, ~4.5x autograd on one core);
+#: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a second or two to build
+#: once per machine and model shape; 3-4x ``compile``, 7-8x autograd on one core);
 #: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C compiler), else
 #: ``autograd``.
 Backend = Literal["auto", "autograd", "compile", "kernel"]

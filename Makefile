@@ -35,6 +35,9 @@ test: $(STAMP) ## the default test run: unit + integration (real embedded broker
 test-all: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-gpu: $(STAMP) ## the CUDA variants of the device tests (a machine with a GPU)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
 demo: $(STAMP) ## the main job end to end on ml-100k: broker, train/reuse, worker, replay, table
 	$(VENV)/bin/emerg-stream demo --reuse
 

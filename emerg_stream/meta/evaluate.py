@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from emerg_stream.meta.metrics import f1_at_mean, roc_auc
-from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.rows import ItemSet, Rows, to_device
 from emerg_stream.meta.warmup import WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi, item_noise
 
@@ -73,9 +73,9 @@ def cold_start(
             end = start + chunk
             parts.append(
                 model.cold_params(
-                    items.tokens[start:end].to(device),
-                    items.weights[start:end].to(device),
-                    noise[start:end].to(device),
+                    to_device(items.tokens[start:end], device),
+                    to_device(items.weights[start:end], device),
+                    to_device(noise[start:end], device),
                 )
             )
     if len(parts) == 1:

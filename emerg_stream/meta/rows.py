@@ -11,6 +11,18 @@ from torch import Tensor
 from emerg_stream.features import Encoded
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without a host sync on the way to a GPU.
+
+    A host tensor bound for a GPU is copied to pinned memory and from there
+    asynchronously: torch orders the copy before the kernels of the same stream that read
+    it and keeps the pinned block until the copy is done (and reuses it afterwards).
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class Rows:
     """Labelled rows, each pointing at an item of an :class:`ItemSet`.
@@ -35,13 +47,10 @@ class Rows:
         return Rows(self.tokens[idx], self.weights[idx], self.labels[idx], self.item[idx])
 
     def to(self, device: torch.device | str) -> Rows:
-        """Copy to a device (non-blocking where the source is pinned)."""
+        """Copy to a device (pinned and asynchronous from the host to a GPU)."""
         dev = torch.device(device)
         return Rows(
-            self.tokens.to(dev, non_blocking=True),
-            self.weights.to(dev, non_blocking=True),
-            self.labels.to(dev, non_blocking=True),
-            self.item.to(dev, non_blocking=True),
+            *(to_device(t, dev) for t in (self.tokens, self.weights, self.labels, self.item))
         )
 
 
@@ -63,8 +72,9 @@ class ItemSet:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> ItemSet:
-        """Copy to a device."""
-        return ItemSet(self.ids, self.tokens.to(device), self.weights.to(device))
+        """Copy to a device (pinned and asynchronous from the host to a GPU)."""
+        dev = torch.device(device)
+        return ItemSet(self.ids, to_device(self.tokens, dev), to_device(self.weights, dev))
 
 
 def item_set_from(encoded: Encoded) -> tuple[ItemSet, np.ndarray]:

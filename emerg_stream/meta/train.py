@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from tqdm.auto import tqdm
 
 from emerg_stream.meta.losses import per_item_mean_loss
-from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.rows import ItemSet, Rows, to_device
 from emerg_stream.model.base import ItemModel
 
 log = structlog.get_logger(__name__)
@@ -222,8 +222,8 @@ def meta_train(
             n = len(batch)
             sup = _task_rows(rows, table, batch, 0, cfg.chunk_rows, rng).to(device)
             qry = _task_rows(rows, table, batch, 1, cfg.chunk_rows, rng).to(device)
-            task_items = torch.from_numpy(batch[:, 0]).to(device)
-            noise = torch.randn(n, model.noise_dim, generator=gen).to(device)
+            task_items = to_device(torch.from_numpy(batch[:, 0]), device)
+            noise = to_device(torch.randn(n, model.noise_dim, generator=gen), device)
             phi0 = model.cold_params(
                 dev_items.tokens[task_items], dev_items.weights[task_items], noise
             )

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from emerg_stream.features import FeatureSpec, encode_records
 from emerg_stream.io.records import SupportRow
-from emerg_stream.meta.rows import Rows
+from emerg_stream.meta.rows import Rows, to_device
 from emerg_stream.meta.warmup import Backend, WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi
 from emerg_stream.stream.handler import ItemFeatures, ParamsArrays
@@ -168,15 +168,15 @@ class TorchBatchSession:
         self.device = device
         self.backend = backend
         tokens, weights = columns.encode_items(items)
-        self._item_tokens = tokens.to(device)
-        self._item_weights = weights.to(device)
+        self._item_tokens = to_device(tokens, device)
+        self._item_weights = to_device(weights, device)
         self.phi: Phi = {
-            "adj": torch.from_numpy(params.adjacency).to(device).reshape(n, f, f).clone(),
-            "id": torch.from_numpy(params.id_embedding).to(device).clone(),
+            "adj": to_device(torch.from_numpy(params.adjacency), device).reshape(n, f, f).clone(),
+            "id": to_device(torch.from_numpy(params.id_embedding), device).clone(),
         }
         old = np.flatnonzero(trained)
         if old.size:
-            idx = torch.from_numpy(old).to(device)
+            idx = to_device(torch.from_numpy(old), device)
             with torch.no_grad():
                 tp = model.trained_params(self._item_tokens[idx], self._item_weights[idx])
             for k in self.phi:
@@ -184,7 +184,7 @@ class TorchBatchSession:
 
     def _rows(self, slots: Tensor, rows: Sequence[Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
         tokens, weights = self.columns.encode_users(rows)
-        tokens, weights = tokens.to(self.device), weights.to(self.device)
+        tokens, weights = to_device(tokens, self.device), to_device(weights, self.device)
         m = self.columns.n_item_fields
         tokens[:, :m] = self._item_tokens[slots, :m]
         weights[:, :m] = self._item_weights[slots, :m]
@@ -196,7 +196,7 @@ class TorchBatchSession:
         """Click probabilities ``[B]``; see :class:`~emerg_stream.stream.handler.BatchSession`."""
         if len(rows) == 0:
             return np.zeros(0, dtype=np.float64)
-        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        idx = to_device(torch.from_numpy(np.asarray(slots, dtype=np.int64)), self.device)
         tokens, weights = self._rows(idx, rows)
         with torch.no_grad():
             logits = self.model(tokens, weights, self.phi, idx)
@@ -210,11 +210,11 @@ class TorchBatchSession:
         lens = np.fromiter((len(s) for s in support), dtype=np.int64, count=len(support))
         flat = [r for rows in support for r in rows]
         row_slots = torch.from_numpy(np.repeat(np.asarray(slots, dtype=np.int64), lens))
-        tokens, weights = self._rows(row_slots.to(self.device), flat)
+        tokens, weights = self._rows(to_device(row_slots, self.device), flat)
         labels = torch.tensor([float(r["label"]) for r in flat], dtype=torch.float32)
         item = torch.from_numpy(np.repeat(np.arange(len(slots), dtype=np.int64), lens))
-        rows = Rows(tokens, weights, labels.to(self.device), item.to(self.device))
-        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        rows = Rows(tokens, weights, to_device(labels, self.device), to_device(item, self.device))
+        idx = to_device(torch.from_numpy(np.asarray(slots, dtype=np.int64)), self.device)
         current = {k: v[idx] for k, v in self.phi.items()}
         new = warm_up(self.model, current, rows, self.warmup, backend=self.backend)
         for k in self.phi:
@@ -222,7 +222,7 @@ class TorchBatchSession:
 
     def params(self, slots: npt.NDArray[np.int64]) -> ParamsArrays:
         """Current φ of ``slots`` on the host (float32)."""
-        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device)
+        idx = to_device(torch.from_numpy(np.asarray(slots, dtype=np.int64)), self.device)
         adj = self.phi["adj"][idx].reshape(len(idx), -1).float().cpu().numpy()
         emb = self.phi["id"][idx].float().cpu().numpy()
         return ParamsArrays(np.ascontiguousarray(adj), np.ascontiguousarray(emb))

@@ -172,6 +172,30 @@ def test_compiled_warmup_publishes_the_offline_params(world, checkpoint, offline
     check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_the_worker_publishes_the_offline_params_on_every_device(
+    world, checkpoint, offline, device
+):
+    """The worker's handler on the device (φ held there across a batch, host batches
+    copied pinned and asynchronously) publishes the host's offline φ."""
+    on_device = TorchWarmupHandler.from_checkpoint(checkpoint, device)
+    assert on_device.device.type == device
+    out = run(new_processor(on_device), stream_log(world).msgs, 40)
+    check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
+
+
 def test_the_handler_runs_the_kernel_by_default(handler):
     """The stream's default backend is the CPU kernel wherever it builds (this machine
     has a C compiler: the published-params tests above ran it against autograd)."""

@@ -300,13 +300,14 @@ def _kernel_grad(model: ItemModel, kernel: PhiGradKernel, rows: Rows, n_items: i
         ones = torch.ones_like(rows.labels)
         counts = torch.zeros(n_items, dtype=ones.dtype).index_add(0, rows.item, ones)
         inv_count = (1.0 / counts.clamp_min(1))[rows.item]
+    weights = kernel.weights(model)  # shared parameters: fixed for the whole phase
 
     def grad(cur: Phi) -> dict[str, Tensor]:
         adj = cur["adj"].detach().requires_grad_(True)
         with torch.enable_grad():
             graphs = model.graphs(adj)
         _, d_graphs, d_id = kernel(
-            model, e_rest, graphs.detach(), cur["id"], rows.item, rows.labels, inv_count
+            model, e_rest, graphs.detach(), cur["id"], rows.item, rows.labels, inv_count, weights
         )
         (d_adj,) = torch.autograd.grad(graphs, adj, d_graphs.to(graphs.dtype))
         return {"adj": d_adj, "id": d_id.to(cur["id"].dtype)}

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import cast
@@ -134,6 +135,21 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+@dataclass(frozen=True)
+class KernelWeights:
+    """EmerG's shared parameters in the kernel's order and float type.
+
+    Args:
+        tensors: W_l stacked ``[L, D, D]``, M ``[H*D, D]``, N ``[D, H*D]``, the output
+            bias ``[D]``, the contribution weights ``[F, F*D]`` and bias ``[F]``, the
+            prediction weights ``[D]``; contiguous.
+        bias: The prediction bias.
+    """
+
+    tensors: tuple[Tensor, ...]
+    bias: float
+
+
 class PhiGradKernel:
     """The compiled gradient of one model shape and real type.
 
@@ -148,6 +164,27 @@ class PhiGradKernel:
         self._fn = self._lib.emerg_phi_grad
         self._fn.restype = ctypes.c_double
 
+    def weights(self, model: EmerG) -> KernelWeights:
+        """The model's shared parameters as the kernel reads them (folded, contiguous).
+
+        Warm-up computes them once per chunk and passes them to every step's call.
+        """
+        with torch.no_grad():
+            m, n = model.attention.folded_weights()
+            tensors = [
+                torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
+                m,
+                n,
+                model.attention.out.bias,
+                model.predictor.contrib.weight,
+                model.predictor.contrib.bias,
+                model.predictor.w.weight[0],
+            ]
+            return KernelWeights(
+                tuple(t.detach().to(self.dtype).contiguous() for t in tensors),
+                float(model.predictor.b),
+            )
+
     def __call__(
         self,
         model: EmerG,
@@ -157,6 +194,7 @@ class PhiGradKernel:
         item: Tensor,
         labels: Tensor,
         inv_count: Tensor,
+        weights: KernelWeights | None = None,
     ) -> tuple[float, Tensor, Tensor]:
         """The loss and its gradients to the items' refined graphs and ID embeddings.
 
@@ -172,6 +210,8 @@ class PhiGradKernel:
             item: ``[B]`` long, each row's item in ``0..I-1``.
             labels: ``[B]`` 0/1.
             inv_count: ``[B]`` weight of each row's loss (0 ignores the row).
+            weights: ``self.weights(model)`` when the caller has it (the model's shared
+                parameters unchanged since); computed here otherwise.
 
         Returns:
             (loss, ∂loss/∂graphs ``[I, L, F, F]``, ∂loss/∂id_emb ``[I, D]``).
@@ -185,19 +225,8 @@ class PhiGradKernel:
         if b and (int(item.min()) < 0 or int(item.max()) >= n_items):
             raise ValueError(f"row items must lie in [0, {n_items})")
         dt = self.dtype
-        with torch.no_grad():
-            m, n = model.attention.folded_weights()
-            params = [
-                torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
-                m,
-                n,
-                model.attention.out.bias,
-                model.predictor.contrib.weight,
-                model.predictor.contrib.bias,
-                model.predictor.w.weight[0],
-            ]
-            params = [p.detach().to(dt).contiguous() for p in params]
-            bias = float(model.predictor.b)
+        if weights is None:
+            weights = self.weights(model)
         rows = [
             e_rest.detach().to(dt).contiguous(),
             item.to(torch.int64).contiguous(),
@@ -214,8 +243,8 @@ class PhiGradKernel:
                 *[_ptr(t) for t in rows],
                 _ptr(graphs),
                 _ptr(id_emb),
-                *[_ptr(p) for p in params],
-                ctypes.c_double(bias),
+                *[_ptr(p) for p in weights.tensors],
+                ctypes.c_double(weights.bias),
                 _ptr(d_graphs),
                 _ptr(d_id),
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from devices import DEVICES
 
 from emerg_stream.meta.evaluate import cold_start
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
@@ -20,16 +21,6 @@ from emerg_stream.meta.warmup import WarmupConfig, warm_up, warm_up_reference
 from emerg_stream.model import ModelConfig, build_model, item_noise
 
 CPU = torch.device("cpu")
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
 V, F, T = 50, 5, 3
 
 

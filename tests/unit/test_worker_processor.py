@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import worker_world as ww
+from devices import DEVICES
 
 from emerg_stream.config import TopicSettings
 from emerg_stream.errors import ModelError
@@ -172,19 +173,7 @@ def test_compiled_warmup_publishes_the_offline_params(world, checkpoint, offline
     check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_worker_publishes_the_offline_params_on_every_device(
     world, checkpoint, offline, device
 ):

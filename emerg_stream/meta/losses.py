@@ -10,6 +10,19 @@ from emerg_stream.meta.rows import Rows
 from emerg_stream.model.base import ItemModel, Phi, Prepared
 
 
+def rows_per_item(item: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
+    """``[I]`` how many rows each item has, at least 1: the denominator of its mean loss.
+
+    Counted with ``index_add`` rather than ``bincount``: the same integers, and a shape
+    that ``torch.compile`` can trace without a graph break (bincount's depends on the
+    data).
+    """
+    ones = torch.ones(item.shape[0], dtype=dtype, device=item.device)
+    return (
+        torch.zeros(n_items, dtype=dtype, device=item.device).index_add(0, item, ones).clamp_min(1)
+    )
+
+
 def per_item_mean_loss(
     model: ItemModel, rows: Rows, phi: Phi, n_items: int, prepared: Prepared | None = None
 ) -> Tensor:
@@ -36,7 +49,4 @@ def per_item_mean_loss(
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     sums = torch.zeros(n_items, dtype=losses.dtype, device=losses.device)
     sums = sums.index_add(0, rows.item, losses)
-    # counted with index_add rather than bincount: the same integers, and a shape that
-    # torch.compile can trace without a graph break (bincount's depends on the data)
-    counts = torch.zeros_like(sums).index_add(0, rows.item, torch.ones_like(losses)).clamp_min(1)
-    return sums / counts
+    return sums / rows_per_item(rows.item, n_items, losses.dtype)

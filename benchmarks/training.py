@@ -4,10 +4,13 @@
    items of ml-1m-u2999 (skipped cleanly when the data is absent), as the library runs
    them (``--quick``: the rows of the first ``--quick-items`` old items only).
 2. The meta-step of a batch of tasks computed as meta_train computes it (φ⁰ stacked over
-   tasks, one forward/backward for all) against a per-task loop written here as the
-   reference: the same math (L_cold, one inner step on the task's support rows,
-   L_warm, α-weighted, mean over the batch), one task at a time, gradients accumulated.
-   Same sampled rows and noise for both; interleaved; the meta-gradients are compared.
+   tasks, one forward/backward for all, ``meta_loss`` on the default backend: the CPU
+   kernel for EmerG) against the per-task loop, the reference: the same ``meta_loss``
+   on autograd (L_cold, one inner step on the task's support rows, L_warm, α-weighted),
+   one task at a time, gradients accumulated. Beside them, the batched step on autograd
+   and the per-task loop on the kernel, so that the share of batching and of the kernel
+   can be told apart. Same sampled rows and noise for all; interleaved; the
+   meta-gradients are compared with the reference's.
 
     python benchmarks/training.py
     python benchmarks/training.py --quick
@@ -40,10 +43,17 @@ from benchmarks.common import (
     setup,
     synthetic_items,
 )
-from emerg_stream.meta.losses import per_item_mean_loss
 from emerg_stream.meta.rows import ItemSet, Rows
-from emerg_stream.meta.train import TaskTable, TrainConfig, meta_train, pretrain
+from emerg_stream.meta.train import (
+    TaskTable,
+    TrainConfig,
+    meta_loss,
+    meta_train,
+    pretrain,
+    resolve_meta_backend,
+)
 from emerg_stream.model import ItemModel, build_model
+from emerg_stream.model.cpu_kernel import EmerGKernel
 
 TARGET = 10.0  # batched vs per-task speed-up, time per task
 
@@ -141,10 +151,15 @@ def draw_batches(
     return out
 
 
-def meta_loss(
-    model: ItemModel, items: ItemSet, mb: MetaBatch, cfg: TrainConfig, task: int | None = None
+def batch_loss(
+    model: ItemModel,
+    items: ItemSet,
+    mb: MetaBatch,
+    cfg: TrainConfig,
+    kernel: EmerGKernel | None,
+    task: int | None = None,
 ) -> torch.Tensor:
-    """α·L_cold + (1-α)·L_warm of a meta-batch (``task=None``) or of one task of it.
+    """The library's meta-loss of a meta-batch (``task=None``) or of one task of it.
 
     For one task the loss is divided by the batch size, so that summing the per-task
     losses gives the batch's mean, exactly what the batched path minimises.
@@ -156,21 +171,7 @@ def meta_loss(
         ti, noise, n = mb.task_items[task : task + 1], mb.noise[task : task + 1], 1
         sup, qry = (own(r, task) for r in (mb.sup, mb.qry))
     phi0 = model.cold_params(items.tokens[ti], items.weights[ti], noise)
-    phi0 = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in phi0.items()}
-    l_cold = per_item_mean_loss(model, qry, phi0, n).mean()
-    names = list(phi0)
-    grads = torch.autograd.grad(
-        per_item_mean_loss(model, sup, phi0, n).sum(),
-        [phi0[k] for k in names],
-        create_graph=cfg.second_order,
-        allow_unused=True,
-    )
-    phi1 = {
-        k: phi0[k] if g is None else phi0[k] - cfg.inner_lr * g
-        for k, g in zip(names, grads, strict=True)
-    }
-    l_warm = per_item_mean_loss(model, qry, phi1, n).mean()
-    loss = cfg.alpha * l_cold + (1 - cfg.alpha) * l_warm
+    loss = meta_loss(model, sup, qry, phi0, n, cfg, kernel)
     return loss if task is None else loss * (1 / n_batch)
 
 
@@ -181,7 +182,12 @@ def own(rows: Rows, task: int) -> Rows:
 
 
 def meta_grads(
-    model: ItemModel, items: ItemSet, batches: list[MetaBatch], cfg: TrainConfig, per_task: bool
+    model: ItemModel,
+    items: ItemSet,
+    batches: list[MetaBatch],
+    cfg: TrainConfig,
+    kernel: EmerGKernel | None,
+    per_task: bool,
 ) -> list[torch.Tensor]:
     """Meta-gradients of every batch (concatenated), batched or one task at a time."""
     params = model.meta_parameters()
@@ -191,9 +197,10 @@ def meta_grads(
             p.grad = None
         if per_task:
             for t in range(len(mb.task_items)):
-                meta_loss(model, items, mb, cfg, task=t).backward()  # type: ignore[no-untyped-call]
+                loss = batch_loss(model, items, mb, cfg, kernel, task=t)
+                loss.backward()  # type: ignore[no-untyped-call]
         else:
-            meta_loss(model, items, mb, cfg).backward()  # type: ignore[no-untyped-call]
+            batch_loss(model, items, mb, cfg, kernel).backward()  # type: ignore[no-untyped-call]
         out.append(
             torch.cat(
                 [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
@@ -212,14 +219,26 @@ def compare_meta_step(
     reps: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Batched vs per-task meta-gradients of the same meta-batches, interleaved."""
+    """Batched vs per-task meta-gradients of the same meta-batches, interleaved.
+
+    ``batched`` is meta_train's step on its default backend, ``per_task`` the reference
+    loop on autograd; the other two (batched on autograd, per task on the kernel) where
+    the default backend is the kernel.
+    """
     batches = draw_batches(data, model, cfg, n_batches, device)
     items = data.items.to(device)
+    kernel = resolve_meta_backend(model, "auto", next(model.parameters()).dtype, device)
+    paths: dict[str, tuple[EmerGKernel | None, bool]] = {
+        "batched": (kernel, False),
+        "per_task": (None, True),
+    }
+    if kernel is not None:
+        paths |= {"batched_autograd": (None, False), "per_task_kernel": (kernel, True)}
     model.train()
     samples, results = interleaved(
         {
-            "batched": lambda: meta_grads(model, items, batches, cfg, per_task=False),
-            "per_task": lambda: meta_grads(model, items, batches, cfg, per_task=True),
+            name: (lambda k=k, pt=pt: meta_grads(model, items, batches, cfg, k, per_task=pt))
+            for name, (k, pt) in paths.items()
         },
         device,
         reps,
@@ -229,7 +248,25 @@ def compare_meta_step(
     tasks = sum(len(b.task_items) for b in batches)
     rows = sum(len(b.sup) + len(b.qry) for b in batches)
     b, t = samples["batched"], samples["per_task"]
+
+    def diff(name: str) -> float:
+        return max(
+            float((x - y).abs().max())
+            for x, y in zip(results[name], results["per_task"], strict=True)
+        )
+
+    others = {
+        name: {
+            **samples[name].to_dict(),
+            "ms_per_task": 1e3 * samples[name].wall_s / tasks,
+            "speedup_vs_per_task": t.wall_s / samples[name].wall_s,
+            "max_abs_diff_meta_grad": diff(name),
+        }
+        for name in paths
+        if name not in ("batched", "per_task")
+    }
     return {
+        "backend": "autograd" if kernel is None else "kernel",
         "chunk_rows": cfg.chunk_rows,
         "batches": len(batches),
         "tasks": tasks,
@@ -242,11 +279,9 @@ def compare_meta_step(
         "per_task_ms_per_task": 1e3 * t.wall_s / tasks,
         "speedup": t.wall_s / b.wall_s,
         "speedup_cpu": t.cpu_s / b.cpu_s,
-        "max_abs_diff_meta_grad": max(
-            float((x - y).abs().max())
-            for x, y in zip(results["batched"], results["per_task"], strict=True)
-        ),
+        "max_abs_diff_meta_grad": diff("batched"),
         "max_abs_meta_grad": max(float(g.abs().max()) for g in results["batched"]),
+        "alternatives": others,
     }
 
 
@@ -380,7 +415,9 @@ def markdown(res: dict[str, Any]) -> str:
                 ],
             ),
             f"Meta-step, {c0['batches']} batches x {c0['meta_batch']} tasks "
-            f"(second order: {c0['second_order']}), wall-clock medians, time per task:\n",
+            f"(second order: {c0['second_order']}), wall-clock medians, time per task; "
+            f"batched = meta_train's step ({c0['backend']}), per-task loop = autograd, "
+            "one task at a time:\n",
             markdown_table(
                 [
                     "rows cap per chunk",
@@ -402,10 +439,31 @@ def markdown(res: dict[str, Any]) -> str:
                     for c in res["meta_step_compare"]
                 ],
             ),
+            alternatives_table(res["meta_step_compare"]),
             f"Target >= {res['target_speedup']:.0f}x (default cap of "
             f"{res['train_config']['chunk_rows']} rows per chunk): "
             f"**{'met' if res['target_met'] else 'missed'}**.\n",
         ]
+    )
+
+
+def alternatives_table(compares: list[dict[str, Any]]) -> str:
+    """The batched step on autograd and the per-task loop on the kernel, if measured."""
+    rows = [
+        [
+            c["chunk_rows"],
+            name.replace("_", " "),
+            fmt(a["ms_per_task"]),
+            f"{a['speedup_vs_per_task']:.1f}x",
+            f"{a['max_abs_diff_meta_grad']:.1e}",
+        ]
+        for c in compares
+        for name, a in c.get("alternatives", {}).items()
+    ]
+    if not rows:
+        return ""
+    return "Side by side in the same run:\n\n" + markdown_table(
+        ["rows cap", "path", "ms per task", "vs per-task loop", "max|Δ meta-grad|"], rows
     )
 
 

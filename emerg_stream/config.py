@@ -234,7 +234,7 @@ class WorkerSettings(Settings):
         dedupe_window: Event ids remembered per item for de-duplication.
         warmup_backend: Where warm-up gradients come from: ``auto`` (the default: the
             compiled CPU kernel for EmerG on the CPU, 7-8x autograd on one core,
-            built in seconds once per machine and model shape with the system C
+            built in seconds once per machine and model shape with the system C++
             compiler; autograd elsewhere, or where no compiler is found, with a
             warning), ``kernel`` (the kernel or a start-up error), ``autograd``, or
             ``compile`` (autograd through ``torch.compile``, about 2x autograd after tens

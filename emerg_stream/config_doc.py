@@ -98,9 +98,10 @@ def other_variables() -> list[tuple[str, str]]:
             "The worker refuses to start while it is set, rather than ignore it.",
         ),
         (
-            "CC",
-            "The C compiler that builds the CPU warm-up kernel (default `cc`); without "
-            "one, `EMERG_WARMUP_BACKEND=auto` warns and uses autograd.",
+            "CXX",
+            "The C++ compiler that builds the CPU kernel of warm-up and meta-training "
+            "(default `c++`); without one, `EMERG_WARMUP_BACKEND=auto` (and training's "
+            "`auto`) warns and uses autograd.",
         ),
         (
             FAULT_ENV,

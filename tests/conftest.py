@@ -29,12 +29,12 @@ def find_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def c_compiler() -> str:
-    """The C compiler that builds the CPU warm-up kernel; skips the test without one."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        pytest.skip("no C compiler (cc or $CC): the CPU warm-up kernel cannot be built")
-    return cc
+def cxx_compiler() -> str:
+    """The C++ compiler that builds the CPU kernel; skips the test without one."""
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++ or $CXX): the CPU kernel cannot be built")
+    return cxx
 
 
 @pytest.fixture(scope="session")

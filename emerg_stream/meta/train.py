@@ -10,23 +10,38 @@ query Q, and the item gets exactly what a new item gets, φ⁰ = cold_params(...
     minimise α·L_cold + (1 − α)·L_warm over the meta parameters.
 
 All tasks of a meta-batch share one forward/backward: φ⁰ is stacked over tasks and the
-per-task means come from :func:`per_item_mean_loss`.
+per-task means come from :func:`per_item_mean_loss`. The per-row part of that
+computation (the query losses' gradients, the support gradient and its exact second
+derivative) runs on EmerG's compiled CPU kernel where it serves (``backend``, as in
+warm-up), on autograd otherwise; both give the same meta-gradient up to rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from emerg_stream.meta.losses import per_item_mean_loss
+from emerg_stream.meta.losses import per_item_mean_loss, rows_per_item
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
-from emerg_stream.model.base import ItemModel
+from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.model.cpu_kernel import (
+    EmerGKernel,
+    KernelRows,
+    KernelUnavailableError,
+    emerg_kernel,
+    row_loss,
+    support_grad,
+    weight_tensors,
+)
+from emerg_stream.model.emerg import EmerG
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +82,14 @@ class TrainConfig:
 
 
 EpochCallback = Callable[[str, int], None]
+
+#: Where meta-training's per-row derivatives come from: ``autograd`` (any model, any
+#: device), ``kernel`` (EmerG on the CPU: the compiled kernel of
+#: :mod:`emerg_stream.model.cpu_kernel`, seconds to build on first use) or ``auto``
+#: (``kernel`` where it serves, else ``autograd``, with a warning where the machine is
+#: the reason).
+MetaBackend = Literal["auto", "autograd", "kernel"]
+META_BACKENDS: tuple[str, ...] = ("auto", "autograd", "kernel")
 
 
 def pretrain(
@@ -173,6 +196,128 @@ def _task_rows(
     return Rows(sel.tokens, sel.weights, sel.labels, torch.from_numpy(np.concatenate(owner)))
 
 
+def resolve_meta_backend(
+    model: ItemModel, backend: MetaBackend, dtype: torch.dtype, device: torch.device
+) -> EmerGKernel | None:
+    """The kernel meta-training runs on, or None for autograd (see :data:`MetaBackend`).
+
+    Raises:
+        ValueError: An unknown backend.
+        KernelUnavailableError: ``kernel`` asked where it cannot serve (the reason).
+    """
+    if backend not in META_BACKENDS:
+        raise ValueError(
+            f"unknown meta-training backend {backend!r}; choose one of {META_BACKENDS}"
+        )
+    if backend == "autograd":
+        return None
+    try:
+        return emerg_kernel(model, dtype, device)
+    except KernelUnavailableError as exc:
+        if backend == "kernel":
+            raise
+        if exc.machine:
+            log.warning("meta_kernel_unavailable", reason=str(exc), backend="autograd")
+        return None
+
+
+def meta_loss(
+    model: ItemModel,
+    sup: Rows,
+    qry: Rows,
+    phi0: Phi,
+    n_tasks: int,
+    cfg: TrainConfig,
+    kernel: EmerGKernel | None = None,
+) -> Tensor:
+    """α·L_cold + (1 − α)·L_warm of one meta-batch, each the mean over its tasks.
+
+    Args:
+        model: The model (its shared parameters receive the meta-gradient).
+        sup: Support rows, ``item`` = the task in ``0..n_tasks-1``.
+        qry: Query rows, likewise.
+        phi0: The tasks' cold φ⁰ (differentiable with respect to the generator).
+        n_tasks: Tasks in the batch.
+        cfg: β, α, first or second order, the no-inner-step ablation.
+        kernel: Compute the per-row part on this kernel (EmerG only); autograd if None.
+    """
+    if kernel is not None:
+        if not isinstance(model, EmerG):
+            raise TypeError(f"the meta-training kernel serves EmerG, not {type(model).__name__}")
+        return _kernel_meta_loss(model, kernel, sup, qry, phi0, n_tasks, cfg)
+    # A fresh ID embedding is a constant, but the inner step still differentiates it.
+    phi0 = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in phi0.items()}
+    l_cold = per_item_mean_loss(model, qry, phi0, n_tasks).mean()
+    if cfg.inner_update:
+        names = list(phi0)
+        s_loss = per_item_mean_loss(model, sup, phi0, n_tasks).sum()
+        grads = torch.autograd.grad(
+            s_loss,
+            [phi0[k] for k in names],
+            create_graph=cfg.second_order,
+            allow_unused=True,
+        )
+        phi1 = {
+            k: phi0[k] if g is None else phi0[k] - cfg.inner_lr * g
+            for k, g in zip(names, grads, strict=True)
+        }
+    else:
+        phi1 = phi0
+    l_warm = per_item_mean_loss(model, qry, phi1, n_tasks).mean()
+    return cfg.alpha * l_cold + (1 - cfg.alpha) * l_warm
+
+
+def _kernel_rows(rows: Rows, n_tasks: int) -> KernelRows:
+    """The rows' items and labels, each weighted by one over its task's rows."""
+    inv = (1.0 / rows_per_item(rows.item, n_tasks, rows.labels.dtype))[rows.item]
+    return KernelRows(rows.item, rows.labels, inv)
+
+
+def _kernel_meta_loss(
+    model: EmerG,
+    kernel: EmerGKernel,
+    sup: Rows,
+    qry: Rows,
+    phi0: Phi,
+    n_tasks: int,
+    cfg: TrainConfig,
+) -> Tensor:
+    """:func:`meta_loss` with the per-row part on the kernel, the per-task part in torch.
+
+    The rows' losses and their gradients (to the refined graphs, ID embeddings, other
+    fields' embeddings and shared weights) come from the kernel; the graph refinement,
+    the generator, the attention's folded maps and the embedding table are
+    differentiated by autograd around it. The inner step's gradient is the kernel's
+    φ-gradient pulled back through the refinement (with ``create_graph`` for the second
+    order), and the derivative of that gradient is the kernel's exact Hessian-vector
+    product: the same function as the autograd path, term for term.
+    """
+    adj0, id0 = phi0["adj"], phi0["id"]
+    if not adj0.requires_grad:  # random-graph ablation: the inner step still moves it
+        adj0 = adj0.detach().requires_grad_(True)
+    weights = weight_tensors(model)
+    graphs0 = model.graphs(adj0)
+    q_rows = _kernel_rows(qry, n_tasks)
+    e_q = model.prepare(qry.tokens, qry.weights).cache["e"]
+    l_cold = row_loss(kernel, model, q_rows, graphs0, id0, e_q, weights) / n_tasks
+    if cfg.inner_update:
+        e_s = model.prepare(sup.tokens, sup.weights).cache["e"]
+        g_graphs, g_id = support_grad(
+            kernel, model, _kernel_rows(sup, n_tasks), graphs0, id0, e_s, weights
+        )
+        if not cfg.second_order:
+            g_graphs, g_id = g_graphs.detach(), g_id.detach()
+        (g_adj,) = torch.autograd.grad(
+            graphs0, adj0, g_graphs, create_graph=cfg.second_order, retain_graph=True
+        )
+        adj1, id1 = adj0 - cfg.inner_lr * g_adj, id0 - cfg.inner_lr * g_id
+        graphs1 = model.graphs(adj1)
+    else:
+        graphs1, id1 = graphs0, id0
+    l_warm = row_loss(kernel, model, q_rows, graphs1, id1, e_q, weights) / n_tasks
+    return cfg.alpha * l_cold + (1 - cfg.alpha) * l_warm
+
+
 def meta_train(
     model: ItemModel,
     rows: Rows,
@@ -183,6 +328,7 @@ def meta_train(
     device: torch.device,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    backend: MetaBackend = "auto",
 ) -> list[float]:
     """Meta-train the model's meta parameters over old-item tasks.
 
@@ -195,6 +341,7 @@ def meta_train(
         device: Where to compute.
         progress: Show a progress bar.
         on_epoch: Called as ``on_epoch("meta", epoch)`` after each epoch.
+        backend: Where the per-row derivatives come from (:data:`MetaBackend`).
 
     Returns:
         Mean meta-loss per epoch.
@@ -202,6 +349,8 @@ def meta_train(
     params = model.meta_parameters()
     if cfg.meta_epochs == 0 or not params:
         return []
+    kernel = resolve_meta_backend(model, backend, params[0].dtype, device)
+    log.info("meta_backend", asked=backend, runs="autograd" if kernel is None else "kernel")
     table = TaskTable.build(rows.item.numpy(), timestamps, len(items))
     tasks = table.tasks()
     rng = np.random.default_rng(cfg.seed)
@@ -227,26 +376,7 @@ def meta_train(
             phi0 = model.cold_params(
                 dev_items.tokens[task_items], dev_items.weights[task_items], noise
             )
-            # A fresh ID embedding is a constant, but the inner step still differentiates it.
-            phi0 = {k: v if v.requires_grad else v.requires_grad_(True) for k, v in phi0.items()}
-            l_cold = per_item_mean_loss(model, qry, phi0, n).mean()
-            if cfg.inner_update:
-                names = list(phi0)
-                s_loss = per_item_mean_loss(model, sup, phi0, n).sum()
-                grads = torch.autograd.grad(
-                    s_loss,
-                    [phi0[k] for k in names],
-                    create_graph=cfg.second_order,
-                    allow_unused=True,
-                )
-                phi1 = {
-                    k: phi0[k] if g is None else phi0[k] - cfg.inner_lr * g
-                    for k, g in zip(names, grads, strict=True)
-                }
-            else:
-                phi1 = phi0
-            l_warm = per_item_mean_loss(model, qry, phi1, n).mean()
-            loss = cfg.alpha * l_cold + (1 - cfg.alpha) * l_warm
+            loss = meta_loss(model, sup, qry, phi0, n, cfg, kernel)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()

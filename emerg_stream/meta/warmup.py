@@ -26,7 +26,7 @@ from torch import Tensor
 from emerg_stream.meta.losses import per_item_mean_loss, rows_per_item
 from emerg_stream.meta.rows import Rows
 from emerg_stream.model.base import ItemModel, Phi, Prepared
-from emerg_stream.model.cpu_kernel import KernelUnavailableError, PhiGradKernel, phi_grad_kernel
+from emerg_stream.model.cpu_kernel import EmerGKernel, KernelUnavailableError, emerg_kernel
 from emerg_stream.model.emerg import EmerG
 
 log = structlog.get_logger(__name__)
@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 #: process; ~2x autograd on CPU);
 #: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a second or two to build
 #: once per machine and model shape; 3-4x ``compile``, 7-8x autograd on one core);
-#: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C compiler), else
+#: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C++ compiler), else
 #: ``autograd``.
 Backend = Literal["auto", "autograd", "compile", "kernel"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -158,7 +158,7 @@ def _frozen(model: ItemModel) -> Iterator[None]:
 
 def resolve_backend(
     model: ItemModel, backend: Backend, dtype: torch.dtype, device: torch.device
-) -> tuple[Literal["autograd", "compile", "kernel"], PhiGradKernel | None]:
+) -> tuple[Literal["autograd", "compile", "kernel"], EmerGKernel | None]:
     """The backend ``backend`` means for this model, dtype and device, and its kernel.
 
     ``auto`` becomes ``kernel`` where the kernel serves and ``autograd`` otherwise (the
@@ -170,7 +170,7 @@ def resolve_backend(
     if backend in ("autograd", "compile"):
         return backend, None
     try:
-        return "kernel", phi_grad_kernel(model, dtype, device)
+        return "kernel", emerg_kernel(model, dtype, device)
     except KernelUnavailableError as exc:
         if backend == "kernel":
             raise
@@ -286,14 +286,14 @@ def _autograd_grad(model: ItemModel, rows: Rows, n_items: int, loss_fn: StepLoss
     return grad
 
 
-def _kernel_grad(model: ItemModel, kernel: PhiGradKernel, rows: Rows, n_items: int) -> PhiGrad:
+def _kernel_grad(model: ItemModel, kernel: EmerGKernel, rows: Rows, n_items: int) -> PhiGrad:
     """The gradient from the CPU kernel; the graph refinement's backward by autograd.
 
     The kernel returns the loss's gradient to the refined per-layer graphs; the small
     per-item refinement (min-max, TopK, powers) is differentiated by autograd from
     there, so the two backends share that code.
     """
-    if not isinstance(model, EmerG):  # phi_grad_kernel only serves EmerG
+    if not isinstance(model, EmerG):  # emerg_kernel only serves EmerG
         raise TypeError(f"the warm-up kernel serves EmerG, not {type(model).__name__}")
     with torch.no_grad():
         e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]

@@ -1,19 +1,22 @@
-"""EmerG's warm-up gradient as a compiled CPU kernel (``kernels/phi_grad.c``).
+"""EmerG's per-row loss and its derivatives as a compiled CPU kernel (``kernels/emerg_grad.cpp``).
 
 A warm-up step needs, for each item, the gradient of its mean support loss with respect
-to φ = (graph, ID embedding). Autograd computes it from a few dozen tiny per-(row, field)
-operations; :func:`phi_grad_kernel` instead compiles one C function for the model's
-shape that runs the forward and the backward of a tile of 16 rows in registers and L2
-(2.5x the ``torch.compile`` step on one core, docs/BENCHMARKS.md). The refinement of the
+to φ = (graph, ID embedding); a meta-training step needs the gradient of the query loss
+to everything (φ, the rows' embeddings, the shared weights) and the second-order term of
+the inner step. Autograd computes them from a few dozen tiny per-(row, field)
+operations; :func:`emerg_kernel` instead compiles one C++ library for the model's shape
+that runs the forward and the backward of a tile of 16 rows in registers and L2 (2.5x
+the ``torch.compile`` warm-up step on one core, docs/BENCHMARKS.md). The same templated
+code run on dual numbers gives the exact Hessian-vector product. The refinement of the
 raw graph (min-max, TopK, powers) stays in torch: it is per item, not per row, and its
-backward is a small autograd call.
+derivatives are small autograd calls.
 
-The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``)
-for the host CPU (``-march=native``), once per model shape and real type, into a cache
-directory (``$EMERG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/emerg-stream/kernels``, else
-``~/.cache/emerg-stream/kernels``); later processes load the cached library. Where no
+The source is compiled on first use with the system C++ compiler (``$CXX``, else
+``c++``) for the host CPU (``-march=native``), once per model shape and real type, into
+a cache directory (``$EMERG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/emerg-stream/kernels``,
+else ``~/.cache/emerg-stream/kernels``); later processes load the cached library. Where no
 compiler is found or the build fails, :class:`KernelUnavailableError` says why and
-``warm_up(backend="auto")`` falls back to autograd.
+``backend="auto"`` (warm-up, meta-training) falls back to autograd.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from emerg_stream.model.base import ItemModel
 from emerg_stream.model.emerg import EmerG
 
 #: Environment variable naming the folder of compiled kernels.
 KERNEL_CACHE_ENV = "EMERG_KERNEL_CACHE"
-_SOURCE = "phi_grad.c"
-_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi") + (
+_SOURCE = "emerg_grad.cpp"
+_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi") + (
     # one 16-lane float tile = one AVX-512 register where the CPU has them
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 )
@@ -81,23 +85,23 @@ def _cpu_fingerprint() -> str:
 
 
 def _compiler() -> str:
-    cc = os.environ.get("CC", "cc")
-    path = shutil.which(cc)
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
     if path is None:
-        raise KernelUnavailableError(f"no C compiler: {cc!r} is not on PATH (set CC)")
+        raise KernelUnavailableError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
     return path
 
 
 def _build(defines: tuple[str, ...]) -> Path:
     """Compile the kernel for ``defines`` into the cache (once) and return the library."""
     source = resources.files("emerg_stream.model").joinpath("kernels", _SOURCE).read_bytes()
-    cc = _compiler()
+    cxx = _compiler()
     try:
-        version = subprocess.run(  # noqa: S603 - the operator's compiler ($CC)
-            [cc, "--version"], capture_output=True, text=True, timeout=30, check=False
+        version = subprocess.run(  # noqa: S603 - the operator's compiler ($CXX)
+            [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailableError(f"C compiler {cc} does not run: {exc}") from exc
+        raise KernelUnavailableError(f"C++ compiler {cxx} does not run: {exc}") from exc
     key = hashlib.sha256(
         b"\0".join(
             [
@@ -108,7 +112,7 @@ def _build(defines: tuple[str, ...]) -> Path:
             ]
         )
     ).hexdigest()[:20]
-    out = cache_dir() / f"phi_grad-{key}.so"
+    out = cache_dir() / f"emerg_grad-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,9 +120,9 @@ def _build(defines: tuple[str, ...]) -> Path:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         lib = Path(tmp) / out.name
-        cmd = [cc, *_FLAGS, *defines, str(src), "-o", str(lib), "-lm"]
+        cmd = [cxx, *_FLAGS, *defines, str(src), "-o", str(lib), "-lm"]
         try:
-            res = subprocess.run(  # noqa: S603 - the operator's compiler ($CC)
+            res = subprocess.run(  # noqa: S603 - the operator's compiler ($CXX)
                 cmd, capture_output=True, text=True, timeout=300, check=False
             )
         except (OSError, subprocess.SubprocessError) as exc:
@@ -150,8 +154,50 @@ class KernelWeights:
     bias: float
 
 
-class PhiGradKernel:
-    """The compiled gradient of one model shape and real type.
+def weight_tensors(model: EmerG) -> list[Tensor]:
+    """The shared parameters the kernel reads, in its order, as differentiable tensors.
+
+    W_l stacked, the folded attention maps (M, N), the output bias, the contribution
+    weights and bias, the prediction weights and the prediction bias (a 0-d tensor).
+    Gradients to these flow back to the model's parameters through the stacking and
+    the folding.
+    """
+    m, n = model.attention.folded_weights()
+    return [
+        torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
+        m,
+        n,
+        model.attention.out.bias,
+        model.predictor.contrib.weight,
+        model.predictor.contrib.bias,
+        model.predictor.w.weight[0],
+        model.predictor.b,
+    ]
+
+
+@dataclass(frozen=True)
+class KernelRows:
+    """Rows as the kernel reads them: each row's item, label and loss weight.
+
+    Args:
+        item: ``[B]`` long, each row's item in ``0..I-1``.
+        labels: ``[B]`` 0/1.
+        inv_count: ``[B]`` weight of each row's loss (0 ignores the row): one over the
+            row's item's number of rows gives the sum over items of each item's mean loss
+            (``per_item_mean_loss(...).sum()``).
+    """
+
+    item: Tensor
+    labels: Tensor
+    inv_count: Tensor
+
+
+class EmerGKernel:
+    """The compiled loss derivatives of one model shape and real type.
+
+    Every call computes the loss Σ_rows inv_count[row] · BCE(logit, label) of EmerG's
+    forward over rows whose φ is their item's (refined graphs, ID embedding) and whose
+    other fields' embeddings are given.
 
     Args:
         library: Path of the compiled shared library.
@@ -161,8 +207,12 @@ class PhiGradKernel:
     def __init__(self, library: Path, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self._lib = ctypes.CDLL(str(library))
-        self._fn = self._lib.emerg_phi_grad
-        self._fn.restype = ctypes.c_double
+        self._phi = self._lib.emerg_phi_grad
+        self._full = self._lib.emerg_full_grad
+        self._hvp = self._lib.emerg_hvp
+        for fn in (self._phi, self._full, self._hvp):
+            fn.restype = ctypes.c_double
+        self.n_weights = int(self._lib.emerg_n_weights())
 
     def weights(self, model: EmerG) -> KernelWeights:
         """The model's shared parameters as the kernel reads them (folded, contiguous).
@@ -170,20 +220,36 @@ class PhiGradKernel:
         Warm-up computes them once per chunk and passes them to every step's call.
         """
         with torch.no_grad():
-            m, n = model.attention.folded_weights()
-            tensors = [
-                torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
-                m,
-                n,
-                model.attention.out.bias,
-                model.predictor.contrib.weight,
-                model.predictor.contrib.bias,
-                model.predictor.w.weight[0],
-            ]
-            return KernelWeights(
-                tuple(t.detach().to(self.dtype).contiguous() for t in tensors),
-                float(model.predictor.b),
-            )
+            return self.weights_of(weight_tensors(model))
+
+    def weights_of(self, tensors: list[Tensor]) -> KernelWeights:
+        """:class:`KernelWeights` from :func:`weight_tensors`' list (detached)."""
+        *main, bias = tensors
+        return KernelWeights(
+            tuple(t.detach().to(self.dtype).contiguous() for t in main), float(bias)
+        )
+
+    def _inputs(
+        self, model: EmerG, e_rest: Tensor, graphs: Tensor, id_emb: Tensor, rows: KernelRows
+    ) -> list[Tensor]:
+        """e_rest, item, labels, inv_count, graphs, id_emb: checked, contiguous, typed."""
+        b, n_items = rows.item.shape[0], id_emb.shape[0]
+        cfg = model.config
+        if e_rest.shape != (b, cfg.n_fields - 1, cfg.dim):
+            raise ValueError(f"e_rest has shape {tuple(e_rest.shape)}, rows {b}")
+        if graphs.shape != (n_items, cfg.layers, cfg.n_fields, cfg.n_fields):
+            raise ValueError(f"graphs has shape {tuple(graphs.shape)} for {n_items} items")
+        if b and (int(rows.item.min()) < 0 or int(rows.item.max()) >= n_items):
+            raise ValueError(f"row items must lie in [0, {n_items})")
+        dt = self.dtype
+        return [
+            e_rest.detach().to(dt).contiguous(),
+            rows.item.to(torch.int64).contiguous(),
+            rows.labels.detach().to(dt).contiguous(),
+            rows.inv_count.detach().to(dt).contiguous(),
+            graphs.detach().to(dt).contiguous(),
+            id_emb.detach().to(dt).contiguous(),
+        ]
 
     def __call__(
         self,
@@ -198,10 +264,6 @@ class PhiGradKernel:
     ) -> tuple[float, Tensor, Tensor]:
         """The loss and its gradients to the items' refined graphs and ID embeddings.
 
-        The loss is Σ_rows inv_count[row] · BCE(logit, label): with ``inv_count`` one
-        over the row's item's number of rows, the sum over items of each item's mean
-        loss (``per_item_mean_loss(...).sum()``).
-
         Args:
             model: The EmerG whose shared parameters are read (never written).
             e_rest: ``[B, F-1, D]`` embeddings of fields 1..F-1 (``prepare``'s "e").
@@ -209,60 +271,231 @@ class PhiGradKernel:
             id_emb: ``[I, D]`` φ["id"].
             item: ``[B]`` long, each row's item in ``0..I-1``.
             labels: ``[B]`` 0/1.
-            inv_count: ``[B]`` weight of each row's loss (0 ignores the row).
+            inv_count: ``[B]`` weight of each row's loss (see :class:`KernelRows`).
             weights: ``self.weights(model)`` when the caller has it (the model's shared
                 parameters unchanged since); computed here otherwise.
 
         Returns:
             (loss, ∂loss/∂graphs ``[I, L, F, F]``, ∂loss/∂id_emb ``[I, D]``).
         """
-        b, n_items = item.shape[0], id_emb.shape[0]
-        cfg = model.config
-        if e_rest.shape != (b, cfg.n_fields - 1, cfg.dim):
-            raise ValueError(f"e_rest has shape {tuple(e_rest.shape)}, rows {b}")
-        if graphs.shape != (n_items, cfg.layers, cfg.n_fields, cfg.n_fields):
-            raise ValueError(f"graphs has shape {tuple(graphs.shape)} for {n_items} items")
-        if b and (int(item.min()) < 0 or int(item.max()) >= n_items):
-            raise ValueError(f"row items must lie in [0, {n_items})")
-        dt = self.dtype
+        inputs = self._inputs(model, e_rest, graphs, id_emb, KernelRows(item, labels, inv_count))
         if weights is None:
             weights = self.weights(model)
-        rows = [
-            e_rest.detach().to(dt).contiguous(),
-            item.to(torch.int64).contiguous(),
-            labels.detach().to(dt).contiguous(),
-            inv_count.detach().to(dt).contiguous(),
-        ]
-        graphs = graphs.detach().to(dt).contiguous()
-        id_emb = id_emb.detach().to(dt).contiguous()
-        d_graphs = torch.zeros_like(graphs)
-        d_id = torch.zeros_like(id_emb)
+        d_graphs, d_id = torch.zeros_like(inputs[4]), torch.zeros_like(inputs[5])
         with torch.profiler.record_function("emerg_phi_grad_kernel"):
-            loss = self._fn(
-                ctypes.c_int64(b),
-                *[_ptr(t) for t in rows],
-                _ptr(graphs),
-                _ptr(id_emb),
+            loss = self._phi(
+                ctypes.c_int64(inputs[1].shape[0]),
+                *[_ptr(t) for t in inputs],
                 *[_ptr(p) for p in weights.tensors],
                 ctypes.c_double(weights.bias),
                 _ptr(d_graphs),
                 _ptr(d_id),
             )
-        if loss != loss:  # NaN: the kernel could not allocate its scratch
-            raise MemoryError("the warm-up kernel could not allocate its scratch")
-        return float(loss), d_graphs, d_id
+        return _checked(loss), d_graphs, d_id
+
+    def full_grad(
+        self,
+        model: EmerG,
+        e_rest: Tensor,
+        graphs: Tensor,
+        id_emb: Tensor,
+        rows: KernelRows,
+        weights: KernelWeights,
+    ) -> tuple[float, list[Tensor]]:
+        """The loss and its gradient to every input (meta-training's query loss).
+
+        Returns:
+            (loss, [∂/∂graphs ``[I, L, F, F]``, ∂/∂id_emb ``[I, D]``, ∂/∂e_rest
+            ``[B, F-1, D]``, then one per :func:`weight_tensors` entry, in its shape]).
+        """
+        inputs = self._inputs(model, e_rest, graphs, id_emb, rows)
+        outs = self._outputs(inputs)
+        with torch.profiler.record_function("emerg_full_grad_kernel"):
+            loss = self._full(
+                ctypes.c_int64(inputs[1].shape[0]),
+                *[_ptr(t) for t in inputs],
+                *[_ptr(p) for p in weights.tensors],
+                ctypes.c_double(weights.bias),
+                *[_ptr(t) for t in outs],
+            )
+        return _checked(loss), self._split(outs, weights)
+
+    def hvp(
+        self,
+        model: EmerG,
+        e_rest: Tensor,
+        graphs: Tensor,
+        id_emb: Tensor,
+        rows: KernelRows,
+        weights: KernelWeights,
+        direction: tuple[Tensor, Tensor],
+    ) -> list[Tensor]:
+        """The derivative of :meth:`full_grad`'s gradients along a direction in φ.
+
+        With ``direction = (v_graphs, v_id)`` this is the Hessian of the loss times
+        that vector, each block the gradient of ⟨∂loss/∂(graphs, id), v⟩ with respect to
+        an input: exactly what a double backward through the inner step of
+        meta-training needs. Forward-mode through the backward (dual numbers), exact.
+
+        Returns:
+            The same list as :meth:`full_grad`'s gradients.
+        """
+        inputs = self._inputs(model, e_rest, graphs, id_emb, rows)
+        v_graphs, v_id = (t.detach().to(self.dtype).contiguous() for t in direction)
+        if v_graphs.shape != inputs[4].shape or v_id.shape != inputs[5].shape:
+            raise ValueError("the direction must have the shapes of (graphs, id_emb)")
+        outs = self._outputs(inputs)
+        with torch.profiler.record_function("emerg_hvp_kernel"):
+            loss = self._hvp(
+                ctypes.c_int64(inputs[1].shape[0]),
+                *[_ptr(t) for t in inputs],
+                _ptr(v_graphs),
+                _ptr(v_id),
+                *[_ptr(p) for p in weights.tensors],
+                ctypes.c_double(weights.bias),
+                *[_ptr(t) for t in outs],
+            )
+        _checked(loss)
+        return self._split(outs, weights)
+
+    def _outputs(self, inputs: list[Tensor]) -> list[Tensor]:
+        """Zeroed d_graphs, d_id, d_e_rest and the flat weight gradient."""
+        e_rest, graphs, id_emb = inputs[0], inputs[4], inputs[5]
+        return [
+            torch.zeros_like(graphs),
+            torch.zeros_like(id_emb),
+            torch.empty_like(e_rest),
+            torch.zeros(self.n_weights, dtype=self.dtype),
+        ]
+
+    @staticmethod
+    def _split(outs: list[Tensor], weights: KernelWeights) -> list[Tensor]:
+        *head, flat = outs
+        sizes = [t.numel() for t in weights.tensors] + [1]
+        parts = torch.split(flat, sizes)
+        shaped = [p.view_as(t) for p, t in zip(parts, weights.tensors, strict=False)]
+        return [*head, *shaped, parts[-1].view(())]
+
+
+def _checked(loss: float) -> float:
+    if loss != loss:  # NaN: the kernel could not allocate its scratch
+        raise MemoryError("the CPU kernel could not allocate its scratch")
+    return float(loss)
+
+
+class _RowLoss(torch.autograd.Function):
+    """The rows' loss, whose backward is the kernel's full gradient (computed with it)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel: EmerGKernel,
+        model: EmerG,
+        rows: KernelRows,
+        graphs: Tensor,
+        id_emb: Tensor,
+        e_rest: Tensor,
+        *weights: Tensor,
+    ) -> Tensor:
+        loss, grads = kernel.full_grad(
+            model, e_rest, graphs, id_emb, rows, kernel.weights_of(list(weights))
+        )
+        ctx.grads = grads
+        ctx.dtypes = [t.dtype for t in (graphs, id_emb, e_rest, *weights)]
+        return graphs.new_tensor(loss)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        out = [(g * grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)]
+        return (None, None, None, *out)
+
+
+class _SupportGrad(torch.autograd.Function):
+    """∂loss/∂(graphs, id) of the rows; its backward is the kernel's Hessian-vector product."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel: EmerGKernel,
+        model: EmerG,
+        rows: KernelRows,
+        graphs: Tensor,
+        id_emb: Tensor,
+        e_rest: Tensor,
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        kw = kernel.weights_of(list(weights))
+        _, d_graphs, d_id = kernel(
+            model, e_rest, graphs, id_emb, rows.item, rows.labels, rows.inv_count, kw
+        )
+        ctx.kernel, ctx.model, ctx.rows, ctx.kw = kernel, model, rows, kw
+        ctx.dtypes = [t.dtype for t in (graphs, id_emb, e_rest, *weights)]
+        ctx.save_for_backward(graphs, id_emb, e_rest)
+        return d_graphs.to(graphs.dtype), d_id.to(id_emb.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, v_graphs: Tensor, v_id: Tensor) -> tuple[Tensor | None, ...]:
+        graphs, id_emb, e_rest = ctx.saved_tensors
+        grads = ctx.kernel.hvp(
+            ctx.model, e_rest, graphs, id_emb, ctx.rows, ctx.kw, (v_graphs, v_id)
+        )
+        out = [g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
+        return (None, None, None, *out)
+
+
+def row_loss(
+    kernel: EmerGKernel,
+    model: EmerG,
+    rows: KernelRows,
+    graphs: Tensor,
+    id_emb: Tensor,
+    e_rest: Tensor,
+    weights: list[Tensor],
+) -> Tensor:
+    """Σ_rows inv_count · BCE as a differentiable 0-d tensor (first order only).
+
+    Its gradient reaches ``graphs``, ``id_emb``, ``e_rest`` and every tensor of
+    ``weights`` (:func:`weight_tensors`), computed by the kernel in the forward call.
+    """
+    out: Tensor = _RowLoss.apply(  # type: ignore[no-untyped-call]
+        kernel, model, rows, graphs, id_emb, e_rest, *weights
+    )
+    return out
+
+
+def support_grad(
+    kernel: EmerGKernel,
+    model: EmerG,
+    rows: KernelRows,
+    graphs: Tensor,
+    id_emb: Tensor,
+    e_rest: Tensor,
+    weights: list[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """(∂loss/∂graphs, ∂loss/∂id_emb), differentiable once more (the exact second order).
+
+    The backward of the returned gradients (the double backward of the loss) is the
+    kernel's Hessian-vector product: its gradient reaches every input, as autograd's
+    ``create_graph=True`` would give.
+    """
+    d_graphs, d_id = _SupportGrad.apply(  # type: ignore[no-untyped-call]
+        kernel, model, rows, graphs, id_emb, e_rest, *weights
+    )
+    return d_graphs, d_id
 
 
 _LOCK = threading.Lock()
-_KERNELS: dict[tuple[object, ...], PhiGradKernel | KernelUnavailableError] = {}
+_KERNELS: dict[tuple[object, ...], EmerGKernel | KernelUnavailableError] = {}
 
 
-def phi_grad_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> PhiGradKernel:
+def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> EmerGKernel:
     """The kernel for ``model``'s shape and ``dtype``, built on first use (thread-safe).
 
     Raises:
         KernelUnavailableError: Not an EmerG, not on the CPU, not float32/float64, an
-            activation the kernel does not know, no C compiler, or the build failed
+            activation the kernel does not know, no C++ compiler, or the build failed
             (a failure is remembered: the build is not retried in this process).
     """
     if not isinstance(model, EmerG):
@@ -291,7 +524,7 @@ def phi_grad_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) 
         got = _KERNELS.get(defines)
         if got is None:
             try:
-                got = PhiGradKernel(_build(defines), dtype)
+                got = EmerGKernel(_build(defines), dtype)
             except KernelUnavailableError as exc:
                 got = exc
             except OSError as exc:  # the cached library does not load

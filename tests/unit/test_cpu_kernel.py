@@ -1,4 +1,7 @@
-"""The compiled CPU warm-up kernel computes autograd's gradient, and degrades cleanly.
+"""The compiled CPU kernel computes autograd's derivatives, and degrades cleanly.
+
+Warm-up's φ-gradient; meta-training's full gradient (to every input and shared weight)
+and exact Hessian-vector product, and the meta-gradient built from them.
 
 Each model shape compiles its own library (a second or two, cached under
 ``EMERG_KERNEL_CACHE``); the shapes below are chosen to cover every compile-time switch
@@ -7,14 +10,23 @@ Each model shape compiles its own library (a second or two, cached under
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from emerg_stream.meta.rows import Rows
+from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.train import TrainConfig, meta_loss, meta_train, resolve_meta_backend
 from emerg_stream.meta.warmup import WarmupConfig, resolve_backend, warm_up, warm_up_reference
 from emerg_stream.model import ModelConfig, build_model, cpu_kernel, item_noise
-from emerg_stream.model.cpu_kernel import KernelUnavailableError, phi_grad_kernel
+from emerg_stream.model.cpu_kernel import (
+    KernelRows,
+    KernelUnavailableError,
+    emerg_kernel,
+    row_loss,
+    support_grad,
+    weight_tensors,
+)
 
 CPU = torch.device("cpu")
 
@@ -80,7 +92,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
-def test_the_kernel_gradient_is_autograd_s_in_float64(c_compiler, shape):
+def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     """Loss, ∂/∂graphs and ∂/∂id equal autograd's to 1e-12: a wrong term anywhere in the
     hand-written backward (attention, softmax, messages, predictor) shows up here."""
     model = _model(**shape)
@@ -88,7 +100,7 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(c_compiler, shape):
     rows = _rows(model, 37, n_items, seed=1)  # 37 rows: two full tiles and a partial one
     phi = _phi(model, n_items)
     loss, d_graphs, d_id, e_rest, graphs, inv = _autograd(model, rows, phi, n_items)
-    kernel = phi_grad_kernel(model, torch.float64, CPU)
+    kernel = emerg_kernel(model, torch.float64, CPU)
     k_loss, k_graphs, k_id = kernel(model, e_rest, graphs, phi["id"], rows.item, rows.labels, inv)
     assert abs(k_loss - loss) <= 1e-12 * max(1.0, abs(loss))
     scale = max(d_graphs.abs().max().item(), d_id.abs().max().item())
@@ -98,13 +110,13 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(c_compiler, shape):
     assert k_graphs[n_items - 1].abs().max() == 0 and k_id[n_items - 1].abs().max() == 0
 
 
-def test_the_kernel_gradient_is_autograd_s_in_float32(c_compiler):
+def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler):
     model = _model(torch.float32, dim=16, heads=3)
     n_items = 5
     rows = _rows(model, 70, n_items, seed=2)
     phi = _phi(model, n_items)
     loss, d_graphs, d_id, e_rest, graphs, inv = _autograd(model, rows, phi, n_items)
-    kernel = phi_grad_kernel(model, torch.float32, CPU)
+    kernel = emerg_kernel(model, torch.float32, CPU)
     k_loss, k_graphs, k_id = kernel(model, e_rest, graphs, phi["id"], rows.item, rows.labels, inv)
     assert k_graphs.dtype == torch.float32
     assert abs(k_loss - loss) <= 1e-5 * max(1.0, abs(loss))
@@ -114,7 +126,7 @@ def test_the_kernel_gradient_is_autograd_s_in_float32(c_compiler):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_kernel_warm_up_equals_the_per_item_autograd_path(c_compiler, optimizer):
+def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimizer):
     """Whole phases: chunks of 4 items, a scaled graph lr, an item without rows."""
     model = _model()
     n_items = 10
@@ -129,7 +141,7 @@ def test_kernel_warm_up_equals_the_per_item_autograd_path(c_compiler, optimizer)
         assert torch.equal(got[k][n_items - 1], phi[k][n_items - 1])
 
 
-def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(c_compiler):
+def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
     emerg = _model(torch.float32)
     assert resolve_backend(emerg, "auto", torch.float32, CPU)[0] == "kernel"
     assert resolve_backend(emerg, "autograd", torch.float32, CPU) == ("autograd", None)
@@ -146,12 +158,12 @@ def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(c_compiler):
 
 
 def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", "no-such-cc-for-emerg")
+    monkeypatch.setenv("CXX", "no-such-cxx-for-emerg")
     monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
     model = _model(torch.float32)
     assert resolve_backend(model, "auto", torch.float32, CPU) == ("autograd", None)
-    with pytest.raises(KernelUnavailableError, match="no C compiler") as err:
+    with pytest.raises(KernelUnavailableError, match=r"no C\+\+ compiler") as err:
         resolve_backend(model, "kernel", torch.float32, CPU)
     assert err.value.machine
     rows = _rows(model, 20, 3, seed=4)
@@ -162,33 +174,229 @@ def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp
     )
 
 
-def test_a_build_is_cached_and_reused_across_processes(c_compiler, monkeypatch, tmp_path):
+def test_a_build_is_cached_and_reused_across_processes(cxx_compiler, monkeypatch, tmp_path):
     """The library lands in EMERG_KERNEL_CACHE; a fresh process (a fresh in-memory
     table here) loads it without compiling again."""
     monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
     model = _model(dim=4)
-    phi_grad_kernel(model, torch.float64, CPU)
-    built = list(tmp_path.glob("phi_grad-*.so"))
+    emerg_kernel(model, torch.float64, CPU)
+    built = list(tmp_path.glob("emerg_grad-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
-    monkeypatch.setenv("CC", "no-such-cc-for-emerg")  # a rebuild would fail
+    monkeypatch.setenv("CXX", "no-such-cxx-for-emerg")  # a rebuild would fail
     with pytest.raises(KernelUnavailableError):  # the compiler is looked up for the cache key
-        phi_grad_kernel(model, torch.float64, CPU)
-    monkeypatch.delenv("CC")
+        emerg_kernel(model, torch.float64, CPU)
+    monkeypatch.delenv("CXX")
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
-    phi_grad_kernel(model, torch.float64, CPU)
-    assert [p.stat().st_mtime_ns for p in tmp_path.glob("phi_grad-*.so")] == [stamp]
+    emerg_kernel(model, torch.float64, CPU)
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("emerg_grad-*.so")] == [stamp]
 
 
-def test_rows_pointing_outside_the_items_are_refused(c_compiler):
+def test_rows_pointing_outside_the_items_are_refused(cxx_compiler):
     model = _model()
     rows = _rows(model, 10, 3, seed=5)
     phi = _phi(model, 3)
     _, _, _, e_rest, graphs, inv = _autograd(model, rows, phi, 3)
-    kernel = phi_grad_kernel(model, torch.float64, CPU)
+    kernel = emerg_kernel(model, torch.float64, CPU)
     bad = rows.item.clone()
     bad[4] = 3
     with pytest.raises(ValueError, match=r"row items must lie in \[0, 3\)"):
         kernel(model, e_rest, graphs, phi["id"], bad, rows.labels, inv)
+
+
+# ---- meta-training: the full gradient, the Hessian-vector product, the meta-gradient ----
+
+
+def _inputs(model, rows, phi, n_items):
+    """Leaves for every input the kernel differentiates, and the loss written in torch."""
+    graphs = model.graphs(phi["adj"]).detach().requires_grad_(True)
+    id_emb = phi["id"].clone().requires_grad_(True)
+    e_rest = model.prepare(rows.tokens, rows.weights).cache["e"].detach().requires_grad_(True)
+    counts = torch.bincount(rows.item, minlength=n_items).clamp_min(1).to(graphs.dtype)
+    inv = (1.0 / counts)[rows.item]
+    e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
+    logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
+    losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
+    loss = (losses * inv).sum()
+    leaves = [graphs, id_emb, e_rest, *model.parameters()]
+    return loss, leaves, KernelRows(rows.item, rows.labels, inv)
+
+
+def _assert_close_lists(got, want, tol):
+    scale = max(float(w.abs().max()) for w in want if w is not None)
+    assert scale > 1e-2  # the comparison is not between zeros
+    for g, w in zip(got, want, strict=True):
+        if w is None:  # a parameter outside the rows' loss (the generator)
+            assert g is None or float(g.abs().max()) == 0
+        else:
+            assert g is not None and float((g - w).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
+    """∂loss/∂ every input and every shared parameter (through the stacked W_l and the
+    folded attention maps) equal autograd's to 1e-12: a missing or wrong weight term
+    (dM, dN, dW_l, the contribution and prediction weights, the biases) shows up here."""
+    model = _model(**shape)
+    n_items = 6
+    rows = _rows(model, 37, n_items, seed=1)
+    loss, leaves, krows = _inputs(model, rows, _phi(model, n_items), n_items)
+    want = torch.autograd.grad(loss, leaves, allow_unused=True)
+    graphs, id_emb, e_rest = leaves[:3]
+    kernel = emerg_kernel(model, torch.float64, CPU)
+    got_loss = row_loss(kernel, model, krows, graphs, id_emb, e_rest, weight_tensors(model))
+    assert abs(got_loss.item() - loss.item()) <= 1e-12 * abs(loss.item())
+    got = torch.autograd.grad(got_loss, leaves, allow_unused=True)
+    _assert_close_lists(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+def test_the_kernel_hessian_vector_product_is_autograd_s_double_backward(cxx_compiler, shape):
+    """The gradient of ⟨∂loss/∂(graphs, id), v⟩ to every input and parameter, from the
+    kernel's dual-number pass, equals autograd's double backward to 1e-12 in float64:
+    this is the second-order term of meta-training's inner step."""
+    model = _model(**shape)
+    n_items = 6
+    rows = _rows(model, 37, n_items, seed=2)
+    loss, leaves, krows = _inputs(model, rows, _phi(model, n_items), n_items)
+    graphs, id_emb, e_rest = leaves[:3]
+    gen = torch.Generator().manual_seed(3)
+    v_graphs = torch.randn(graphs.shape, generator=gen, dtype=graphs.dtype)
+    v_id = torch.randn(id_emb.shape, generator=gen, dtype=id_emb.dtype)
+    first = torch.autograd.grad(loss, [graphs, id_emb], create_graph=True)
+    want = torch.autograd.grad(
+        (first[0] * v_graphs).sum() + (first[1] * v_id).sum(), leaves, allow_unused=True
+    )
+    kernel = emerg_kernel(model, torch.float64, CPU)
+    g_graphs, g_id = support_grad(
+        kernel, model, krows, graphs, id_emb, e_rest, weight_tensors(model)
+    )
+    assert float((g_graphs - first[0]).abs().max()) <= 1e-12 * float(first[0].abs().max())
+    assert float((g_id - first[1]).abs().max()) <= 1e-12 * float(first[1].abs().max())
+    got = torch.autograd.grad(
+        (g_graphs * v_graphs).sum() + (g_id * v_id).sum(), leaves, allow_unused=True
+    )
+    _assert_close_lists(got, want, 1e-12)
+
+
+def _meta_batch(model, n_tasks=5):
+    cfg = model.config
+    sup, qry = _rows(model, 40, n_tasks, seed=3), _rows(model, 33, n_tasks, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, cfg.vocab_size, (n_tasks, cfg.n_fields, 2), generator=gen)
+    dtype = next(model.parameters()).dtype
+    weights = torch.ones(n_tasks, cfg.n_fields, 2, dtype=dtype)
+    noise = torch.randn(n_tasks, model.noise_dim, generator=gen, dtype=dtype)
+    return sup, qry, tokens, weights, noise
+
+
+def _meta_grads(model, batch, cfg, kernel):
+    sup, qry, tokens, weights, noise = batch
+    model.zero_grad(set_to_none=True)
+    phi0 = model.cold_params(tokens, weights, noise)
+    loss = meta_loss(model, sup, qry, phi0, len(tokens), cfg, kernel)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss), grads
+
+
+@pytest.mark.parametrize(
+    ("variant", "graph_mode"),
+    [
+        (dict(), "hyper"),
+        (dict(second_order=False), "hyper"),
+        (dict(inner_update=False), "hyper"),
+        (dict(), "shared"),
+        (dict(), "random"),
+    ],
+    ids=["second-order", "first-order", "no-inner-step", "shared-graph", "random-graph"],
+)
+def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode):
+    """meta_loss on the kernel and on autograd: the same loss and the same gradient to
+    every meta parameter (generator included, through the refinement) to 1e-12 in
+    float64, for second order, first order, no inner step and the graph ablations."""
+    model = _model(graph_mode=graph_mode)
+    cfg = TrainConfig(inner_lr=0.3, alpha=0.3, **variant)
+    batch = _meta_batch(model)
+    loss_a, want = _meta_grads(model, batch, cfg, None)
+    kernel = resolve_meta_backend(model, "kernel", torch.float64, CPU)
+    loss_k, got = _meta_grads(model, batch, cfg, kernel)
+    assert abs(loss_a - loss_k) <= 1e-12
+    assert sorted(got) == sorted(want)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 1e-2
+    for name in want:
+        assert float((got[name] - want[name]).abs().max()) <= 1e-12 * scale, name
+    if graph_mode == "hyper":
+        assert float(want["generator.w1"].abs().max()) > 0
+
+
+def test_the_second_order_term_is_in_the_kernel_meta_gradient(cxx_compiler):
+    """First and second order differ (so the equality above tests the Hessian term)."""
+    model = _model()
+    batch = _meta_batch(model)
+    kernel = resolve_meta_backend(model, "kernel", torch.float64, CPU)
+    _, second = _meta_grads(model, batch, TrainConfig(inner_lr=0.3, alpha=0.0), kernel)
+    _, first = _meta_grads(
+        model, batch, TrainConfig(inner_lr=0.3, alpha=0.0, second_order=False), kernel
+    )
+    assert max(float((second[n] - first[n]).abs().max()) for n in second) > 1e-3
+
+
+def test_the_kernel_meta_gradient_in_float32(cxx_compiler):
+    model = _model(torch.float32)
+    cfg = TrainConfig(inner_lr=0.3, alpha=0.3)
+    batch = _meta_batch(model)
+    _, want = _meta_grads(model, batch, cfg, None)
+    _, got = _meta_grads(
+        model, batch, cfg, resolve_meta_backend(model, "kernel", torch.float32, CPU)
+    )
+    scale = max(float(g.abs().max()) for g in want.values())
+    for name in want:
+        assert float((got[name] - want[name]).abs().max()) <= 1e-4 * scale, name
+
+
+def test_meta_training_on_the_kernel_ends_where_autograd_does(cxx_compiler):
+    """Whole meta-training (3 meta-steps of Adam, float64) on either backend ends at the
+    same parameters (to 1e-8: Adam's g/√v magnifies the rounding of near-zero gradient
+    entries; the parameters move by ~1e-3, a wrong term by as much)."""
+    rows = _rows(_model(), 300, 8, seed=6)
+    rows = Rows(rows.tokens, rows.weights, rows.labels, torch.arange(300) % 8)
+    items = ItemSet([f"i{i}" for i in range(8)], rows.tokens[:8], rows.weights[:8])
+    cfg = TrainConfig(meta_epochs=1, meta_batch=8, chunk_rows=16, inner_lr=0.1)
+    ends = []
+    for backend in ("autograd", "kernel"):
+        model = _model()
+        before = [p.detach().clone() for p in model.parameters()]
+        meta_train(
+            model, rows, items, np.arange(300), cfg, device=CPU, progress=False, backend=backend
+        )
+        moved = max(
+            float((p - b).abs().max()) for p, b in zip(model.parameters(), before, strict=True)
+        )
+        assert moved > 1e-4
+        ends.append([p.detach().clone() for p in model.parameters()])
+    for a, k in zip(*ends, strict=True):
+        assert float((a - k).abs().max()) <= 1e-8
+
+
+def test_the_meta_backend_is_resolved_like_warm_up_s(monkeypatch, tmp_path, cxx_compiler):
+    emerg = _model(torch.float32)
+    assert resolve_meta_backend(emerg, "auto", torch.float32, CPU) is not None
+    assert resolve_meta_backend(emerg, "autograd", torch.float32, CPU) is None
+    deepfm = build_model(
+        ModelConfig(kind="deepfm", n_fields=5, n_item_fields=3, side_fields=(1, 2), vocab_size=60)
+    )
+    assert resolve_meta_backend(deepfm, "auto", torch.float32, CPU) is None
+    with pytest.raises(KernelUnavailableError, match="DeepFM"):
+        resolve_meta_backend(deepfm, "kernel", torch.float32, CPU)
+    with pytest.raises(ValueError, match="unknown meta-training backend"):
+        resolve_meta_backend(emerg, "fast", torch.float32, CPU)  # type: ignore[arg-type]
+    monkeypatch.setenv("CXX", "no-such-cxx-for-emerg")
+    monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
+    assert resolve_meta_backend(emerg, "auto", torch.float32, CPU) is None
+    with pytest.raises(KernelUnavailableError, match=r"no C\+\+ compiler"):
+        resolve_meta_backend(emerg, "kernel", torch.float32, CPU)

@@ -169,7 +169,7 @@ def test_dockerfile_ships_what_the_commands_need():
     assert "WORKDIR /app" in text
     # the CPU warm-up kernel is built at start: a compiler and a writable cache (/tmp is
     # the pod's one writable path)
-    assert "gcc libc6-dev" in text
+    assert "g++ libc6-dev" in text
     assert "EMERG_KERNEL_CACHE=/tmp/emerg-kernels" in text
     worker = container(kind("Deployment"), "worker")
     assert any(m["mountPath"] == "/tmp" for m in worker["volumeMounts"])

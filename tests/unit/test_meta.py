@@ -105,7 +105,7 @@ def test_warm_up_in_chunks_equals_the_per_item_path(backend, request):
     """Chunks that split the items (5 + 5 + 2 of 12) change nothing: the items are
     independent and each keeps its own rows (autograd and the CPU kernel alike)."""
     if backend == "kernel":
-        request.getfixturevalue("c_compiler")
+        request.getfixturevalue("cxx_compiler")
     model, phi, support = _f64_warm_up_inputs()
     cfg = WarmupConfig(steps=4, lr=0.05, optimizer="adam")
     chunked = warm_up(model, phi, support, cfg, chunk=5, backend=backend)

@@ -187,10 +187,10 @@ def test_the_worker_publishes_the_offline_params_on_every_device(
 
 def test_the_handler_runs_the_kernel_by_default(handler):
     """The stream's default backend is the CPU kernel wherever it builds (this machine
-    has a C compiler: the published-params tests above ran it against autograd)."""
+    has a C++ compiler: the published-params tests above ran it against autograd)."""
     assert handler.warmup_backend == "auto"
     kind, kernel = resolve_backend(handler.model, "auto", torch.float32, torch.device("cpu"))
-    if shutil.which(os.environ.get("CC", "cc")):
+    if shutil.which(os.environ.get("CXX", "c++")):
         assert kind == "kernel" and kernel is not None
     else:
         assert kind == "autograd"
@@ -201,10 +201,10 @@ def test_a_kernel_that_cannot_build_stops_the_handler_or_falls_back(
 ):
     """``warmup_backend=kernel`` without a compiler is a start-up error naming the cause;
     ``auto`` starts on autograd."""
-    monkeypatch.setenv("CC", "no-such-cc-for-emerg")
+    monkeypatch.setenv("CXX", "no-such-cxx-for-emerg")
     monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
-    with pytest.raises(ModelError, match="no C compiler"):
+    with pytest.raises(ModelError, match=r"no C\+\+ compiler"):
         TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", warmup_backend="kernel")
     fallback = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu")
     kind, _ = resolve_backend(fallback.model, "auto", torch.float32, torch.device("cpu"))

@@ -1,0 +1,496 @@
+/* EmerG's per-row loss and its derivatives on the CPU: warm-up's gradient to phi, and
+ * meta-training's full gradient and exact Hessian-vector product.
+ *
+ * emerg_stream/model/cpu_kernel.py compiles this file once per model shape and real
+ * type (NF fields, ND embedding size, NL layers, NH heads, RELU, REAL) and calls its
+ * three entry points through ctypes. Each is a function of autograd's (the forward of
+ * EmerG.forward_prepared, the rows' inv-weighted BCE, its backward); the tests hold
+ * them equal in float64:
+ *
+ *   emerg_phi_grad   the gradient to the items' refined graphs and ID embeddings
+ *                    (warm-up's step; the other inputs are constants there)
+ *   emerg_full_grad  the gradient to every input: graphs, ID embeddings, the other
+ *                    fields' embeddings and the shared weights (meta-training's loss)
+ *   emerg_hvp        the derivative of that full gradient along a direction in
+ *                    (graphs, ID embeddings): the second-order term of meta-training's
+ *                    inner step, exact (forward-mode through the backward)
+ *
+ * Rows go through in tiles of LANES rows. A tile holds every quantity as a vector over
+ * its rows (GCC/Clang vector extensions), so each of the many tiny per-(row, field)
+ * contractions (orders x heads x D) is a run of vertical multiply-adds on registers.
+ * The forward and backward are written once, over a number type T: the plain vector
+ * gives the gradient; the dual number (value, tangent) gives, in the tangent parts of
+ * the same backward, the Hessian-vector product. */
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#define LANES 16
+#ifndef REAL_IS_DOUBLE
+#define REAL_IS_DOUBLE 0
+#endif
+#define NO (NL + 1)
+#define HD (NH * ND)
+
+typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
+#if REAL_IS_DOUBLE
+typedef int64_t ivec __attribute__((vector_size(LANES * sizeof(int64_t))));
+#else
+typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+#endif
+
+static inline vec splat(REAL v) { return vec{} + v; }
+/* m ? a : b lane by lane, m from a comparison (all ones or all zeros per lane) */
+static inline vec vsel(ivec m, vec a, vec b) { return (vec)((m & (ivec)a) | (~m & (ivec)b)); }
+
+/* exp(x) for x <= 0 (softmax after the max is subtracted, sigmoid of -|z|):
+ * 2^n * e^r with |r| <= ln2/2, a Taylor polynomial to full precision of REAL. */
+static inline vec vexp_neg(vec x) {
+    const REAL lo = REAL_IS_DOUBLE ? -708.0 : -87.0;
+    x = vsel(x > lo, x, splat(lo));
+    vec n = x * (REAL)1.4426950408889634 + (REAL)0.5;
+    ivec ni = __builtin_convertvector(n, ivec);
+    ni += (ivec)(__builtin_convertvector(ni, vec) > n); /* floor: a true lane is -1 */
+    vec nf = __builtin_convertvector(ni, vec);
+    vec r = x - nf * (REAL)0.693145751953125 - nf * (REAL)1.428606820309417e-06;
+    vec p;
+#if !REAL_IS_DOUBLE
+    p = splat(1.0f / 5040);
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;   p = p * r + 0.5f;       p = p * r + 1.0f; p = p * r + 1.0f;
+#else
+    p = splat(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0; p = p * r + 1.0 / 39916800.0; p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;    p = p * r + 1.0 / 40320.0;    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;       p = p * r + 1.0 / 120.0;      p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;         p = p * r + 0.5;              p = p * r + 1.0;
+    p = p * r + 1.0;
+#endif
+    /* scale by 2^n through the exponent bits */
+#if REAL_IS_DOUBLE
+    ivec bits = (ni + 1023) << 52;
+#else
+    ivec bits = (ni + 127) << 23;
+#endif
+    vec scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline vec vsigmoid(vec z) {
+    ivec pos = z > 0;
+    vec ez = vexp_neg(vsel(pos, -z, z)); /* e^{-|z|} */
+    vec one = splat(1);
+    return vsel(pos, one, ez) / (one + ez);
+}
+
+/* ---- the two number types: a vector over the tile's rows, and its dual ---- */
+
+/* value v and tangent t: every operation carries the derivative along one direction */
+struct Dual {
+    vec v, t;
+};
+static inline Dual operator+(Dual a, Dual b) { return {a.v + b.v, a.t + b.t}; }
+static inline Dual operator-(Dual a, Dual b) { return {a.v - b.v, a.t - b.t}; }
+static inline Dual operator*(Dual a, Dual b) { return {a.v * b.v, a.t * b.v + a.v * b.t}; }
+static inline Dual operator/(Dual a, Dual b) {
+    vec q = a.v / b.v;
+    return {q, (a.t - q * b.t) / b.v};
+}
+static inline Dual operator*(REAL s, Dual a) { return {s * a.v, s * a.t}; }
+static inline Dual operator*(Dual a, vec s) { return {a.v * s, a.t * s}; }
+static inline Dual operator/(Dual a, REAL s) { return {a.v / s, a.t / s}; }
+static inline Dual operator-(REAL s, Dual a) { return {s - a.v, -a.t}; }
+static inline Dual operator-(Dual a, vec s) { return {a.v - s, a.t}; }
+static inline Dual &operator+=(Dual &a, Dual b) { return a = a + b; }
+
+static inline vec value(vec a) { return a; }
+static inline vec value(const Dual &a) { return a.v; }
+/* what a run returns of a derivative: the gradient itself, or the gradient's tangent */
+static inline REAL result(const vec &a, int lane) { return a[lane]; }
+static inline REAL result(const Dual &a, int lane) { return a.t[lane]; }
+static inline void set_lane(vec &a, int lane, REAL v, REAL) { a[lane] = v; }
+static inline void set_lane(Dual &a, int lane, REAL v, REAL t) { a.v[lane] = v; a.t[lane] = t; }
+static inline vec constant(REAL c, const vec *) { return splat(c); }
+static inline Dual constant(REAL c, const Dual *) { return {splat(c), vec{}}; }
+/* relu, the mask of a positive value, and the max pick by value: a dual follows its value */
+static inline vec relu(vec a) { return vsel(a > 0, a, vec{}); }
+static inline Dual relu(Dual a) {
+    ivec m = a.v > 0;
+    return {vsel(m, a.v, vec{}), vsel(m, a.t, vec{})};
+}
+static inline vec where_positive(vec m, vec a) { return vsel(m > 0, a, vec{}); }
+static inline Dual where_positive(const Dual &m, Dual a) {
+    ivec k = m.v > 0;
+    return {vsel(k, a.v, vec{}), vsel(k, a.t, vec{})};
+}
+static inline vec larger(vec a, vec b) { return vsel(a > b, a, b); }
+static inline Dual larger(Dual a, Dual b) {
+    ivec m = a.v > b.v;
+    return {vsel(m, a.v, b.v), vsel(m, a.t, b.t)};
+}
+static inline Dual vexp_neg(Dual x) {
+    vec e = vexp_neg(x.v);
+    return {e, e * x.t};
+}
+static inline Dual vsigmoid(Dual z) {
+    vec s = vsigmoid(z.v);
+    return {s, s * (1 - s) * z.t};
+}
+
+typedef struct {
+    const REAL *w;  /* [NL][ND][ND] message maps W_l (out, in) */
+    const REAL *m;  /* [HD][ND] folded score maps M_h, stacked */
+    const REAL *n;  /* [ND][HD] folded value-output maps N_h */
+    const REAL *ob; /* [ND] output bias */
+    const REAL *wc; /* [NF][NF*ND] contribution weights */
+    const REAL *bc; /* [NF] contribution bias */
+    const REAL *wp; /* [ND] prediction weights */
+    REAL b;         /* prediction bias */
+} params_t;
+
+/* Gradients to the shared weights, per lane (summed over lanes once, at the end), in
+ * the order of params_t; the flat output of a run is the same order. */
+template <class T> struct wgrad_t {
+    T w[NL][ND][ND];
+    T m[HD][ND];
+    T n[ND][HD];
+    T ob[ND];
+    T wc[NF][NF * ND];
+    T bc[NF];
+    T wp[ND];
+    T b;
+};
+#define N_WEIGHTS (NL * ND * ND + HD * ND + ND * HD + ND + NF * NF * ND + NF + ND + 1)
+
+template <class T> struct tile_t {
+    T x[NF][NO][ND];     /* h^(0..L) */
+    T p[NL][NF][ND];     /* W_l e */
+    T mg[NL][NF][ND];    /* messages before the activation */
+    T g[NL][NF][NF];     /* the rows' graphs */
+    T u[NF][NO][HD];     /* score projections */
+    T a[NF][NO][NO][NH]; /* attention weights */
+    T gv[NF][HD];        /* attended values, before the output map */
+    T out[NF][ND];
+    T dx[NF][NO][ND];
+    T dgr[NL][NF][NF];
+    T de[NF][ND]; /* to the order-0 embeddings: field 0 is phi's ID embedding */
+    vec lab, inv, loss;
+};
+
+template <class T> static void forward(const params_t *P, tile_t<T> *S) {
+    for (int l = 0; l < NL; l++) {
+        const REAL *w = P->w + l * ND * ND;
+        for (int f = 0; f < NF; f++)
+            for (int d = 0; d < ND; d++) {
+                T acc{};
+                for (int k = 0; k < ND; k++) acc += w[d * ND + k] * S->x[f][0][k];
+                S->p[l][f][d] = acc;
+            }
+        for (int r = 0; r < NF; r++)
+            for (int d = 0; d < ND; d++) {
+                T acc{};
+                for (int s = 0; s < NF; s++) acc += S->g[l][r][s] * S->p[l][s][d];
+                S->mg[l][r][d] = acc;
+                T act = RELU ? relu(acc) : acc;
+                S->x[r][l + 1][d] = S->x[r][l][d] * act;
+            }
+    }
+}
+
+template <class T> static void attention(const params_t *P, tile_t<T> *S, int f) {
+    for (int o = 0; o < NO; o++)
+        for (int j = 0; j < HD; j++) {
+            T acc{};
+            for (int d = 0; d < ND; d++) acc += P->m[j * ND + d] * S->x[f][o][d];
+            S->u[f][o][j] = acc;
+        }
+    T ab[NO][NH] = {};
+    for (int o = 0; o < NO; o++)
+        for (int h = 0; h < NH; h++) {
+            T sc[NO];
+            for (int p = 0; p < NO; p++) {
+                T acc{};
+                for (int d = 0; d < ND; d++) acc += S->x[f][o][d] * S->u[f][p][h * ND + d];
+                sc[p] = acc;
+            }
+            T mx = sc[0];
+            for (int p = 1; p < NO; p++) mx = larger(mx, sc[p]);
+            T den{};
+            for (int p = 0; p < NO; p++) { sc[p] = vexp_neg(sc[p] - mx); den += sc[p]; }
+            for (int p = 0; p < NO; p++) {
+                T av = sc[p] / den;
+                S->a[f][o][p][h] = av;
+                ab[p][h] += av;
+            }
+        }
+    for (int h = 0; h < NH; h++)
+        for (int d = 0; d < ND; d++) {
+            T acc{};
+            for (int p = 0; p < NO; p++) acc += ab[p][h] * S->x[f][p][d];
+            S->gv[f][h * ND + d] = acc / (REAL)NO;
+        }
+    for (int d = 0; d < ND; d++) {
+        T acc = constant(P->ob[d], (const T *)nullptr);
+        for (int j = 0; j < HD; j++) acc += P->n[d * HD + j] * S->gv[f][j];
+        S->out[f][d] = acc;
+    }
+}
+
+/* FULL: every input's gradient; otherwise only phi's (the other fields' order-0 inputs
+ * are constants in warm-up, their gradient and the weights' skipped) */
+template <class T, bool FULL>
+static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *dout,
+                               wgrad_t<T> *G) {
+    if (FULL)
+        for (int d = 0; d < ND; d++) {
+            G->ob[d] += dout[d];
+            for (int j = 0; j < HD; j++) G->n[d][j] += dout[d] * S->gv[f][j];
+        }
+    T dg[HD];
+    for (int j = 0; j < HD; j++) {
+        T acc{};
+        for (int d = 0; d < ND; d++) acc += P->n[d * HD + j] * dout[d];
+        dg[j] = acc;
+    }
+    T ab[NO][NH], dab[NO][NH];
+    for (int p = 0; p < NO; p++)
+        for (int h = 0; h < NH; h++) {
+            T acc{}, acc2{};
+            for (int o = 0; o < NO; o++) acc += S->a[f][o][p][h];
+            for (int d = 0; d < ND; d++) acc2 += dg[h * ND + d] * S->x[f][p][d];
+            ab[p][h] = acc / (REAL)NO;
+            dab[p][h] = acc2;
+        }
+    T ds[NO][NO][NH];
+    for (int o = 0; o < NO; o++)
+        for (int h = 0; h < NH; h++) {
+            T dot{};
+            for (int p = 0; p < NO; p++) dot += S->a[f][o][p][h] * dab[p][h];
+            for (int p = 0; p < NO; p++)
+                ds[o][p][h] = S->a[f][o][p][h] * (dab[p][h] - dot) / (REAL)NO;
+        }
+    int first = (FULL || f == 0) ? 0 : 1;
+    if (first) memset((void *)S->dx[f][0], 0, sizeof S->dx[f][0]);
+    for (int o = first; o < NO; o++)
+        for (int d = 0; d < ND; d++) {
+            T acc{};
+            for (int h = 0; h < NH; h++) {
+                acc += ab[o][h] * dg[h * ND + d];
+                for (int p = 0; p < NO; p++) acc += ds[o][p][h] * S->u[f][p][h * ND + d];
+            }
+            S->dx[f][o][d] = acc;
+        }
+    for (int p = first; p < NO; p++) {
+        T du[HD];
+        for (int h = 0; h < NH; h++)
+            for (int d = 0; d < ND; d++) {
+                T acc{};
+                for (int o = 0; o < NO; o++) acc += ds[o][p][h] * S->x[f][o][d];
+                du[h * ND + d] = acc;
+            }
+        for (int d = 0; d < ND; d++) {
+            T acc{};
+            for (int j = 0; j < HD; j++) acc += P->m[j * ND + d] * du[j];
+            S->dx[f][p][d] += acc;
+        }
+        if (FULL)
+            for (int j = 0; j < HD; j++)
+                for (int d = 0; d < ND; d++) G->m[j][d] += du[j] * S->x[f][p][d];
+    }
+}
+
+template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G) {
+    forward(P, S);
+    for (int f = 0; f < NF; f++) attention(P, S, f);
+    T logit = constant(P->b, (const T *)nullptr), c[NF], q[NF];
+    for (int f = 0; f < NF; f++) {
+        T z = constant(P->bc[f], (const T *)nullptr), qq{};
+        for (int k = 0; k < NF; k++)
+            for (int d = 0; d < ND; d++) z += P->wc[f * NF * ND + k * ND + d] * S->out[k][d];
+        for (int d = 0; d < ND; d++) qq += P->wp[d] * S->out[f][d];
+        c[f] = vsigmoid(z);
+        q[f] = qq;
+        logit += c[f] * qq;
+    }
+    /* BCE with logits: max(z, 0) - z y + log(1 + e^{-|z|}); its derivative sigmoid(z) - y */
+    vec lv = value(logit);
+    vec ez = vexp_neg(vsel(lv > 0, -lv, lv));
+    for (int t = 0; t < LANES; t++)
+        S->loss[t] = ((lv[t] > 0 ? lv[t] : 0) - lv[t] * S->lab[t] + log1p(ez[t])) * S->inv[t];
+    T dl = (vsigmoid(logit) - S->lab) * S->inv;
+    T dz[NF];
+    for (int f = 0; f < NF; f++) dz[f] = dl * q[f] * c[f] * ((REAL)1 - c[f]);
+    if (FULL) {
+        G->b += dl;
+        for (int f = 0; f < NF; f++) {
+            G->bc[f] += dz[f];
+            T dq = dl * c[f];
+            for (int k = 0; k < NF; k++)
+                for (int d = 0; d < ND; d++) G->wc[f][k * ND + d] += dz[f] * S->out[k][d];
+            for (int d = 0; d < ND; d++) G->wp[d] += dq * S->out[f][d];
+        }
+    }
+    for (int f = 0; f < NF; f++) {
+        T dout[ND];
+        for (int d = 0; d < ND; d++) {
+            T acc = P->wp[d] * (dl * c[f]);
+            for (int k = 0; k < NF; k++) acc += P->wc[k * NF * ND + f * ND + d] * dz[k];
+            dout[d] = acc;
+        }
+        attention_backward<T, FULL>(P, S, f, dout, G);
+    }
+    /* message passing, backward */
+    T dh[NF][ND];
+    for (int f = 0; f < NF; f++)
+        for (int d = 0; d < ND; d++) dh[f][d] = S->dx[f][NL][d];
+    memset((void *)S->de, 0, sizeof S->de);
+    const int senders = FULL ? NF : 1; /* whose W_l e gradient is needed */
+    for (int l = NL - 1; l >= 0; l--) {
+        T dm[NF][ND];
+        for (int f = 0; f < NF; f++)
+            for (int d = 0; d < ND; d++) {
+                T mv = S->mg[l][f][d];
+                T act = RELU ? relu(mv) : mv;
+                T dr = dh[f][d] * S->x[f][l][d];
+                dm[f][d] = RELU ? where_positive(mv, dr) : dr;
+                dh[f][d] = S->dx[f][l][d] + dh[f][d] * act;
+            }
+        for (int r = 0; r < NF; r++)
+            for (int s = 0; s < NF; s++) {
+                T acc{};
+                for (int d = 0; d < ND; d++) acc += dm[r][d] * S->p[l][s][d];
+                S->dgr[l][r][s] = acc;
+            }
+        const REAL *w = P->w + l * ND * ND;
+        for (int s = 0; s < senders; s++) {
+            T dp[ND];
+            for (int d = 0; d < ND; d++) {
+                T acc{};
+                for (int r = 0; r < NF; r++) acc += S->g[l][r][s] * dm[r][d];
+                dp[d] = acc;
+            }
+            for (int k = 0; k < ND; k++) {
+                T acc{};
+                for (int d = 0; d < ND; d++) acc += w[d * ND + k] * dp[d];
+                S->de[s][k] += acc;
+            }
+            if (FULL)
+                for (int d = 0; d < ND; d++)
+                    for (int k = 0; k < ND; k++) G->w[l][d][k] += dp[d] * S->x[s][0][k];
+        }
+    }
+    for (int f = 0; f < senders; f++)
+        for (int d = 0; d < ND; d++) S->de[f][d] += dh[f][d];
+}
+
+/* Rows: e_rest [B][NF-1][ND] (fields 1..NF-1), item [B], labels [B], inv [B] (1 / the
+ * rows of the row's item; 0 ignores a row). Items: graphs [I][NL][NF][NF], id [I][ND];
+ * t_graphs, t_id: the direction of a dual run (NULL otherwise).
+ * Adds each row's derivative to its item's dgraphs [I][NL][NF][NF] and did [I][ND]; FULL
+ * also writes de_rest [B][NF-1][ND] and adds the weights' into dw [N_WEIGHTS].
+ * Returns the loss, the sum over rows of inv * BCE (NaN when out of memory). */
+template <class T, bool FULL>
+static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
+                  const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
+                  const REAL *t_id, const params_t *P, REAL *dgraphs, REAL *did, REAL *de_rest,
+                  REAL *dw) {
+    size_t align = 64;
+    size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
+    size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
+    char *mem = (char *)aligned_alloc(align, tb + gb);
+    if (mem == NULL) return NAN;
+    tile_t<T> *S = (tile_t<T> *)mem;
+    wgrad_t<T> *G = FULL ? (wgrad_t<T> *)(mem + tb) : NULL;
+    if (FULL) memset((void *)G, 0, sizeof *G);
+    double total = 0;
+    for (int64_t start = 0; start < nrows; start += LANES) {
+        int valid = nrows - start < LANES ? (int)(nrows - start) : LANES;
+        int64_t it[LANES];
+        for (int t = 0; t < LANES; t++) {
+            int live = t < valid;
+            it[t] = item[live ? start + t : start];
+            S->lab[t] = live ? labels[start + t] : 0;
+            S->inv[t] = live ? inv[start + t] : 0;
+            const REAL *ir = id + it[t] * ND, *tir = t_id ? t_id + it[t] * ND : NULL;
+            for (int d = 0; d < ND; d++) set_lane(S->x[0][0][d], t, ir[d], tir ? tir[d] : 0);
+            const REAL *er = e_rest + (start + (live ? t : 0)) * (NF - 1) * ND;
+            for (int f = 1; f < NF; f++)
+                for (int d = 0; d < ND; d++)
+                    set_lane(S->x[f][0][d], t, live ? er[(f - 1) * ND + d] : 0, 0);
+            const REAL *gr = graphs + it[t] * NL * NF * NF;
+            const REAL *tgr = t_graphs ? t_graphs + it[t] * NL * NF * NF : NULL;
+            for (int l = 0; l < NL; l++)
+                for (int r = 0; r < NF; r++)
+                    for (int s = 0; s < NF; s++) {
+                        int k = (l * NF + r) * NF + s;
+                        set_lane(S->g[l][r][s], t, gr[k], tgr ? tgr[k] : 0);
+                    }
+        }
+        tile<T, FULL>(P, S, G);
+        for (int t = 0; t < valid; t++) {
+            total += S->loss[t];
+            REAL *dgi = dgraphs + it[t] * NL * NF * NF;
+            for (int l = 0; l < NL; l++)
+                for (int r = 0; r < NF; r++)
+                    for (int s = 0; s < NF; s++)
+                        dgi[(l * NF + r) * NF + s] += result(S->dgr[l][r][s], t);
+            for (int d = 0; d < ND; d++) did[it[t] * ND + d] += result(S->de[0][d], t);
+            if (FULL) {
+                REAL *der = de_rest + (start + t) * (NF - 1) * ND;
+                for (int f = 1; f < NF; f++)
+                    for (int d = 0; d < ND; d++) der[(f - 1) * ND + d] = result(S->de[f][d], t);
+            }
+        }
+    }
+    if (FULL) {
+        const T *acc = (const T *)G;
+        for (int i = 0; i < N_WEIGHTS; i++) {
+            REAL sum = 0;
+            for (int t = 0; t < LANES; t++) sum += result(acc[i], t);
+            dw[i] += sum;
+        }
+    }
+    free(mem);
+    return total;
+}
+
+extern "C" {
+
+/* warm-up: the gradient to the items' graphs and ID embeddings only */
+double emerg_phi_grad(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
+                      const REAL *inv, const REAL *graphs, const REAL *id, const REAL *w,
+                      const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,
+                      const REAL *bc, const REAL *wp, double b, REAL *dgraphs, REAL *did) {
+    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    return run<vec, false>(nrows, e_rest, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
+                           did, NULL, NULL);
+}
+
+/* the gradient to every input and weight: de_rest [B][NF-1][ND] written, dw added to */
+double emerg_full_grad(int64_t nrows, const REAL *e_rest, const int64_t *item,
+                       const REAL *labels, const REAL *inv, const REAL *graphs, const REAL *id,
+                       const REAL *w, const REAL *m, const REAL *n, const REAL *ob,
+                       const REAL *wc, const REAL *bc, const REAL *wp, double b, REAL *dgraphs,
+                       REAL *did, REAL *de_rest, REAL *dw) {
+    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    return run<vec, true>(nrows, e_rest, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
+                          did, de_rest, dw);
+}
+
+/* the same outputs as emerg_full_grad, each the derivative of that gradient along the
+ * direction (t_graphs, t_id): a Hessian-vector product */
+double emerg_hvp(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
+                 const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
+                 const REAL *t_id, const REAL *w, const REAL *m, const REAL *n, const REAL *ob,
+                 const REAL *wc, const REAL *bc, const REAL *wp, double b, REAL *dgraphs,
+                 REAL *did, REAL *de_rest, REAL *dw) {
+    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    return run<Dual, true>(nrows, e_rest, item, labels, inv, graphs, id, t_graphs, t_id, &P,
+                           dgraphs, did, de_rest, dw);
+}
+
+int emerg_n_weights(void) { return N_WEIGHTS; }
+
+} /* extern "C" */

@@ -200,3 +200,27 @@ def test_field_embedding_is_the_weighted_sum_of_its_tokens_and_padding_learns_no
     out.square().sum().backward()
     grad = emb.table.weight.grad
     assert grad is not None and grad[0].abs().max() == 0 and grad[1:].abs().max() > 0
+
+
+def test_field_embedding_gradients_are_those_of_the_written_sum():
+    """The hand-written backward (a scatter-add into the tokens' rows) gives the table
+    and the token weights the gradients of Σ_t w_t · table[token_t] with padding left
+    out, and can be differentiated again."""
+    torch.manual_seed(1)
+    emb = FeatureEmbedding(vocab_size=12, dim=3, init_std=0.5).double()
+    tokens = torch.randint(0, 12, (6, 2, 4))  # repeated tokens within and across bags
+    tokens[:, :, 3] = 0
+    weights = torch.rand(6, 2, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(6, 2, 3, dtype=torch.float64)
+    table = emb.table.weight.detach().clone().requires_grad_(True)
+    written = (table[tokens] * (weights * (tokens != 0)).unsqueeze(-1)).sum(2)
+    want = torch.autograd.grad((written * target).sum(), [table, weights], create_graph=True)
+    out = emb(tokens, weights)
+    got = torch.autograd.grad((out * target).sum(), [emb.table.weight, weights], create_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-14)
+    # second order: d/d weights of <d table, v> (the weights' own gradient is linear in table)
+    v = torch.randn_like(table)
+    (h_want,) = torch.autograd.grad((want[0] * v).sum(), weights)
+    (h_got,) = torch.autograd.grad((got[0] * v).sum(), weights)
+    torch.testing.assert_close(h_got, h_want, rtol=0, atol=1e-14)

@@ -176,6 +176,10 @@ template <class T> struct tile_t {
     T dx[NF][NO][ND];
     T dgr[NL][NF][NF];
     T de[NF][ND]; /* to the order-0 embeddings: field 0 is phi's ID embedding */
+    /* FULL: the backward's products with the shared weights, kept for their gradients */
+    T dout[NF][ND];   /* to the attention outputs */
+    T du[NF][NO][HD]; /* to the score projections */
+    T dp[NL][NF][ND]; /* to W_l e */
     vec lab, inv, loss;
 };
 
@@ -241,13 +245,7 @@ template <class T> static void attention(const params_t *P, tile_t<T> *S, int f)
 /* FULL: every input's gradient; otherwise only phi's (the other fields' order-0 inputs
  * are constants in warm-up, their gradient and the weights' skipped) */
 template <class T, bool FULL>
-static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *dout,
-                               wgrad_t<T> *G) {
-    if (FULL)
-        for (int d = 0; d < ND; d++) {
-            G->ob[d] += dout[d];
-            for (int j = 0; j < HD; j++) G->n[d][j] += dout[d] * S->gv[f][j];
-        }
+static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *dout) {
     T dg[HD];
     for (int j = 0; j < HD; j++) {
         T acc{};
@@ -295,10 +293,42 @@ static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *
             for (int j = 0; j < HD; j++) acc += P->m[j * ND + d] * du[j];
             S->dx[f][p][d] += acc;
         }
-        if (FULL)
-            for (int j = 0; j < HD; j++)
-                for (int d = 0; d < ND; d++) G->m[j][d] += du[j] * S->x[f][p][d];
+        if (FULL) memcpy((void *)S->du[f][p], (const void *)du, sizeof du);
     }
+}
+
+/* FULL: the tile's shared-weight gradients, each summed over fields (and orders) in
+ * registers first, so that every per-lane accumulator is read and written once per
+ * tile (accumulating inside the per-field loops made the backward twice as slow) */
+template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G) {
+    for (int d = 0; d < ND; d++) {
+        T dd[NF], acc{};
+        for (int f = 0; f < NF; f++) { dd[f] = S->dout[f][d]; acc += dd[f]; }
+        G->ob[d] += acc;
+        for (int j = 0; j < HD; j++) {
+            T a{};
+            for (int f = 0; f < NF; f++) a += dd[f] * S->gv[f][j];
+            G->n[d][j] += a;
+        }
+    }
+    for (int j = 0; j < HD; j++) {
+        T acc[ND] = {};
+        for (int f = 0; f < NF; f++)
+            for (int p = 0; p < NO; p++) {
+                T u = S->du[f][p][j];
+                for (int d = 0; d < ND; d++) acc[d] += u * S->x[f][p][d];
+            }
+        for (int d = 0; d < ND; d++) G->m[j][d] += acc[d];
+    }
+    for (int l = 0; l < NL; l++)
+        for (int d = 0; d < ND; d++) {
+            T acc[ND] = {};
+            for (int s = 0; s < NF; s++) {
+                T v = S->dp[l][s][d];
+                for (int k = 0; k < ND; k++) acc[k] += v * S->x[s][0][k];
+            }
+            for (int k = 0; k < ND; k++) G->w[l][d][k] += acc[k];
+        }
 }
 
 template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G) {
@@ -339,7 +369,8 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
             for (int k = 0; k < NF; k++) acc += P->wc[k * NF * ND + f * ND + d] * dz[k];
             dout[d] = acc;
         }
-        attention_backward<T, FULL>(P, S, f, dout, G);
+        if (FULL) memcpy((void *)S->dout[f], (const void *)dout, sizeof dout);
+        attention_backward<T, FULL>(P, S, f, dout);
     }
     /* message passing, backward */
     T dh[NF][ND];
@@ -376,13 +407,12 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
                 for (int d = 0; d < ND; d++) acc += w[d * ND + k] * dp[d];
                 S->de[s][k] += acc;
             }
-            if (FULL)
-                for (int d = 0; d < ND; d++)
-                    for (int k = 0; k < ND; k++) G->w[l][d][k] += dp[d] * S->x[s][0][k];
+            if (FULL) memcpy((void *)S->dp[l][s], (const void *)dp, sizeof dp);
         }
     }
     for (int f = 0; f < senders; f++)
         for (int d = 0; d < ND; d++) S->de[f][d] += dh[f][d];
+    if (FULL) weight_grads(S, G);
 }
 
 /* Rows: e_rest [B][NF-1][ND] (fields 1..NF-1), item [B], labels [B], inv [B] (1 / the

@@ -268,9 +268,14 @@ def meta_loss(
 
 
 def _kernel_rows(rows: Rows, n_tasks: int) -> KernelRows:
-    """The rows' items and labels, each weighted by one over its task's rows."""
+    """The rows for the kernel, each weighted by one over its task's rows.
+
+    With the tokens of fields 1..F-1: the kernel embeds them and accumulates the
+    table's gradient itself.
+    """
     inv = (1.0 / rows_per_item(rows.item, n_tasks, rows.labels.dtype))[rows.item]
-    return KernelRows(rows.item, rows.labels, inv)
+    tokens, weights = rows.tokens[:, 1:].contiguous(), rows.weights[:, 1:].contiguous()
+    return KernelRows(rows.item, rows.labels, inv, tokens, weights)  # copied once, read 2-4x
 
 
 def _kernel_meta_loss(
@@ -284,10 +289,10 @@ def _kernel_meta_loss(
 ) -> Tensor:
     """:func:`meta_loss` with the per-row part on the kernel, the per-task part in torch.
 
-    The rows' losses and their gradients (to the refined graphs, ID embeddings, other
-    fields' embeddings and shared weights) come from the kernel; the graph refinement,
-    the generator, the attention's folded maps and the embedding table are
-    differentiated by autograd around it. The inner step's gradient is the kernel's
+    The rows' losses and their gradients (to the refined graphs, ID embeddings,
+    embedding table and shared weights) come from the kernel, which embeds the rows'
+    tokens itself; the graph refinement, the generator and the attention's folded maps
+    are differentiated by autograd around it. The inner step's gradient is the kernel's
     φ-gradient pulled back through the refinement (with ``create_graph`` for the second
     order), and the derivative of that gradient is the kernel's exact Hessian-vector
     product: the same function as the autograd path, term for term.
@@ -298,13 +303,10 @@ def _kernel_meta_loss(
     weights = weight_tensors(model)
     graphs0 = model.graphs(adj0)
     q_rows = _kernel_rows(qry, n_tasks)
-    e_q = model.prepare(qry.tokens, qry.weights).cache["e"]
-    l_cold = row_loss(kernel, model, q_rows, graphs0, id0, e_q, weights) / n_tasks
+    l_cold = row_loss(kernel, model, q_rows, graphs0, id0, weights) / n_tasks
     if cfg.inner_update:
-        e_s = model.prepare(sup.tokens, sup.weights).cache["e"]
-        g_graphs, g_id = support_grad(
-            kernel, model, _kernel_rows(sup, n_tasks), graphs0, id0, e_s, weights
-        )
+        s_rows = _kernel_rows(sup, n_tasks)
+        g_graphs, g_id = support_grad(kernel, model, s_rows, graphs0, id0, weights)
         if not cfg.second_order:
             g_graphs, g_id = g_graphs.detach(), g_id.detach()
         (g_adj,) = torch.autograd.grad(
@@ -314,7 +316,7 @@ def _kernel_meta_loss(
         graphs1 = model.graphs(adj1)
     else:
         graphs1, id1 = graphs0, id0
-    l_warm = row_loss(kernel, model, q_rows, graphs1, id1, e_q, weights) / n_tasks
+    l_warm = row_loss(kernel, model, q_rows, graphs1, id1, weights) / n_tasks
     return cfg.alpha * l_cold + (1 - cfg.alpha) * l_warm
 
 

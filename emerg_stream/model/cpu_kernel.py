@@ -185,19 +185,26 @@ class KernelRows:
         inv_count: ``[B]`` weight of each row's loss (0 ignores the row): one over the
             row's item's number of rows gives the sum over items of each item's mean loss
             (``per_item_mean_loss(...).sum()``).
+        tokens: ``[B, F-1, T]`` the tokens of fields 1..F-1 (everything but the id),
+            for the calls that embed the rows themselves (meta-training: the table's
+            gradient is accumulated in the kernel, no per-row embeddings in torch).
+        token_weights: ``[B, F-1, T]`` their weights.
     """
 
     item: Tensor
     labels: Tensor
     inv_count: Tensor
+    tokens: Tensor | None = None
+    token_weights: Tensor | None = None
 
 
 class EmerGKernel:
     """The compiled loss derivatives of one model shape and real type.
 
     Every call computes the loss Σ_rows inv_count[row] · BCE(logit, label) of EmerG's
-    forward over rows whose φ is their item's (refined graphs, ID embedding) and whose
-    other fields' embeddings are given.
+    forward over rows whose φ is their item's (refined graphs, ID embedding). The other
+    fields' embeddings are given (``e_rest``, warm-up: computed once per phase) or
+    computed by the kernel from the rows' tokens and the embedding table.
 
     Args:
         library: Path of the compiled shared library.
@@ -229,27 +236,66 @@ class EmerGKernel:
             tuple(t.detach().to(self.dtype).contiguous() for t in main), float(bias)
         )
 
-    def _inputs(
-        self, model: EmerG, e_rest: Tensor, graphs: Tensor, id_emb: Tensor, rows: KernelRows
-    ) -> list[Tensor]:
-        """e_rest, item, labels, inv_count, graphs, id_emb: checked, contiguous, typed."""
+    def _args(
+        self,
+        model: EmerG,
+        graphs: Tensor,
+        id_emb: Tensor,
+        rows: KernelRows,
+        e_rest: Tensor | None,
+        table: Tensor | None,
+    ) -> tuple[list[object], list[Tensor]]:
+        """The C arguments from ``nrows`` to ``id``, checked; and the tensors they point to.
+
+        The rows' other fields come from ``e_rest`` if given, else from ``rows.tokens``
+        and ``table``.
+        """
         b, n_items = rows.item.shape[0], id_emb.shape[0]
         cfg = model.config
-        if e_rest.shape != (b, cfg.n_fields - 1, cfg.dim):
-            raise ValueError(f"e_rest has shape {tuple(e_rest.shape)}, rows {b}")
         if graphs.shape != (n_items, cfg.layers, cfg.n_fields, cfg.n_fields):
             raise ValueError(f"graphs has shape {tuple(graphs.shape)} for {n_items} items")
         if b and (int(rows.item.min()) < 0 or int(rows.item.max()) >= n_items):
             raise ValueError(f"row items must lie in [0, {n_items})")
         dt = self.dtype
-        return [
-            e_rest.detach().to(dt).contiguous(),
-            rows.item.to(torch.int64).contiguous(),
-            rows.labels.detach().to(dt).contiguous(),
-            rows.inv_count.detach().to(dt).contiguous(),
-            graphs.detach().to(dt).contiguous(),
-            id_emb.detach().to(dt).contiguous(),
+        keep: list[Tensor] = []
+
+        def ptr(t: Tensor | None, dtype: torch.dtype | None = None) -> ctypes.c_void_p:
+            if t is None:
+                return ctypes.c_void_p(None)
+            t = t.detach().to(dtype or dt).contiguous()
+            keep.append(t)
+            return _ptr(t)
+
+        if e_rest is not None:
+            if e_rest.shape != (b, cfg.n_fields - 1, cfg.dim):
+                raise ValueError(f"e_rest has shape {tuple(e_rest.shape)}, rows {b}")
+            fields = [ptr(e_rest), ptr(None), ptr(None), ptr(None), ctypes.c_int64(0)]
+        else:
+            if rows.tokens is None or rows.token_weights is None or table is None:
+                raise ValueError("without e_rest the rows' tokens and the table are needed")
+            if rows.tokens.shape[:2] != (b, cfg.n_fields - 1):
+                raise ValueError(f"tokens has shape {tuple(rows.tokens.shape)}, rows {b}")
+            if rows.token_weights.shape != rows.tokens.shape:
+                raise ValueError("token weights and tokens differ in shape")
+            if b and (int(rows.tokens.min()) < 0 or int(rows.tokens.max()) >= table.shape[0]):
+                raise ValueError(f"tokens must lie in [0, {table.shape[0]})")
+            fields = [
+                ptr(None),
+                ptr(rows.tokens, torch.int64),
+                ptr(rows.token_weights),
+                ptr(table),
+                ctypes.c_int64(rows.tokens.shape[2]),
+            ]
+        head: list[object] = [
+            ctypes.c_int64(b),
+            *fields,
+            ptr(rows.item, torch.int64),
+            ptr(rows.labels),
+            ptr(rows.inv_count),
+            ptr(graphs),
+            ptr(id_emb),
         ]
+        return head, keep
 
     def __call__(
         self,
@@ -278,55 +324,59 @@ class EmerGKernel:
         Returns:
             (loss, ∂loss/∂graphs ``[I, L, F, F]``, ∂loss/∂id_emb ``[I, D]``).
         """
-        inputs = self._inputs(model, e_rest, graphs, id_emb, KernelRows(item, labels, inv_count))
+        rows = KernelRows(item, labels, inv_count)
+        return self.phi_grad(model, graphs, id_emb, rows, weights, e_rest=e_rest)
+
+    def phi_grad(
+        self,
+        model: EmerG,
+        graphs: Tensor,
+        id_emb: Tensor,
+        rows: KernelRows,
+        weights: KernelWeights | None = None,
+        *,
+        e_rest: Tensor | None = None,
+        table: Tensor | None = None,
+    ) -> tuple[float, Tensor, Tensor]:
+        """:meth:`__call__` with the other fields given either way (see :meth:`_args`)."""
+        head, _keep = self._args(model, graphs, id_emb, rows, e_rest, table)
         if weights is None:
             weights = self.weights(model)
-        d_graphs, d_id = torch.zeros_like(inputs[4]), torch.zeros_like(inputs[5])
+        d_graphs, d_id = self._zeros(graphs), self._zeros(id_emb)
         with torch.profiler.record_function("emerg_phi_grad_kernel"):
-            loss = self._phi(
-                ctypes.c_int64(inputs[1].shape[0]),
-                *[_ptr(t) for t in inputs],
-                *[_ptr(p) for p in weights.tensors],
-                ctypes.c_double(weights.bias),
-                _ptr(d_graphs),
-                _ptr(d_id),
-            )
+            loss = self._phi(*head, *self._weight_args(weights), _ptr(d_graphs), _ptr(d_id))
         return _checked(loss), d_graphs, d_id
 
     def full_grad(
         self,
         model: EmerG,
-        e_rest: Tensor,
         graphs: Tensor,
         id_emb: Tensor,
         rows: KernelRows,
+        table: Tensor,
         weights: KernelWeights,
     ) -> tuple[float, list[Tensor]]:
         """The loss and its gradient to every input (meta-training's query loss).
 
+        The rows carry their tokens (:class:`KernelRows`); the kernel embeds them.
+
         Returns:
-            (loss, [∂/∂graphs ``[I, L, F, F]``, ∂/∂id_emb ``[I, D]``, ∂/∂e_rest
-            ``[B, F-1, D]``, then one per :func:`weight_tensors` entry, in its shape]).
+            (loss, [∂/∂graphs ``[I, L, F, F]``, ∂/∂id_emb ``[I, D]``, ∂/∂table
+            ``[V, D]``, then one per :func:`weight_tensors` entry, in its shape]).
         """
-        inputs = self._inputs(model, e_rest, graphs, id_emb, rows)
-        outs = self._outputs(inputs)
+        head, _keep = self._args(model, graphs, id_emb, rows, None, table)
+        outs = self._outputs(graphs, id_emb, table)
         with torch.profiler.record_function("emerg_full_grad_kernel"):
-            loss = self._full(
-                ctypes.c_int64(inputs[1].shape[0]),
-                *[_ptr(t) for t in inputs],
-                *[_ptr(p) for p in weights.tensors],
-                ctypes.c_double(weights.bias),
-                *[_ptr(t) for t in outs],
-            )
+            loss = self._full(*head, *self._weight_args(weights), *[_ptr(t) for t in outs])
         return _checked(loss), self._split(outs, weights)
 
     def hvp(
         self,
         model: EmerG,
-        e_rest: Tensor,
         graphs: Tensor,
         id_emb: Tensor,
         rows: KernelRows,
+        table: Tensor,
         weights: KernelWeights,
         direction: tuple[Tensor, Tensor],
     ) -> list[Tensor]:
@@ -340,31 +390,35 @@ class EmerGKernel:
         Returns:
             The same list as :meth:`full_grad`'s gradients.
         """
-        inputs = self._inputs(model, e_rest, graphs, id_emb, rows)
+        head, _keep = self._args(model, graphs, id_emb, rows, None, table)
         v_graphs, v_id = (t.detach().to(self.dtype).contiguous() for t in direction)
-        if v_graphs.shape != inputs[4].shape or v_id.shape != inputs[5].shape:
+        if v_graphs.shape != graphs.shape or v_id.shape != id_emb.shape:
             raise ValueError("the direction must have the shapes of (graphs, id_emb)")
-        outs = self._outputs(inputs)
+        outs = self._outputs(graphs, id_emb, table)
         with torch.profiler.record_function("emerg_hvp_kernel"):
             loss = self._hvp(
-                ctypes.c_int64(inputs[1].shape[0]),
-                *[_ptr(t) for t in inputs],
+                *head,
                 _ptr(v_graphs),
                 _ptr(v_id),
-                *[_ptr(p) for p in weights.tensors],
-                ctypes.c_double(weights.bias),
+                *self._weight_args(weights),
                 *[_ptr(t) for t in outs],
             )
         _checked(loss)
         return self._split(outs, weights)
 
-    def _outputs(self, inputs: list[Tensor]) -> list[Tensor]:
-        """Zeroed d_graphs, d_id, d_e_rest and the flat weight gradient."""
-        e_rest, graphs, id_emb = inputs[0], inputs[4], inputs[5]
+    def _zeros(self, like: Tensor) -> Tensor:
+        return torch.zeros(like.shape, dtype=self.dtype)
+
+    @staticmethod
+    def _weight_args(weights: KernelWeights) -> list[object]:
+        return [*[_ptr(p) for p in weights.tensors], ctypes.c_double(weights.bias)]
+
+    def _outputs(self, graphs: Tensor, id_emb: Tensor, table: Tensor) -> list[Tensor]:
+        """Zeroed d_graphs, d_id, d_table and the flat weight gradient."""
         return [
-            torch.zeros_like(graphs),
-            torch.zeros_like(id_emb),
-            torch.empty_like(e_rest),
+            self._zeros(graphs),
+            self._zeros(id_emb),
+            self._zeros(table),
             torch.zeros(self.n_weights, dtype=self.dtype),
         ]
 
@@ -394,14 +448,14 @@ class _RowLoss(torch.autograd.Function):
         rows: KernelRows,
         graphs: Tensor,
         id_emb: Tensor,
-        e_rest: Tensor,
+        table: Tensor,
         *weights: Tensor,
     ) -> Tensor:
         loss, grads = kernel.full_grad(
-            model, e_rest, graphs, id_emb, rows, kernel.weights_of(list(weights))
+            model, graphs, id_emb, rows, table, kernel.weights_of(list(weights))
         )
         ctx.grads = grads
-        ctx.dtypes = [t.dtype for t in (graphs, id_emb, e_rest, *weights)]
+        ctx.dtypes = [t.dtype for t in (graphs, id_emb, table, *weights)]
         return graphs.new_tensor(loss)
 
     @staticmethod
@@ -422,25 +476,21 @@ class _SupportGrad(torch.autograd.Function):
         rows: KernelRows,
         graphs: Tensor,
         id_emb: Tensor,
-        e_rest: Tensor,
+        table: Tensor,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor]:
         kw = kernel.weights_of(list(weights))
-        _, d_graphs, d_id = kernel(
-            model, e_rest, graphs, id_emb, rows.item, rows.labels, rows.inv_count, kw
-        )
+        _, d_graphs, d_id = kernel.phi_grad(model, graphs, id_emb, rows, kw, table=table)
         ctx.kernel, ctx.model, ctx.rows, ctx.kw = kernel, model, rows, kw
-        ctx.dtypes = [t.dtype for t in (graphs, id_emb, e_rest, *weights)]
-        ctx.save_for_backward(graphs, id_emb, e_rest)
+        ctx.dtypes = [t.dtype for t in (graphs, id_emb, table, *weights)]
+        ctx.save_for_backward(graphs, id_emb, table)
         return d_graphs.to(graphs.dtype), d_id.to(id_emb.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, v_graphs: Tensor, v_id: Tensor) -> tuple[Tensor | None, ...]:
-        graphs, id_emb, e_rest = ctx.saved_tensors
-        grads = ctx.kernel.hvp(
-            ctx.model, e_rest, graphs, id_emb, ctx.rows, ctx.kw, (v_graphs, v_id)
-        )
+        graphs, id_emb, table = ctx.saved_tensors
+        grads = ctx.kernel.hvp(ctx.model, graphs, id_emb, ctx.rows, table, ctx.kw, (v_graphs, v_id))
         out = [g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
         return (None, None, None, *out)
 
@@ -451,16 +501,17 @@ def row_loss(
     rows: KernelRows,
     graphs: Tensor,
     id_emb: Tensor,
-    e_rest: Tensor,
     weights: list[Tensor],
 ) -> Tensor:
     """Σ_rows inv_count · BCE as a differentiable 0-d tensor (first order only).
 
-    Its gradient reaches ``graphs``, ``id_emb``, ``e_rest`` and every tensor of
-    ``weights`` (:func:`weight_tensors`), computed by the kernel in the forward call.
+    Its gradient reaches ``graphs``, ``id_emb``, the embedding table (through the rows'
+    tokens, which ``rows`` must carry) and every tensor of ``weights``
+    (:func:`weight_tensors`), computed by the kernel in the forward call.
     """
+    table = model.embedding.table.weight
     out: Tensor = _RowLoss.apply(  # type: ignore[no-untyped-call]
-        kernel, model, rows, graphs, id_emb, e_rest, *weights
+        kernel, model, rows, graphs, id_emb, table, *weights
     )
     return out
 
@@ -471,17 +522,17 @@ def support_grad(
     rows: KernelRows,
     graphs: Tensor,
     id_emb: Tensor,
-    e_rest: Tensor,
     weights: list[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """(∂loss/∂graphs, ∂loss/∂id_emb), differentiable once more (the exact second order).
 
     The backward of the returned gradients (the double backward of the loss) is the
-    kernel's Hessian-vector product: its gradient reaches every input, as autograd's
-    ``create_graph=True`` would give.
+    kernel's Hessian-vector product: its gradient reaches every input, the embedding
+    table included, as autograd's ``create_graph=True`` would give.
     """
+    table = model.embedding.table.weight
     d_graphs, d_id = _SupportGrad.apply(  # type: ignore[no-untyped-call]
-        kernel, model, rows, graphs, id_emb, e_rest, *weights
+        kernel, model, rows, graphs, id_emb, table, *weights
     )
     return d_graphs, d_id
 

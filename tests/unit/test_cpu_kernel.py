@@ -210,18 +210,20 @@ def test_rows_pointing_outside_the_items_are_refused(cxx_compiler):
 
 
 def _inputs(model, rows, phi, n_items):
-    """Leaves for every input the kernel differentiates, and the loss written in torch."""
+    """Leaves for every input the kernel differentiates (the embedding table among the
+    parameters), the loss written in torch, and the rows with their tokens."""
     graphs = model.graphs(phi["adj"]).detach().requires_grad_(True)
     id_emb = phi["id"].clone().requires_grad_(True)
-    e_rest = model.prepare(rows.tokens, rows.weights).cache["e"].detach().requires_grad_(True)
     counts = torch.bincount(rows.item, minlength=n_items).clamp_min(1).to(graphs.dtype)
     inv = (1.0 / counts)[rows.item]
+    e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
     e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
     logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     loss = (losses * inv).sum()
-    leaves = [graphs, id_emb, e_rest, *model.parameters()]
-    return loss, leaves, KernelRows(rows.item, rows.labels, inv)
+    leaves = [graphs, id_emb, *model.parameters()]
+    krows = KernelRows(rows.item, rows.labels, inv, rows.tokens[:, 1:], rows.weights[:, 1:])
+    return loss, leaves, krows
 
 
 def _assert_close_lists(got, want, tol):
@@ -236,17 +238,18 @@ def _assert_close_lists(got, want, tol):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
 def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
-    """∂loss/∂ every input and every shared parameter (through the stacked W_l and the
-    folded attention maps) equal autograd's to 1e-12: a missing or wrong weight term
-    (dM, dN, dW_l, the contribution and prediction weights, the biases) shows up here."""
+    """∂loss/∂ every input and every shared parameter (through the stacked W_l, the
+    folded attention maps, and the table through the tokens the kernel embeds) equal
+    autograd's to 1e-12: a missing or wrong weight term (dM, dN, dW_l, the contribution
+    and prediction weights, the biases, the table's scatter) shows up here."""
     model = _model(**shape)
     n_items = 6
     rows = _rows(model, 37, n_items, seed=1)
     loss, leaves, krows = _inputs(model, rows, _phi(model, n_items), n_items)
     want = torch.autograd.grad(loss, leaves, allow_unused=True)
-    graphs, id_emb, e_rest = leaves[:3]
+    graphs, id_emb = leaves[:2]
     kernel = emerg_kernel(model, torch.float64, CPU)
-    got_loss = row_loss(kernel, model, krows, graphs, id_emb, e_rest, weight_tensors(model))
+    got_loss = row_loss(kernel, model, krows, graphs, id_emb, weight_tensors(model))
     assert abs(got_loss.item() - loss.item()) <= 1e-12 * abs(loss.item())
     got = torch.autograd.grad(got_loss, leaves, allow_unused=True)
     _assert_close_lists(got, want, 1e-12)
@@ -261,7 +264,7 @@ def test_the_kernel_hessian_vector_product_is_autograd_s_double_backward(cxx_com
     n_items = 6
     rows = _rows(model, 37, n_items, seed=2)
     loss, leaves, krows = _inputs(model, rows, _phi(model, n_items), n_items)
-    graphs, id_emb, e_rest = leaves[:3]
+    graphs, id_emb = leaves[:2]
     gen = torch.Generator().manual_seed(3)
     v_graphs = torch.randn(graphs.shape, generator=gen, dtype=graphs.dtype)
     v_id = torch.randn(id_emb.shape, generator=gen, dtype=id_emb.dtype)
@@ -270,9 +273,7 @@ def test_the_kernel_hessian_vector_product_is_autograd_s_double_backward(cxx_com
         (first[0] * v_graphs).sum() + (first[1] * v_id).sum(), leaves, allow_unused=True
     )
     kernel = emerg_kernel(model, torch.float64, CPU)
-    g_graphs, g_id = support_grad(
-        kernel, model, krows, graphs, id_emb, e_rest, weight_tensors(model)
-    )
+    g_graphs, g_id = support_grad(kernel, model, krows, graphs, id_emb, weight_tensors(model))
     assert float((g_graphs - first[0]).abs().max()) <= 1e-12 * float(first[0].abs().max())
     assert float((g_id - first[1]).abs().max()) <= 1e-12 * float(first[1].abs().max())
     got = torch.autograd.grad(

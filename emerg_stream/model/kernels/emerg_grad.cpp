@@ -9,8 +9,9 @@
  *
  *   emerg_phi_grad   the gradient to the items' refined graphs and ID embeddings
  *                    (warm-up's step; the other inputs are constants there)
- *   emerg_full_grad  the gradient to every input: graphs, ID embeddings, the other
- *                    fields' embeddings and the shared weights (meta-training's loss)
+ *   emerg_full_grad  the gradient to every input: graphs, ID embeddings, the
+ *                    embedding table (through the other fields' tokens) and the
+ *                    shared weights (meta-training's loss)
  *   emerg_hvp        the derivative of that full gradient along a direction in
  *                    (graphs, ID embeddings): the second-order term of meta-training's
  *                    inner step, exact (forward-mode through the backward)
@@ -415,16 +416,47 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
     if (FULL) weight_grads(S, G);
 }
 
-/* Rows: e_rest [B][NF-1][ND] (fields 1..NF-1), item [B], labels [B], inv [B] (1 / the
- * rows of the row's item; 0 ignores a row). Items: graphs [I][NL][NF][NF], id [I][ND];
- * t_graphs, t_id: the direction of a dual run (NULL otherwise).
- * Adds each row's derivative to its item's dgraphs [I][NL][NF][NF] and did [I][ND]; FULL
- * also writes de_rest [B][NF-1][ND] and adds the weights' into dw [N_WEIGHTS].
- * Returns the loss, the sum over rows of inv * BCE (NaN when out of memory). */
+/* The rows' fields 1..NF-1 (everything but the id): either their embeddings e_rest
+ * [B][NF-1][ND], or (e_rest NULL) their tokens [B][NF-1][ntok] with the token weights
+ * and the embedding table [V][ND], each field's embedding the weighted sum of its
+ * tokens' rows, token 0 (padding) left out; then the gradient to those embeddings goes
+ * into dtable [V][ND] (FULL) instead of being returned per row. */
+typedef struct {
+    const REAL *e_rest;
+    const int64_t *tokens;
+    const REAL *tweights;
+    const REAL *table;
+    int64_t ntok;
+} fields_t;
+
+static inline void embed_row(const fields_t *F, int64_t row, REAL e[NF - 1][ND]) {
+    if (F->e_rest != NULL) {
+        memcpy(e, F->e_rest + row * (NF - 1) * ND, sizeof(REAL) * (NF - 1) * ND);
+        return;
+    }
+    memset(e, 0, sizeof(REAL) * (NF - 1) * ND);
+    const int64_t *tok = F->tokens + row * (NF - 1) * F->ntok;
+    const REAL *wt = F->tweights + row * (NF - 1) * F->ntok;
+    for (int f = 0; f < NF - 1; f++)
+        for (int64_t k = 0; k < F->ntok; k++) {
+            int64_t v = tok[f * F->ntok + k];
+            if (v == 0) continue;
+            REAL w = wt[f * F->ntok + k];
+            const REAL *tr = F->table + v * ND;
+            for (int d = 0; d < ND; d++) e[f][d] += w * tr[d];
+        }
+}
+
+/* Items: graphs [I][NL][NF][NF], id [I][ND]; rows: item [B], labels [B], inv [B] (1 / the
+ * rows of the row's item; 0 ignores a row); t_graphs, t_id: the direction of a dual run
+ * (NULL otherwise). Adds each row's derivative to its item's dgraphs [I][NL][NF][NF] and
+ * did [I][ND]; FULL also adds the weights' into dw [N_WEIGHTS] and, with tokens, the
+ * table's into dtable. Returns the loss, the sum over rows of inv * BCE (NaN when out
+ * of memory). */
 template <class T, bool FULL>
-static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
+static double run(int64_t nrows, const fields_t *F, const int64_t *item, const REAL *labels,
                   const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
-                  const REAL *t_id, const params_t *P, REAL *dgraphs, REAL *did, REAL *de_rest,
+                  const REAL *t_id, const params_t *P, REAL *dgraphs, REAL *did, REAL *dtable,
                   REAL *dw) {
     size_t align = 64;
     size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
@@ -434,6 +466,7 @@ static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const 
     tile_t<T> *S = (tile_t<T> *)mem;
     wgrad_t<T> *G = FULL ? (wgrad_t<T> *)(mem + tb) : NULL;
     if (FULL) memset((void *)G, 0, sizeof *G);
+    const bool scatter = FULL && F->e_rest == NULL && dtable != NULL;
     double total = 0;
     for (int64_t start = 0; start < nrows; start += LANES) {
         int valid = nrows - start < LANES ? (int)(nrows - start) : LANES;
@@ -445,10 +478,13 @@ static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const 
             S->inv[t] = live ? inv[start + t] : 0;
             const REAL *ir = id + it[t] * ND, *tir = t_id ? t_id + it[t] * ND : NULL;
             for (int d = 0; d < ND; d++) set_lane(S->x[0][0][d], t, ir[d], tir ? tir[d] : 0);
-            const REAL *er = e_rest + (start + (live ? t : 0)) * (NF - 1) * ND;
+            REAL e[NF - 1][ND];
+            if (live)
+                embed_row(F, start + t, e);
+            else
+                memset(e, 0, sizeof e);
             for (int f = 1; f < NF; f++)
-                for (int d = 0; d < ND; d++)
-                    set_lane(S->x[f][0][d], t, live ? er[(f - 1) * ND + d] : 0, 0);
+                for (int d = 0; d < ND; d++) set_lane(S->x[f][0][d], t, e[f - 1][d], 0);
             const REAL *gr = graphs + it[t] * NL * NF * NF;
             const REAL *tgr = t_graphs ? t_graphs + it[t] * NL * NF * NF : NULL;
             for (int l = 0; l < NL; l++)
@@ -467,10 +503,17 @@ static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const 
                     for (int s = 0; s < NF; s++)
                         dgi[(l * NF + r) * NF + s] += result(S->dgr[l][r][s], t);
             for (int d = 0; d < ND; d++) did[it[t] * ND + d] += result(S->de[0][d], t);
-            if (FULL) {
-                REAL *der = de_rest + (start + t) * (NF - 1) * ND;
+            if (scatter) {
+                int64_t row = start + t;
+                const int64_t *tok = F->tokens + row * (NF - 1) * F->ntok;
+                const REAL *wt = F->tweights + row * (NF - 1) * F->ntok;
                 for (int f = 1; f < NF; f++)
-                    for (int d = 0; d < ND; d++) der[(f - 1) * ND + d] = result(S->de[f][d], t);
+                    for (int64_t k = 0; k < F->ntok; k++) {
+                        int64_t v = tok[(f - 1) * F->ntok + k];
+                        if (v == 0) continue;
+                        REAL w = wt[(f - 1) * F->ntok + k], *dr = dtable + v * ND;
+                        for (int d = 0; d < ND; d++) dr[d] += w * result(S->de[f][d], t);
+                    }
             }
         }
     }
@@ -486,39 +529,45 @@ static double run(int64_t nrows, const REAL *e_rest, const int64_t *item, const 
     return total;
 }
 
+#define FIELDS_ARGS                                                                            \
+    const REAL *e_rest, const int64_t *tokens, const REAL *tweights, const REAL *table,         \
+        int64_t ntok
+#define WEIGHT_ARGS                                                                            \
+    const REAL *w, const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,               \
+        const REAL *bc, const REAL *wp, double b
+
 extern "C" {
 
 /* warm-up: the gradient to the items' graphs and ID embeddings only */
-double emerg_phi_grad(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
-                      const REAL *inv, const REAL *graphs, const REAL *id, const REAL *w,
-                      const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,
-                      const REAL *bc, const REAL *wp, double b, REAL *dgraphs, REAL *did) {
+double emerg_phi_grad(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *labels,
+                      const REAL *inv, const REAL *graphs, const REAL *id, WEIGHT_ARGS,
+                      REAL *dgraphs, REAL *did) {
     params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
-    return run<vec, false>(nrows, e_rest, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
+    fields_t F = {e_rest, tokens, tweights, table, ntok};
+    return run<vec, false>(nrows, &F, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
                            did, NULL, NULL);
 }
 
-/* the gradient to every input and weight: de_rest [B][NF-1][ND] written, dw added to */
-double emerg_full_grad(int64_t nrows, const REAL *e_rest, const int64_t *item,
-                       const REAL *labels, const REAL *inv, const REAL *graphs, const REAL *id,
-                       const REAL *w, const REAL *m, const REAL *n, const REAL *ob,
-                       const REAL *wc, const REAL *bc, const REAL *wp, double b, REAL *dgraphs,
-                       REAL *did, REAL *de_rest, REAL *dw) {
+/* the gradient to every input and weight: dtable and dw added to */
+double emerg_full_grad(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *labels,
+                       const REAL *inv, const REAL *graphs, const REAL *id, WEIGHT_ARGS,
+                       REAL *dgraphs, REAL *did, REAL *dtable, REAL *dw) {
     params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
-    return run<vec, true>(nrows, e_rest, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
-                          did, de_rest, dw);
+    fields_t F = {e_rest, tokens, tweights, table, ntok};
+    return run<vec, true>(nrows, &F, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
+                          did, dtable, dw);
 }
 
 /* the same outputs as emerg_full_grad, each the derivative of that gradient along the
  * direction (t_graphs, t_id): a Hessian-vector product */
-double emerg_hvp(int64_t nrows, const REAL *e_rest, const int64_t *item, const REAL *labels,
+double emerg_hvp(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *labels,
                  const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
-                 const REAL *t_id, const REAL *w, const REAL *m, const REAL *n, const REAL *ob,
-                 const REAL *wc, const REAL *bc, const REAL *wp, double b, REAL *dgraphs,
-                 REAL *did, REAL *de_rest, REAL *dw) {
+                 const REAL *t_id, WEIGHT_ARGS, REAL *dgraphs, REAL *did, REAL *dtable,
+                 REAL *dw) {
     params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
-    return run<Dual, true>(nrows, e_rest, item, labels, inv, graphs, id, t_graphs, t_id, &P,
-                           dgraphs, did, de_rest, dw);
+    fields_t F = {e_rest, tokens, tweights, table, ntok};
+    return run<Dual, true>(nrows, &F, item, labels, inv, graphs, id, t_graphs, t_id, &P,
+                           dgraphs, did, dtable, dw);
 }
 
 int emerg_n_weights(void) { return N_WEIGHTS; }

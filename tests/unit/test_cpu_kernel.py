@@ -391,6 +391,10 @@ def test_the_meta_backend_is_resolved_like_warm_up_s(monkeypatch, tmp_path, cxx_
         ModelConfig(kind="deepfm", n_fields=5, n_item_fields=3, side_fields=(1, 2), vocab_size=60)
     )
     assert resolve_meta_backend(deepfm, "auto", torch.float32, CPU) is None
+    # on an accelerator the batched autograd step runs there (no build is tried)
+    assert resolve_meta_backend(emerg, "auto", torch.float32, torch.device("cuda")) is None
+    with pytest.raises(KernelUnavailableError, match="runs on the CPU"):
+        resolve_meta_backend(emerg, "kernel", torch.float32, torch.device("cuda"))
     with pytest.raises(KernelUnavailableError, match="DeepFM"):
         resolve_meta_backend(deepfm, "kernel", torch.float32, CPU)
     with pytest.raises(ValueError, match="unknown meta-training backend"):

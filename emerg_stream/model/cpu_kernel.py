@@ -437,7 +437,30 @@ def _checked(loss: float) -> float:
     return float(loss)
 
 
-class _RowLoss(torch.autograd.Function):
+class _KernelFunction(torch.autograd.Function):
+    """A kernel pass as an autograd node.
+
+    Inputs: (kernel, model, rows, graphs, id, table, *weights), the differentiable ones
+    from ``graphs`` on; :meth:`run` passes the model's embedding table.
+    """
+
+    @classmethod
+    def run(
+        cls,
+        kernel: EmerGKernel,
+        model: EmerG,
+        rows: KernelRows,
+        graphs: Tensor,
+        id_emb: Tensor,
+        weights: list[Tensor],
+    ) -> Any:
+        table = model.embedding.table.weight
+        return cls.apply(  # type: ignore[no-untyped-call]
+            kernel, model, rows, graphs, id_emb, table, *weights
+        )
+
+
+class _RowLoss(_KernelFunction):
     """The rows' loss, whose backward is the kernel's full gradient (computed with it)."""
 
     @staticmethod
@@ -465,7 +488,7 @@ class _RowLoss(torch.autograd.Function):
         return (None, None, None, *out)
 
 
-class _SupportGrad(torch.autograd.Function):
+class _SupportGrad(_KernelFunction):
     """∂loss/∂(graphs, id) of the rows; its backward is the kernel's Hessian-vector product."""
 
     @staticmethod
@@ -509,10 +532,7 @@ def row_loss(
     tokens, which ``rows`` must carry) and every tensor of ``weights``
     (:func:`weight_tensors`), computed by the kernel in the forward call.
     """
-    table = model.embedding.table.weight
-    out: Tensor = _RowLoss.apply(  # type: ignore[no-untyped-call]
-        kernel, model, rows, graphs, id_emb, table, *weights
-    )
+    out: Tensor = _RowLoss.run(kernel, model, rows, graphs, id_emb, weights)
     return out
 
 
@@ -530,10 +550,7 @@ def support_grad(
     kernel's Hessian-vector product: its gradient reaches every input, the embedding
     table included, as autograd's ``create_graph=True`` would give.
     """
-    table = model.embedding.table.weight
-    d_graphs, d_id = _SupportGrad.apply(  # type: ignore[no-untyped-call]
-        kernel, model, rows, graphs, id_emb, table, *weights
-    )
+    d_graphs, d_id = _SupportGrad.run(kernel, model, rows, graphs, id_emb, weights)
     return d_graphs, d_id
 
 

@@ -233,7 +233,7 @@ class EmerGKernel:
         """:class:`KernelWeights` from :func:`weight_tensors`' list (detached)."""
         *main, bias = tensors
         return KernelWeights(
-            tuple(t.detach().to(self.dtype).contiguous() for t in main), float(bias)
+            tuple(t.detach().to(self.dtype).contiguous() for t in main), float(bias.detach())
         )
 
     def _args(

@@ -254,6 +254,10 @@ class EmerGKernel:
         cfg = model.config
         if graphs.shape != (n_items, cfg.layers, cfg.n_fields, cfg.n_fields):
             raise ValueError(f"graphs has shape {tuple(graphs.shape)} for {n_items} items")
+        if id_emb.shape != (n_items, cfg.dim):
+            raise ValueError(f"id_emb has shape {tuple(id_emb.shape)}, not ({n_items}, {cfg.dim})")
+        if rows.labels.shape != (b,) or rows.inv_count.shape != (b,):
+            raise ValueError(f"labels and inv_count must have one entry per row ({b})")
         if b and (int(rows.item.min()) < 0 or int(rows.item.max()) >= n_items):
             raise ValueError(f"row items must lie in [0, {n_items})")
         dt = self.dtype

@@ -194,7 +194,7 @@ def test_a_build_is_cached_and_reused_across_processes(cxx_compiler, monkeypatch
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("emerg_grad-*.so")] == [stamp]
 
 
-def test_rows_pointing_outside_the_items_are_refused(cxx_compiler):
+def test_inputs_that_would_read_out_of_bounds_are_refused(cxx_compiler):
     model = _model()
     rows = _rows(model, 10, 3, seed=5)
     phi = _phi(model, 3)
@@ -204,6 +204,17 @@ def test_rows_pointing_outside_the_items_are_refused(cxx_compiler):
     bad[4] = 3
     with pytest.raises(ValueError, match=r"row items must lie in \[0, 3\)"):
         kernel(model, e_rest, graphs, phi["id"], bad, rows.labels, inv)
+    with pytest.raises(ValueError, match="id_emb has shape"):
+        kernel(model, e_rest, graphs, phi["id"][:, :-1], rows.item, rows.labels, inv)
+    with pytest.raises(ValueError, match="one entry per row"):
+        kernel(model, e_rest, graphs, phi["id"], rows.item, rows.labels[:-1], inv)
+    krows = cpu_kernel.KernelRows(rows.item, rows.labels, inv, rows.tokens[:, 1:], rows.weights)
+    with pytest.raises(ValueError, match="token weights and tokens differ"):
+        kernel.phi_grad(model, graphs, phi["id"], krows, table=model.embedding.table.weight)
+    with pytest.raises(ValueError, match="without e_rest"):
+        kernel.phi_grad(
+            model, graphs, phi["id"], cpu_kernel.KernelRows(rows.item, rows.labels, inv)
+        )
 
 
 # ---- meta-training: the full gradient, the Hessian-vector product, the meta-gradient ----

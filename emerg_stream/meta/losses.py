@@ -23,6 +23,15 @@ def rows_per_item(item: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
     )
 
 
+def row_weights(item: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
+    """``[B]`` each row's weight in its item's mean loss: one over the item's rows.
+
+    Σ_rows row_weights · loss is ``per_item_mean_loss(...).sum()``; the CPU kernel takes
+    its loss in that form.
+    """
+    return (1.0 / rows_per_item(item, n_items, dtype))[item]
+
+
 def per_item_mean_loss(
     model: ItemModel, rows: Rows, phi: Phi, n_items: int, prepared: Prepared | None = None
 ) -> Tensor:

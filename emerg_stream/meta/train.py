@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emerg_stream.meta.losses import per_item_mean_loss, rows_per_item
+from emerg_stream.meta.losses import per_item_mean_loss, row_weights
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
 from emerg_stream.model.base import ItemModel, Phi
 from emerg_stream.model.cpu_kernel import (
@@ -273,7 +273,7 @@ def _kernel_rows(rows: Rows, n_tasks: int) -> KernelRows:
     With the tokens of fields 1..F-1: the kernel embeds them and accumulates the
     table's gradient itself.
     """
-    inv = (1.0 / rows_per_item(rows.item, n_tasks, rows.labels.dtype))[rows.item]
+    inv = row_weights(rows.item, n_tasks, rows.labels.dtype)
     tokens, weights = rows.tokens[:, 1:].contiguous(), rows.weights[:, 1:].contiguous()
     return KernelRows(rows.item, rows.labels, inv, tokens, weights)  # copied once, read 2-4x
 

@@ -23,7 +23,7 @@ import structlog
 import torch
 from torch import Tensor
 
-from emerg_stream.meta.losses import per_item_mean_loss, rows_per_item
+from emerg_stream.meta.losses import per_item_mean_loss, row_weights
 from emerg_stream.meta.rows import Rows
 from emerg_stream.model.base import ItemModel, Phi, Prepared
 from emerg_stream.model.cpu_kernel import EmerGKernel, KernelUnavailableError, emerg_kernel
@@ -297,8 +297,7 @@ def _kernel_grad(model: ItemModel, kernel: EmerGKernel, rows: Rows, n_items: int
         raise TypeError(f"the warm-up kernel serves EmerG, not {type(model).__name__}")
     with torch.no_grad():
         e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
-        # each row's weight in its item's mean loss, as per_item_mean_loss divides it
-        inv_count = (1.0 / rows_per_item(rows.item, n_items, rows.labels.dtype))[rows.item]
+        inv_count = row_weights(rows.item, n_items, rows.labels.dtype)
     weights = kernel.weights(model)  # shared parameters: fixed for the whole phase
 
     def grad(cur: Phi) -> dict[str, Tensor]:

@@ -1,7 +1,9 @@
 """The phased evaluation protocol: cold, then warm-up phases A, B, C on new items.
 
 For every phase the held-out test rows of all new items are scored with the φ in force
-after that phase; AUC is pooled over all test rows, F1 thresholds at the mean score.
+after that phase; AUC is pooled over all test rows, F1 thresholds at the mean score, and
+the pooled AUC is split into within-item AUC (ranking one item's users, averaged over
+items) and between-item AUC (ranking items by their mean score).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from emerg_stream.meta.metrics import f1_at_mean, roc_auc
+from emerg_stream.meta.metrics import phase_metrics
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
 from emerg_stream.meta.warmup import WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi, item_noise
@@ -101,17 +103,19 @@ def run_phases(
         device: Where to compute.
 
     Returns:
-        ``(metrics, phis)``: phase -> {"auc", "f1"} and phase -> φ after that phase (CPU).
+        ``(metrics, phis)``: phase -> :func:`~emerg_stream.meta.metrics.phase_metrics`
+        (pooled AUC, F1, within- and between-item AUC) and phase -> φ after that phase (CPU).
     """
     model.eval()
     phi = cold_start(model, data.items, salt=salt, device=device)
     labels = data.test.labels.numpy()
+    items = data.test.item.numpy()
     metrics: dict[str, dict[str, float]] = {}
     phis: dict[str, Phi] = {}
     for phase in PHASES:
         if phase != "cold":
             phi = warm_up(model, phi, data.warm[phase].to(device), warm_cfg)
         scores = predict(model, data.test, phi, device=device)
-        metrics[phase] = {"auc": roc_auc(labels, scores), "f1": f1_at_mean(labels, scores)}
+        metrics[phase] = phase_metrics(labels, scores, items)
         phis[phase] = {k: v.detach().cpu() for k, v in phi.items()}
     return metrics, phis

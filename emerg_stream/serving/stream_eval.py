@@ -37,7 +37,7 @@ from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemParams, Prediction
 from emerg_stream.meta.checkpoint import Checkpoint
 from emerg_stream.meta.evaluate import PHASES, NewItemData, cold_start, predict, run_phases
-from emerg_stream.meta.metrics import f1_at_mean, roc_auc
+from emerg_stream.meta.metrics import phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.meta.warmup import WarmupConfig
@@ -211,10 +211,6 @@ def _new_items(split: Split, spec: FeatureSpec) -> _NewItems:
     return _NewItems(items, rows_for(encode(spec, split.test), items), warm)
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    return {"auc": roc_auc(labels, scores), "f1": f1_at_mean(labels, scores)}
-
-
 def offline_phases(
     checkpoint: Checkpoint, split: Split, *, device: torch.device | str = "cpu"
 ) -> Metrics:
@@ -357,9 +353,11 @@ def evaluate_stream(
             "running, did the replay finish, is the lag 0?); pass allow_missing to score them "
             "with local cold-start params"
         )
-    labels = new.test.labels.numpy()
+    labels, rows_item = new.test.labels.numpy(), new.test.item.numpy()
     stream = {
-        phase: _metrics(labels, predict(checkpoint.model, new.test, phis[phase], device=dev))
+        phase: phase_metrics(
+            labels, predict(checkpoint.model, new.test, phis[phase], device=dev), rows_item
+        )
         for phase in PHASES
     }
     result = StreamEvaluation(

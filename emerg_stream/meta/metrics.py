@@ -13,13 +13,14 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
         scores: ``[N]`` any real scores.
 
     Returns:
-        AUC in [0, 1]; NaN when only one class is present.
+        AUC in [0, 1]; NaN when only one class is present or a score is not finite (a
+        diverged model ranks nothing).
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(s).all():
         return float("nan")
     order = np.argsort(s, kind="mergesort")
     sorted_s = s[order]

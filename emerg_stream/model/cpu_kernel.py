@@ -436,7 +436,7 @@ class EmerGKernel:
 
 
 def _checked(loss: float) -> float:
-    if loss != loss:  # NaN: the kernel could not allocate its scratch
+    if loss == float("-inf"):  # a loss is never negative: the kernel's out-of-memory mark
         raise MemoryError("the CPU kernel could not allocate its scratch")
     return float(loss)
 

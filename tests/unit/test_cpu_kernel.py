@@ -141,6 +141,18 @@ def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimize
         assert torch.equal(got[k][n_items - 1], phi[k][n_items - 1])
 
 
+def test_a_diverging_warm_up_is_not_taken_for_out_of_memory(cxx_compiler):
+    """A step size that blows φ up gives autograd's non-finite φ, not a MemoryError."""
+    model = _model()
+    rows = _rows(model, 40, 5, seed=4)
+    phi = _phi(model, 5)
+    cfg = WarmupConfig(steps=30, lr=1e6)
+    got = warm_up(model, phi, rows, cfg, backend="kernel")
+    ref = warm_up(model, phi, rows, cfg, backend="autograd")
+    assert not torch.isfinite(ref["id"]).all()
+    assert not torch.isfinite(got["id"]).all()  # diverged alike (which entry first may differ)
+
+
 def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
     emerg = _model(torch.float32)
     assert resolve_backend(emerg, "auto", torch.float32, CPU)[0] == "kernel"

@@ -39,3 +39,7 @@ def test_phase_metrics_keys_and_nan_without_both_labels():
     m = phase_metrics(np.array([1, 1, 0]), np.array([0.2, 0.3, 0.1]), np.array([0, 0, 1]))
     assert set(m) == {"auc", "f1", "auc_within", "auc_between"}
     assert np.isnan(m["auc_within"])  # no item has both labels
+
+
+def test_auc_of_diverged_scores_is_nan():
+    assert np.isnan(roc_auc(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3])))

@@ -451,8 +451,8 @@ static inline void embed_row(const fields_t *F, int64_t row, REAL e[NF - 1][ND])
  * rows of the row's item; 0 ignores a row); t_graphs, t_id: the direction of a dual run
  * (NULL otherwise). Adds each row's derivative to its item's dgraphs [I][NL][NF][NF] and
  * did [I][ND]; FULL also adds the weights' into dw [N_WEIGHTS] and, with tokens, the
- * table's into dtable. Returns the loss, the sum over rows of inv * BCE (NaN when out
- * of memory). */
+ * table's into dtable. Returns the loss, the sum over rows of inv * BCE (-infinity when
+ * out of memory: a loss is never negative, while NaN is a real diverged loss). */
 template <class T, bool FULL>
 static double run(int64_t nrows, const fields_t *F, const int64_t *item, const REAL *labels,
                   const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
@@ -462,7 +462,7 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
     size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
     char *mem = (char *)aligned_alloc(align, tb + gb);
-    if (mem == NULL) return NAN;
+    if (mem == NULL) return -INFINITY;
     tile_t<T> *S = (tile_t<T> *)mem;
     wgrad_t<T> *G = FULL ? (wgrad_t<T> *)(mem + tb) : NULL;
     if (FULL) memset((void *)G, 0, sizeof *G);

@@ -163,6 +163,7 @@ def train_or_reuse(opts: DemoOptions) -> tuple[Path, dict[str, dict[str, float]]
         cfg=cfg,
         progress=opts.progress,
         warmup_grid=QUICK_WARMUP_GRID,
+        epoch_grid=QUICK_WARMUP_GRID,
     )
     seconds = round(time.perf_counter() - t0, 1)
     log.info("demo_trained", checkpoint=str(ck_dir), seconds=seconds)

@@ -22,8 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="dataset folder (default: $EMERG_DATA_DIR)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="max pretraining epochs")
-    parser.add_argument("--meta-epochs", type=int, default=None, help="max meta-training epochs")
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="max pretraining epochs that selection tries (default 4)",
+    )
+    parser.add_argument(
+        "--meta-epochs",
+        type=int,
+        default=None,
+        help="max meta-training epochs that selection tries (default 11)",
+    )
     parser.add_argument(
         "--ablation",
         default="none",
@@ -48,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from emerg_stream.errors import ConfigError
     from emerg_stream.meta.pipeline import METHODS
-    from emerg_stream.meta.reproduce import markdown_table, reproduce
-    from emerg_stream.meta.train import TrainConfig
+    from emerg_stream.meta.reproduce import markdown_table, reproduce, selection_config
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    cfg = TrainConfig()
+    cfg = selection_config()
     if args.pretrain_epochs is not None:
         cfg = replace(cfg, pretrain_epochs=args.pretrain_epochs)
     if args.meta_epochs is not None:

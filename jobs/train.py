@@ -21,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and save ``OUT/checkpoints/<method>-seed<seed>``."""
-    from emerg_stream.meta.reproduce import markdown_table, reproduce
-    from emerg_stream.meta.train import TrainConfig
+    from emerg_stream.meta.reproduce import markdown_table, reproduce, selection_config
 
     # A single-seed reproduce of one method is exactly "train, then evaluate".
     results = reproduce(
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=1,
         data_dir=args.data_dir,
         device=args.device,
-        cfg=TrainConfig(seed=args.seed),
+        cfg=selection_config(seed=args.seed),
         progress=not args.no_progress,
     )
     print(markdown_table(results), end="")

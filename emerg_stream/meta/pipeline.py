@@ -107,12 +107,34 @@ class Protocol:
         }
 
 
-#: The warm-up protocols model selection tries (optimiser, lr, steps).
+#: The most epochs model selection tries: pretraining, and meta-training (the paper's 11).
+#: Every method chose the old limits (2 and 3) on ml-100k and ml-1m-u2999.
+MAX_PRETRAIN_EPOCHS = 4
+MAX_META_EPOCHS = 11
+
+#: The warm-up protocols model selection tries (optimiser, lr, steps), the same for every
+#: method: SGD up to lr 2 (DeepFM chose lr 1.0, the old upper limit, on ml-100k's
+#: pseudo-new items) and Adam, 1 to 11 steps per phase.
 WARMUP_GRID: tuple[WarmupConfig, ...] = tuple(
     WarmupConfig(steps=s, lr=lr, optimizer=o)  # type: ignore[arg-type]
     for o, lr, s in itertools.chain(
-        itertools.product(["sgd"], [0.01, 0.1, 0.5, 1.0], [1, 5, 11]),
+        itertools.product(["sgd"], [0.01, 0.1, 0.5, 1.0, 2.0], [1, 5, 11]),
         itertools.product(["adam"], [0.001, 0.01, 0.05], [1, 5, 11]),
+    )
+)
+
+#: The warm-up protocols scored after every training epoch to choose the epochs: a few
+#: that span the grid (small and large SGD steps, Adam), so that each method's epochs
+#: are chosen with a warm-up close to its own best rather than one fixed near no-op.
+EPOCH_WARMUP_GRID: tuple[WarmupConfig, ...] = tuple(
+    WarmupConfig(steps=s, lr=lr, optimizer=o)  # type: ignore[arg-type]
+    for o, lr, s in (
+        ("sgd", 0.1, 5),
+        ("sgd", 0.1, 11),
+        ("sgd", 0.5, 1),
+        ("sgd", 1.0, 1),
+        ("adam", 0.01, 5),
+        ("adam", 0.01, 11),
     )
 )
 
@@ -127,8 +149,9 @@ QUICK_WARMUP_GRID: tuple[WarmupConfig, ...] = (
 
 
 def _score(metrics: dict[str, dict[str, float]]) -> float:
-    """Selection criterion: mean AUC over the four phases."""
-    return float(np.mean([m["auc"] for m in metrics.values()]))
+    """Selection criterion: mean AUC over the four phases (-inf if a phase diverged)."""
+    score = float(np.mean([m["auc"] for m in metrics.values()]))
+    return score if np.isfinite(score) else float("-inf")
 
 
 def _seed_all(seed: int) -> None:
@@ -172,6 +195,26 @@ def train_model(
     return model
 
 
+def _evaluate_grid(
+    model: ItemModel,
+    val: Prepared,
+    grid: Sequence[WarmupConfig],
+    *,
+    salt: int,
+    device: torch.device,
+) -> tuple[float, WarmupConfig, dict[str, dict[str, float]]]:
+    """The best warm-up of ``grid`` for ``model`` on the pseudo-new items: (score, cfg, metrics)."""
+    best: tuple[float, WarmupConfig, dict[str, dict[str, float]]] | None = None
+    for wcfg in grid:
+        metrics, _ = run_phases(model, val.new, wcfg, salt=salt, device=device)
+        score = _score(metrics)
+        if best is None or score > best[0]:
+            best = (score, wcfg, metrics)
+    if best is None:
+        raise ValueError("the warm-up grid is empty")
+    return best
+
+
 def select_protocol(
     method: str,
     spec: FeatureSpec,
@@ -182,63 +225,99 @@ def select_protocol(
     progress: bool = True,
     model_overrides: dict[str, Any] | None = None,
     grid: Sequence[WarmupConfig] = WARMUP_GRID,
+    epoch_grid: Sequence[WarmupConfig] | None = None,
 ) -> Protocol:
-    """Choose epochs and the warm-up protocol on pseudo-new items.
+    """Choose epochs and the warm-up protocol on pseudo-new items, never on test rows.
 
-    Pretraining and meta-training run for ``cfg``'s epochs (the maxima); after every
-    epoch the pseudo-new items are evaluated with the default warm-up and the weights
-    are kept; the best epoch's weights then pick the warm-up protocol from ``grid``.
+    Every method is selected the same way, each with its own best warm-up:
+
+    1. Pretraining runs up to ``cfg.pretrain_epochs``; after every epoch the pseudo-new
+       items are scored with each warm-up of ``epoch_grid`` (default: ``grid``) and the
+       epoch's score is the best of them. The best epoch's weights are kept.
+    2. Meta-learning methods meta-train from those weights up to ``cfg.meta_epochs``,
+       scored the same way; "0 meta epochs" (the pretrained weights) competes too.
+    3. At the chosen weights the whole ``grid`` picks the warm-up protocol.
+
+    Args:
+        method: One of :data:`METHODS`.
+        spec: Feature spec of the selection split.
+        val: The selection split (old items minus pseudo-new ones; pseudo-new items).
+        cfg: Training config; its epochs are the maxima tried.
+        device: Where to compute.
+        progress: Show progress bars.
+        model_overrides: Model config overrides (ablations).
+        grid: Warm-up protocols tried at the chosen epochs.
+        epoch_grid: Warm-up protocols tried after every epoch.
+
+    Returns:
+        The chosen epochs and warm-up, with the validation curve and metrics.
     """
-    default = WarmupConfig()
+    per_epoch = tuple(epoch_grid) if epoch_grid is not None else tuple(grid)
     curve: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": -1.0}
+    best: dict[str, Any] = {}
 
     def on_epoch(stage: str, epoch: int, model: ItemModel) -> None:
-        metrics, _ = run_phases(model, val.new, default, salt=cfg.seed, device=device)
-        score = _score(metrics)
-        curve.append({"stage": stage, "epoch": epoch, "score": score})
+        score, wcfg, _ = _evaluate_grid(model, val, per_epoch, salt=cfg.seed, device=device)
+        curve.append({"stage": stage, "epoch": epoch, "score": score, "warmup": asdict(wcfg)})
         log.info(
-            "validation_epoch", method=method, stage=stage, epoch=epoch, mean_auc=round(score, 4)
+            "validation_epoch",
+            method=method,
+            stage=stage,
+            epoch=epoch,
+            mean_auc=round(score, 4),
+            warmup=f"{wcfg.optimizer} {wcfg.lr} x {wcfg.steps}",
         )
-        if score > best["score"]:
-            best.update(
-                score=score,
-                stage=stage,
-                epoch=epoch,
-                state=copy.deepcopy(model.state_dict()),
-            )
+        if stage not in best or score > best[stage]["score"]:
+            best[stage] = {
+                "score": score,
+                "epoch": epoch,
+                "state": copy.deepcopy(model.state_dict()),
+            }
         model.train()
 
-    model = train_model(
-        method,
-        spec,
-        val,
+    _seed_all(cfg.seed)
+    model = build_model(model_config(method, spec, **(model_overrides or {}))).to(device)
+    pretrain(
+        model,
+        val.old_rows,
+        val.old_items,
         cfg,
         device=device,
         progress=progress,
-        model_overrides=model_overrides,
-        on_epoch=on_epoch,
+        on_epoch=lambda stage, epoch: on_epoch(stage, epoch, model),
     )
-    model.load_state_dict(best["state"])
+    if "pretrain" not in best:  # no pretraining epoch: the initial weights
+        on_epoch("pretrain", 0, model)
+    pre = best["pretrain"]
+    model.load_state_dict(pre["state"])
+    meta_epochs = 0
+    if method != "deepfm" and cfg.meta_epochs > 0:
+        best["meta"] = {"score": pre["score"], "epoch": 0, "state": pre["state"]}
+        meta_train(
+            model,
+            val.old_rows,
+            val.old_items,
+            val.old_timestamps,
+            replace(cfg, pretrain_epochs=pre["epoch"]),
+            device=device,
+            progress=progress,
+            on_epoch=lambda stage, epoch: on_epoch(stage, epoch, model),
+        )
+        meta_epochs = best["meta"]["epoch"]
+        model.load_state_dict(best["meta"]["state"])
     model.eval()
-    pre = cfg.pretrain_epochs if best["stage"] == "meta" else best["epoch"]
-    meta = best["epoch"] if best["stage"] == "meta" else 0
-    trials = []
-    for wcfg in grid:
-        metrics, _ = run_phases(model, val.new, wcfg, salt=cfg.seed, device=device)
-        trials.append((_score(metrics), wcfg, metrics))
-    score, chosen, metrics = max(trials, key=lambda t: t[0])
+    score, chosen, metrics = _evaluate_grid(model, val, grid, salt=cfg.seed, device=device)
     log.info(
         "protocol_selected",
         method=method,
-        pretrain_epochs=pre,
-        meta_epochs=meta,
+        pretrain_epochs=pre["epoch"],
+        meta_epochs=meta_epochs,
         warmup=asdict(chosen),
         mean_auc=round(score, 4),
     )
     return Protocol(
-        pretrain_epochs=pre,
-        meta_epochs=meta,
+        pretrain_epochs=pre["epoch"],
+        meta_epochs=meta_epochs,
         warmup=chosen,
         validation={"curve": curve, "metrics": metrics, "score": score},
     )

@@ -22,6 +22,9 @@ from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.meta.evaluate import PHASES, run_phases
 from emerg_stream.meta.pipeline import (
     ABLATIONS,
+    EPOCH_WARMUP_GRID,
+    MAX_META_EPOCHS,
+    MAX_PRETRAIN_EPOCHS,
     METHODS,
     WARMUP_GRID,
     Prepared,
@@ -48,6 +51,12 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("--device cuda was asked for but no CUDA device is available")
     return torch.device(name)
+
+
+def selection_config(**overrides: Any) -> TrainConfig:
+    """The training config whose epochs are selection's maxima (the chosen ones train)."""
+    base = {"pretrain_epochs": MAX_PRETRAIN_EPOCHS, "meta_epochs": MAX_META_EPOCHS}
+    return TrainConfig(**{**base, **overrides})
 
 
 def summarize(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -102,6 +111,7 @@ def reproduce(
     progress: bool = True,
     ablation: str = "none",
     warmup_grid: Sequence[WarmupConfig] = WARMUP_GRID,
+    epoch_grid: Sequence[WarmupConfig] | None = EPOCH_WARMUP_GRID,
 ) -> dict[str, Any]:
     """Run split, selection, training and phased evaluation; write results to ``out``.
 
@@ -112,10 +122,13 @@ def reproduce(
         seeds: Seeds 0..seeds-1 of the final runs (selection uses seed 0).
         data_dir: Dataset folder (default: ``EMERG_DATA_DIR``).
         device: ``auto``, ``cpu`` or ``cuda``.
-        cfg: Training hyperparameters (epochs are maxima for selection).
+        cfg: Training hyperparameters (epochs are maxima for selection; default
+            :func:`selection_config`).
         progress: Show progress bars.
         ablation: One of :data:`ABLATIONS`, applied to EmerG only.
         warmup_grid: Warm-up protocols that model selection tries.
+        epoch_grid: Warm-up protocols scored after every epoch to choose the epochs
+            (``None``: ``warmup_grid``).
 
     Returns:
         The content of ``out/results.json``.
@@ -124,7 +137,7 @@ def reproduce(
         raise ConfigError(f"unknown ablation {ablation!r}; choose from {sorted(ABLATIONS)}")
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    cfg = cfg or TrainConfig()
+    cfg = cfg or selection_config()
     model_ov, train_ov = ABLATIONS[ablation]
     out.mkdir(parents=True, exist_ok=True)
     ilog = load_dataset(dataset, data_dir)
@@ -170,6 +183,7 @@ def reproduce(
             progress=progress,
             model_overrides=m_ov,
             grid=warmup_grid,
+            epoch_grid=epoch_grid,
         )
         per_seed: dict[int, dict[str, dict[str, float]]] = {}
         for seed in range(seeds):

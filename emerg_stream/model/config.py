@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 GraphMode = Literal["hyper", "random", "shared"]
-Activation = Literal["identity", "relu"]
+Activation = Literal["identity", "relu", "leaky_relu"]
+AttentionMode = Literal["field", "joint"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,16 @@ class ModelConfig:
         use_mask: Keep a pair disconnected at order l-1 disconnected at order l.
         graph_mode: ``hyper`` (generated per item), ``random`` (a fixed random graph per
             item) or ``shared`` (one learned graph for all items).
-        activation: Activation of the message passing (both are positively homogeneous,
-            so layer l stays a degree-(l+1) form of the embeddings).
+        activation: Activation of the message passing (all three are positively
+            homogeneous, so layer l stays a degree-(l+1) form of the embeddings).
+        activate_last: Apply the activation on the last layer too (the authors' code
+            leaves the last layer linear).
+        attention: How orders are combined: ``field`` (per field, over its orders
+            h_r^(0..L)) or ``joint`` (one self-attention over all (order, field) tokens,
+            queries and keys from each order's whole F·D vector: the authors' code).
+        fm: Add a factorisation-machine term Σ_{r<s} <e_r, e_s> over the first-order
+            embeddings to the logit (an extension of the paper: a direct channel
+            between a new item's ID embedding and each user field).
         mlp_hidden: Hidden widths of the DeepFM deep part and the MetaE generator.
         id_init_std: Std of the fresh random ID embedding a new item starts with.
         embed_init_std: Std of the initial embedding table.
@@ -50,6 +59,9 @@ class ModelConfig:
     use_mask: bool = True
     graph_mode: GraphMode = "hyper"
     activation: Activation = "relu"
+    activate_last: bool = True
+    attention: AttentionMode = "field"
+    fm: bool = False
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01
     embed_init_std: float = 0.01

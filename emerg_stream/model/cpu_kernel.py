@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from emerg_stream.model.base import ItemModel
 from emerg_stream.model.emerg import EmerG
+from emerg_stream.model.interaction import OrderAttention
 
 #: Environment variable naming the folder of compiled kernels.
 KERNEL_CACHE_ENV = "EMERG_KERNEL_CACHE"
@@ -162,12 +163,15 @@ def weight_tensors(model: EmerG) -> list[Tensor]:
     Gradients to these flow back to the model's parameters through the stacking and
     the folding.
     """
-    m, n = model.attention.folded_weights()
+    attention = model.attention
+    if not isinstance(attention, OrderAttention):
+        raise KernelUnavailableError("the kernel computes per-field attention", machine=False)
+    m, n = attention.folded_weights()
     return [
         torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
         m,
         n,
-        model.attention.out.bias,
+        attention.out.bias,
         model.predictor.contrib.weight,
         model.predictor.contrib.bias,
         model.predictor.w.weight[0],
@@ -583,6 +587,11 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
     cfg = model.config
     if cfg.activation not in ("relu", "identity"):
         raise KernelUnavailableError(f"unknown activation {cfg.activation!r}", machine=False)
+    if not cfg.activate_last or cfg.attention != "field" or cfg.fm:
+        raise KernelUnavailableError(
+            "the kernel computes per-field attention with every layer activated and no FM term",
+            machine=False,
+        )
     defines = (
         f"-DNF={cfg.n_fields}",
         f"-DND={cfg.dim}",

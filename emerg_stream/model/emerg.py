@@ -8,7 +8,13 @@ from torch import Tensor, nn
 from emerg_stream.model.base import ItemModel, Phi, Prepared
 from emerg_stream.model.config import ModelConfig
 from emerg_stream.model.graph import GraphGenerator, refine
-from emerg_stream.model.interaction import GraphInteraction, OrderAttention, Predictor
+from emerg_stream.model.interaction import (
+    GraphInteraction,
+    JointAttention,
+    OrderAttention,
+    Predictor,
+    fm_term,
+)
 
 
 class EmerG(ItemModel):
@@ -33,8 +39,14 @@ class EmerG(ItemModel):
         self.shared_graph = (
             nn.Parameter(torch.randn(f, f) * 0.1) if config.graph_mode == "shared" else None
         )
-        self.interaction = GraphInteraction(d, config.layers, config.activation)
-        self.attention = OrderAttention(d, config.heads, config.head_dim)
+        self.interaction = GraphInteraction(
+            d, config.layers, config.activation, config.activate_last
+        )
+        self.attention: OrderAttention | JointAttention = (
+            OrderAttention(d, config.heads, config.head_dim)
+            if config.attention == "field"
+            else JointAttention(f, d, config.heads, config.head_dim)
+        )
         self.predictor = Predictor(f, d)
 
     @property
@@ -97,6 +109,8 @@ class EmerG(ItemModel):
         """Logits ``[B]`` of prepared rows, the same function as :meth:`forward`."""
         h = self._orders(prepared.cache["e"], phi, row_index)
         out: Tensor = self.predictor(self.attention(h))
+        if self.config.fm:
+            out = out + fm_term(h[:, 0])
         return out
 
     def _side_and_user(self, tokens: Tensor, weights: Tensor) -> Tensor:

@@ -20,13 +20,17 @@ class GraphInteraction(nn.Module):
     Args:
         dim: d.
         layers: L.
-        activation: ``relu`` or ``identity`` (both positively homogeneous).
+        activation: ``relu``, ``leaky_relu`` or ``identity`` (all positively homogeneous).
+        activate_last: Apply it on layer L too (the authors' code leaves L linear).
     """
 
-    def __init__(self, dim: int, layers: int, activation: str = "relu") -> None:
+    def __init__(
+        self, dim: int, layers: int, activation: str = "relu", activate_last: bool = True
+    ) -> None:
         super().__init__()
         self.weights = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(layers))
         self.activation = activation
+        self.activate_last = activate_last
 
     def forward(self, e: Tensor, graphs: Tensor) -> Tensor:
         """Run L layers.
@@ -45,8 +49,11 @@ class GraphInteraction(nn.Module):
                 msg = (graphs[:, layer].unsqueeze(-1) * w(e).unsqueeze(1)).sum(2)
             else:
                 msg = graphs[:, layer] @ w(e)
-            if self.activation == "relu":
-                msg = torch.relu(msg)
+            if layer < len(self.weights) - 1 or self.activate_last:
+                if self.activation == "relu":
+                    msg = torch.relu(msg)
+                elif self.activation == "leaky_relu":
+                    msg = F.leaky_relu(msg)
             h = h * msg
             outs.append(h)
         return torch.stack(outs, dim=1)
@@ -143,6 +150,65 @@ def _mix_broadcast(x: Tensor, u: Tensor, heads: int) -> Tensor:
     scores = (x.view(nb, o, 1, 1, d) * u.view(nb, 1, o, heads, d)).sum(-1)  # [., o, p, h]
     att = scores.softmax(dim=2).mean(dim=1)  # ā[p, h]
     return (att.unsqueeze(-1) * x.unsqueeze(2)).sum(1)
+
+
+class JointAttention(nn.Module):
+    """One multi-head self-attention over all (order, field) tokens (the authors' code).
+
+    Token (o, r) has query and key from the whole order vector x_o = vec(h^(o)) ∈ R^{F·D}
+    (q_{o,r,h} = (Wq x_o)_{r,h}, likewise k) and value Wv_h h_r^(o); every token attends
+    to all O·F tokens, so a field's output mixes every field of every order (the new
+    item's ID embedding reaches the user fields' outputs directly)::
+
+        out_{o,r} = Wres concat_h Σ_{o',s} softmax(q_{o,r,h} · k_{o',s,h} / sqrt(a)) v_{o',s,h}
+        ĥ_r = Σ_o relu(out_{o,r})
+
+    Args:
+        n_fields: F.
+        dim: d.
+        heads: H.
+        head_dim: a, the size of each head.
+    """
+
+    def __init__(self, n_fields: int, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.q = nn.Linear(n_fields * dim, n_fields * heads * head_dim, bias=False)
+        self.k = nn.Linear(n_fields * dim, n_fields * heads * head_dim, bias=False)
+        self.v = nn.Linear(dim, heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Combine orders and fields.
+
+        Args:
+            h: ``[B, L+1, F, D]``.
+
+        Returns:
+            ``[B, F, D]``.
+        """
+        b, o, f, _ = h.shape
+        heads, a = self.heads, self.head_dim
+        x = h.reshape(b, o, -1)
+
+        def tokens(t: Tensor) -> Tensor:  # [B, O, F, H*a] -> [B, H, O*F, a]
+            return t.view(b, o * f, heads, a).transpose(1, 2)
+
+        q = tokens(self.q(x))
+        k = tokens(self.k(x))
+        v = tokens(self.v(h))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(a), dim=-1)
+        mixed = (att @ v).transpose(1, 2).reshape(b, o, f, heads * a)
+        out: Tensor = torch.relu(self.out(mixed)).sum(dim=1)
+        return out
+
+
+def fm_term(e: Tensor) -> Tensor:
+    """Σ_{r<s} <e_r, e_s> of first-order embeddings ``[B, F, D]`` -> ``[B]``."""
+    total = e.sum(dim=1)
+    out: Tensor = 0.5 * (total.square().sum(-1) - e.square().sum((1, 2)))
+    return out
 
 
 class Predictor(nn.Module):

@@ -169,6 +169,18 @@ def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
         resolve_backend(emerg, "fast", torch.float32, CPU)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "option",
+    [{"attention": "joint"}, {"fm": True}, {"activate_last": False}, {"activation": "leaky_relu"}],
+)
+def test_options_the_kernel_does_not_compute_run_on_autograd(cxx_compiler, option):
+    model = _model(torch.float32, **option)
+    assert resolve_backend(model, "auto", torch.float32, CPU) == ("autograd", None)
+    assert resolve_meta_backend(model, "auto", torch.float32, CPU) is None
+    with pytest.raises(KernelUnavailableError):
+        resolve_backend(model, "kernel", torch.float32, CPU)
+
+
 def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-cxx-for-emerg")
     monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))

@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 
 from emerg_stream.model import ModelConfig, build_model
 from emerg_stream.model.graph import GraphGenerator, minmax_norm, refine, topk_sparsify
-from emerg_stream.model.interaction import GraphInteraction, OrderAttention
+from emerg_stream.model.interaction import (
+    GraphInteraction,
+    JointAttention,
+    OrderAttention,
+    fm_term,
+)
 from emerg_stream.model.layers import FeatureEmbedding
 
 
@@ -77,9 +82,12 @@ def test_second_order_graph_is_normalised_square_of_first():
     assert torch.allclose(g[0, 1], expect)
 
 
-@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize(
+    ("activation", "activate_last"),
+    [("relu", True), ("identity", True), ("leaky_relu", True), ("leaky_relu", False)],
+)
 @pytest.mark.parametrize("s", [0.5, 2.0, 3.0])
-def test_layer_l_is_an_order_l_plus_1_interaction(activation, s):
+def test_layer_l_is_an_order_l_plus_1_interaction(activation, activate_last, s):
     """Scaling every field embedding by s scales layer l's output by s**(l+1).
 
     A residual connection, neighbours sending h^(l-1) instead of h^(0), or a missing
@@ -87,7 +95,9 @@ def test_layer_l_is_an_order_l_plus_1_interaction(activation, s):
     """
     torch.manual_seed(0)
     layers = 3
-    gi = GraphInteraction(dim=8, layers=layers, activation=activation).double()
+    gi = GraphInteraction(
+        dim=8, layers=layers, activation=activation, activate_last=activate_last
+    ).double()
     e = torch.randn(4, 6, 8, dtype=torch.float64)
     graphs = refine(_raw(1, 4, 6), layers, k=20)
     base = gi(e, graphs)
@@ -224,3 +234,88 @@ def test_field_embedding_gradients_are_those_of_the_written_sum():
     (h_want,) = torch.autograd.grad((want[0] * v).sum(), weights)
     (h_got,) = torch.autograd.grad((got[0] * v).sum(), weights)
     torch.testing.assert_close(h_got, h_want, rtol=0, atol=1e-14)
+
+
+def test_the_activation_sits_between_layers_only_when_asked():
+    """activate_last=False leaves layer L linear (negative messages pass), layers < L not."""
+    torch.manual_seed(0)
+    e = torch.randn(3, 5, 8, dtype=torch.float64)
+    graphs = refine(_raw(3, 3, 5), 2, k=15)
+    lin = GraphInteraction(dim=8, layers=2, activation="identity").double()
+    for act, last in (("relu", False), ("leaky_relu", False)):
+        gi = GraphInteraction(dim=8, layers=2, activation=act, activate_last=last).double()
+        gi.load_state_dict(lin.state_dict())
+        out, ref = gi(e, graphs), lin(e, graphs)
+        msg1 = graphs[:, 0] @ gi.weights[0](e)
+        expect1 = e * (torch.relu(msg1) if act == "relu" else torch.nn.functional.leaky_relu(msg1))
+        assert torch.allclose(out[:, 1], expect1)
+        msg2 = graphs[:, 1] @ gi.weights[1](e)
+        assert torch.allclose(out[:, 2], expect1 * msg2)  # no activation on the last layer
+        assert not torch.allclose(out[:, 1], ref[:, 1])
+
+
+def _joint_as_written(att: JointAttention, h: torch.Tensor) -> torch.Tensor:
+    """The authors' attention token by token: (order, field) tokens, q/k from x_o."""
+    b, o, f, d = h.shape
+    heads, a = att.heads, att.head_dim
+    out = torch.zeros(b, f, d, dtype=h.dtype)
+    for n in range(b):
+        q = {
+            (i, r): att.q(h[n, i].reshape(-1)).view(f, heads, a)[r]
+            for i in range(o)
+            for r in range(f)
+        }
+        k = {
+            (i, r): att.k(h[n, i].reshape(-1)).view(f, heads, a)[r]
+            for i in range(o)
+            for r in range(f)
+        }
+        v = {(i, r): att.v(h[n, i, r]).view(heads, a) for i in range(o) for r in range(f)}
+        toks = list(q)
+        for i, r in toks:
+            mixed = []
+            for hh in range(heads):
+                sc = torch.stack([q[i, r][hh] @ k[t][hh] / math.sqrt(a) for t in toks])
+                w = sc.softmax(0)
+                mixed.append(sum(w[j] * v[t][hh] for j, t in enumerate(toks)))
+            out[n, r] += torch.relu(att.out(torch.cat(mixed)))
+    return out
+
+
+def test_joint_attention_equals_the_written_equation():
+    torch.manual_seed(0)
+    att = JointAttention(n_fields=4, dim=6, heads=2, head_dim=3).double()
+    h = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    assert torch.allclose(att(h), _joint_as_written(att, h), atol=1e-12, rtol=0)
+
+
+def test_joint_attention_lets_the_id_reach_every_field_per_field_attention_does_not():
+    torch.manual_seed(0)
+    h = torch.randn(1, 3, 4, 6, dtype=torch.float64)
+    bumped = h.clone()
+    bumped[:, :, 0] += 1.0  # change field 0 (the ID) in every order
+    joint = JointAttention(n_fields=4, dim=6, heads=2, head_dim=3).double()
+    field = OrderAttention(dim=6, heads=2, head_dim=3).double()
+    assert not torch.allclose(joint(h)[:, 1:], joint(bumped)[:, 1:])
+    assert torch.allclose(field(h)[:, 1:], field(bumped)[:, 1:])
+
+
+def test_fm_term_is_the_sum_over_field_pairs():
+    e = torch.randn(3, 5, 4, dtype=torch.float64)
+    expect = sum((e[:, r] * e[:, s]).sum(-1) for r, s in itertools.combinations(range(5), 2))
+    assert torch.allclose(fm_term(e), expect)
+
+
+def test_fm_option_adds_the_pair_term_to_the_logit():
+    torch.manual_seed(0)
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    plain = build_model(base).double()
+    with_fm = build_model(
+        ModelConfig(**{**base.to_dict(), "fm": True, "side_fields": (1,)})
+    ).double()
+    with_fm.load_state_dict(plain.state_dict())
+    tokens = torch.randint(1, 30, (6, 5, 1))
+    weights = torch.ones(6, 5, 1, dtype=torch.float64)
+    phi = plain.cold_params(tokens, weights, torch.randn(6, plain.noise_dim).double())
+    e = plain.orders(tokens, weights, phi)[:, 0]
+    assert torch.allclose(with_fm(tokens, weights, phi) - plain(tokens, weights, phi), fm_term(e))

@@ -1,0 +1,95 @@
+"""Model selection chooses each method's epochs with its own best warm-up, in order:
+the pretraining epoch first, then meta-training from that epoch's weights."""
+
+import pytest
+import torch
+
+from emerg_stream.meta import pipeline
+from emerg_stream.meta.train import TrainConfig
+from emerg_stream.meta.warmup import WarmupConfig
+
+# validation score of each (stage, epoch) with the best warm-up; lr 0.5 is 0.01 worse
+PRETRAIN = {1: 0.70, 2: 0.74, 3: 0.72, 4: 0.71}
+META = {1: 0.745, 2: 0.76, 3: 0.75}
+
+
+class _Marked(torch.nn.Module):
+    """A stand-in model whose one parameter says which epoch produced its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mark = torch.nn.Parameter(torch.zeros(()))
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    starts: list[float] = []
+
+    def pretrain(model, rows, items, cfg, *, device, progress, on_epoch):
+        for e in range(1, cfg.pretrain_epochs + 1):
+            model.mark.data.fill_(e)
+            on_epoch("pretrain", e)
+
+    def meta_train(model, rows, items, ts, cfg, *, device, progress, on_epoch):
+        starts.append(float(model.mark))
+        for e in range(1, cfg.meta_epochs + 1):
+            model.mark.data.fill_(100 + e)
+            on_epoch("meta", e)
+
+    def run_phases(model, data, wcfg, *, salt, device):
+        m = float(model.mark)
+        base = META[int(m) - 100] if m > 100 else PRETRAIN[int(m)]
+        auc = base - (0.01 if wcfg.lr == 0.5 else 0.0)
+        return {p: {"auc": auc} for p in ("cold", "warm_a", "warm_b", "warm_c")}, {}
+
+    monkeypatch.setattr(pipeline, "pretrain", pretrain)
+    monkeypatch.setattr(pipeline, "meta_train", meta_train)
+    monkeypatch.setattr(pipeline, "run_phases", run_phases)
+    monkeypatch.setattr(pipeline, "build_model", lambda cfg: _Marked())
+    monkeypatch.setattr(pipeline, "model_config", lambda method, spec, **kw: None)
+    return starts
+
+
+GRID = (WarmupConfig(lr=0.5), WarmupConfig(lr=1.0))
+
+
+class _Val:
+    old_rows = old_items = old_timestamps = new = None
+
+
+VAL = _Val()
+
+
+def test_pretraining_epochs_are_chosen_even_when_meta_training_wins(fake_training):
+    cfg = TrainConfig(pretrain_epochs=4, meta_epochs=3)
+    p = pipeline.select_protocol(
+        "emerg", None, VAL, cfg, device=torch.device("cpu"), progress=False, grid=GRID
+    )
+    assert p.pretrain_epochs == 2  # the best pretraining epoch, not the limit
+    assert fake_training == [2.0]  # meta-training started from epoch 2's weights
+    assert p.meta_epochs == 2
+    assert p.warmup.lr == 1.0
+    assert p.validation["score"] == pytest.approx(0.76)
+    # every epoch was scored with its best warm-up, not a fixed one
+    assert [c["score"] for c in p.validation["curve"]] == pytest.approx(
+        [*PRETRAIN.values(), *META.values()]
+    )
+
+
+def test_no_meta_epoch_when_meta_training_does_not_help(fake_training, monkeypatch):
+    for epoch, score in {1: 0.73, 2: 0.72, 3: 0.71}.items():
+        monkeypatch.setitem(META, epoch, score)
+    cfg = TrainConfig(pretrain_epochs=4, meta_epochs=3)
+    p = pipeline.select_protocol(
+        "metae", None, VAL, cfg, device=torch.device("cpu"), progress=False, grid=GRID
+    )
+    assert (p.pretrain_epochs, p.meta_epochs) == (2, 0)
+
+
+def test_deepfm_is_never_meta_trained(fake_training):
+    cfg = TrainConfig(pretrain_epochs=4, meta_epochs=3)
+    p = pipeline.select_protocol(
+        "deepfm", None, VAL, cfg, device=torch.device("cpu"), progress=False, grid=GRID
+    )
+    assert (p.pretrain_epochs, p.meta_epochs) == (2, 0)
+    assert fake_training == []

@@ -39,3 +39,13 @@ def test_phase_metrics_keys_and_nan_without_both_labels():
     m = phase_metrics(np.array([1, 1, 0]), np.array([0.2, 0.3, 0.1]), np.array([0, 0, 1]))
     assert set(m) == {"auc", "f1", "auc_within", "auc_between"}
     assert np.isnan(m["auc_within"])  # no item has both labels
+
+
+def test_within_and_between_item_auc_take_string_item_ids():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 20, 500)
+    labels, scores = rng.integers(0, 2, 500), rng.random(500)
+    names = np.array([f"item{c}" for c in codes])  # sorts differently from the codes
+    within = within_item_auc(labels, scores, codes)
+    assert within_item_auc(labels, scores, names) == pytest.approx(within, abs=1e-12)
+    assert between_item_auc(labels, scores, names) == between_item_auc(labels, scores, codes)

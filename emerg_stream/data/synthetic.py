@@ -79,9 +79,9 @@ class SyntheticPairsConfig:
     """
 
     seed: int = 0
-    old_items: int = 240
-    new_items: int = 400
-    users: int = 1000
+    old_items: int = 400
+    new_items: int = 800
+    users: int = 1500
     categories: int = 4
     item_fields: int = 3
     user_fields: int = 3

@@ -100,7 +100,7 @@ class DemoResult:
         checkpoint: The checkpoint directory used.
         reused: Whether it came from the cache.
         train_seconds: Training time (0 when reused).
-        offline: phase -> {"auc", "f1"} of the offline protocol on that checkpoint.
+        offline: phase -> metrics of the offline protocol on that checkpoint (phase_metrics).
         stream: The stream evaluation (``StreamEvaluation.to_dict()``).
         replay: Replay counts (items, interactions, test rows left out).
         outcomes: Worker outcome counts per input topic role, from its metrics.

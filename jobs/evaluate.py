@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "evaluate a checkpoint on a dataset's new items: AUC/F1 per phase (cold, A, B, C)"
+HELP = "evaluate a checkpoint on new items: pooled, within- and between-item AUC and F1 per phase"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.features import FeatureSpec
     from emerg_stream.meta.checkpoint import load_checkpoint
     from emerg_stream.meta.evaluate import PHASES, run_phases
+    from emerg_stream.meta.metrics import PHASE_METRICS
     from emerg_stream.meta.pipeline import prepare
     from emerg_stream.meta.reproduce import PHASE_LABELS, resolve_device
     from emerg_stream.meta.warmup import WarmupConfig
@@ -37,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
     metrics, _ = run_phases(
         ck.model, data.new, WarmupConfig(**w), salt=int(ck.meta.get("noise_salt", 0)), device=device
     )
-    print("| phase | AUC | F1 |\n|---|---|---|")
+    print("| phase | " + " | ".join(PHASE_METRICS.values()) + " |")
+    print("|---" * (1 + len(PHASE_METRICS)) + "|")
     for p in PHASES:
-        print(
-            f"| {PHASE_LABELS[p]} | {100 * metrics[p]['auc']:.2f} | {100 * metrics[p]['f1']:.2f} |"
-        )
+        cells = " | ".join(f"{100 * metrics[p][m]:.2f}" for m in PHASE_METRICS)
+        print(f"| {PHASE_LABELS[p]} | {cells} |")
     n_items, n_test = len(data.new.items), len(data.new.test)
     print(f"model_version {ck.model_version}, {n_items} new items, {n_test} test rows")
     return 0

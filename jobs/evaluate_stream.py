@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "Per-phase AUC/F1 of the params published on the item-params topic (+ prequential AUC)."
+HELP = "Per-phase AUC (pooled, within-, between-item), F1 of the published params (+ prequential)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

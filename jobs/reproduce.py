@@ -11,7 +11,9 @@ HELP = "run split, model selection, training and phased evaluation; write result
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the job's flags."""
     parser.add_argument(
-        "--dataset", required=True, help="preset (ml-100k, ml-1m, ml-1m-u2999) or a dataset YAML"
+        "--dataset",
+        required=True,
+        help="preset (ml-100k, ml-1m, ml-1m-u2999, synthetic-pairs[:k=v,...]) or a dataset YAML",
     )
     parser.add_argument(
         "--methods", default="emerg,deepfm,metae", help="comma-separated: emerg,deepfm,metae"

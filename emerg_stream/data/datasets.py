@@ -9,6 +9,8 @@ from pathlib import Path
 from emerg_stream.data.generic import read_generic
 from emerg_stream.data.log import InteractionLog
 from emerg_stream.data.movielens import read_movielens_1m, read_movielens_100k
+from emerg_stream.data.synthetic import NAME as SYNTHETIC
+from emerg_stream.data.synthetic import generate, parse_name
 from emerg_stream.data.taobao import read_taobao
 from emerg_stream.errors import ConfigError, DataError
 
@@ -81,10 +83,14 @@ def load_dataset(name_or_yaml: str, data_dir: str | Path | None = None) -> Inter
     """Load a preset by name, or a user's dataset from its YAML description.
 
     Args:
-        name_or_yaml: A preset name (``ml-100k``, ``ml-1m``, ``ml-1m-u2999``, ``taobao``)
-            or the path of a dataset YAML (``*.yaml`` / ``*.yml``).
+        name_or_yaml: A preset name (``ml-100k``, ``ml-1m``, ``ml-1m-u2999``, ``taobao``),
+            the generated log ``synthetic-pairs`` (optionally with parameters,
+            ``synthetic-pairs:seed=1,new_items=600``; see
+            :mod:`emerg_stream.data.synthetic`) or the path of a dataset YAML
+            (``*.yaml`` / ``*.yml``).
         data_dir: Folder holding the preset folders (see :func:`resolve_data_dir`);
-            unused for a YAML, whose paths are relative to the YAML file.
+            unused for a YAML, whose paths are relative to the YAML file, and for the
+            generated log.
 
     Returns:
         The interaction log.
@@ -95,10 +101,13 @@ def load_dataset(name_or_yaml: str, data_dir: str | Path | None = None) -> Inter
     """
     if name_or_yaml.lower().endswith((".yaml", ".yml")):
         return read_generic(name_or_yaml)
+    synthetic = parse_name(name_or_yaml)
+    if synthetic is not None:
+        return generate(synthetic, name=name_or_yaml)
     preset = PRESETS.get(name_or_yaml)
     if preset is None:
         raise ConfigError(
-            f"unknown dataset {name_or_yaml!r}: use one of {sorted(PRESETS)} "
+            f"unknown dataset {name_or_yaml!r}: use one of {[*sorted(PRESETS), SYNTHETIC]} "
             "or the path of a dataset YAML (*.yaml)"
         )
     folder = resolve_data_dir(data_dir) / preset.folder

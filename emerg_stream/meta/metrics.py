@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The metrics of one phase, in table order: key of :func:`phase_metrics` -> column name.
+#: Every table and plot of per-phase metrics (``reproduce``'s results.json and markdown,
+#: the report, the stream evaluation) derives its columns from this.
+PHASE_METRICS: dict[str, str] = {
+    "auc": "AUC",
+    "auc_within": "within-item AUC",
+    "auc_between": "between-item AUC",
+    "f1": "F1",
+}
+
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with tied scores averaged).
@@ -54,14 +64,14 @@ def within_item_auc(labels: np.ndarray, scores: np.ndarray, items: np.ndarray) -
     Args:
         labels: ``[N]`` 0/1.
         scores: ``[N]`` scores.
-        items: ``[N]`` item of each row (any integer ids).
+        items: ``[N]`` item of each row (any ids: integers or strings).
 
     Returns:
         The weighted mean AUC; NaN when no item has both labels.
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
-    it = np.asarray(items)
+    _, it = np.unique(np.asarray(items), return_inverse=True)
     order = np.argsort(it, kind="stable")
     bounds = np.flatnonzero(np.diff(it[order])) + 1
     total = weight = 0.0
@@ -94,10 +104,10 @@ def between_item_auc(labels: np.ndarray, scores: np.ndarray, items: np.ndarray) 
 
 
 def phase_metrics(labels: np.ndarray, scores: np.ndarray, items: np.ndarray) -> dict[str, float]:
-    """One phase's metrics: pooled AUC, F1 at the mean, within- and between-item AUC."""
+    """One phase's metrics, keyed as :data:`PHASE_METRICS` (AUC, within, between, F1)."""
     return {
         "auc": roc_auc(labels, scores),
-        "f1": f1_at_mean(labels, scores),
         "auc_within": within_item_auc(labels, scores, items),
         "auc_between": between_item_auc(labels, scores, items),
+        "f1": f1_at_mean(labels, scores),
     }

@@ -20,6 +20,7 @@ from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.meta.evaluate import PHASES, run_phases
+from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.meta.pipeline import (
     ABLATIONS,
     EPOCH_WARMUP_GRID,
@@ -60,34 +61,54 @@ def selection_config(**overrides: Any) -> TrainConfig:
 
 
 def summarize(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean and std over seeds of each phase's AUC and F1."""
+    """Mean and std over seeds of each phase's metrics.
+
+    Returns:
+        phase -> ``{"<metric>_mean", "<metric>_std"}`` for every metric of
+        :data:`~emerg_stream.meta.metrics.PHASE_METRICS` that every seed has (``auc``,
+        ``auc_within``, ``auc_between``, ``f1``).
+    """
     out: dict[str, dict[str, float]] = {}
     for phase in PHASES:
-        aucs = np.array([m[phase]["auc"] for m in per_seed.values()])
-        f1s = np.array([m[phase]["f1"] for m in per_seed.values()])
-        out[phase] = {
-            "auc_mean": float(aucs.mean()),
-            "auc_std": float(aucs.std()),
-            "f1_mean": float(f1s.mean()),
-            "f1_std": float(f1s.std()),
-        }
+        out[phase] = {}
+        for metric in PHASE_METRICS:
+            if not all(metric in m[phase] for m in per_seed.values()):
+                continue
+            values = np.array([m[phase][metric] for m in per_seed.values()])
+            out[phase][f"{metric}_mean"] = float(values.mean())
+            out[phase][f"{metric}_std"] = float(values.std())
     return out
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    """Per-phase AUC and F1 (mean ± std over seeds, in %) of every method."""
-    head = "| method | " + " | ".join(f"AUC {PHASE_LABELS[p]}" for p in PHASES)
-    head += " | " + " | ".join(f"F1 {PHASE_LABELS[p]}" for p in PHASES) + " |"
-    sep = "|---" * (1 + 2 * len(PHASES)) + "|"
-    lines = [head, sep]
+def _cell(summary: dict[str, float], metric: str) -> str:
+    if f"{metric}_mean" not in summary:
+        return "–"
+    return f"{100 * summary[f'{metric}_mean']:.2f} ± {100 * summary[f'{metric}_std']:.2f}"
+
+
+def _wide_table(results: dict[str, Any], metrics: Sequence[str]) -> str:
+    """One row per method, one column per (metric, phase)."""
+    head = "| method | " + " | ".join(
+        f"{PHASE_METRICS[m]} {PHASE_LABELS[p]}" for m in metrics for p in PHASES
+    )
+    lines = [head + " |", "|---" * (1 + len(metrics) * len(PHASES)) + "|"]
     for method, res in results["methods"].items():
         s = res["summary"]
-        auc = " | ".join(
-            f"{100 * s[p]['auc_mean']:.2f} ± {100 * s[p]['auc_std']:.2f}" for p in PHASES
-        )
-        f1 = " | ".join(f"{100 * s[p]['f1_mean']:.2f} ± {100 * s[p]['f1_std']:.2f}" for p in PHASES)
-        lines.append(f"| {method} | {auc} | {f1} |")
+        cells = " | ".join(_cell(s[p], m) for m in metrics for p in PHASES)
+        lines.append(f"| {method} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Every method's per-phase metrics (mean ± std over seeds, in %), two tables.
+
+    The first holds pooled AUC and F1 (the paper's table), the second the within-item
+    and between-item AUC (see :mod:`emerg_stream.meta.metrics`); ``–`` marks a metric
+    the results lack (a run written before it existed).
+    """
+    first = _wide_table(results, ("auc", "f1"))
+    second = _wide_table(results, [m for m in PHASE_METRICS if m not in ("auc", "f1")])
+    return first + "\n" + second
 
 
 def save_phis(path: Path, ids: list[str], phis: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -2,7 +2,7 @@
 
 :func:`write_report` reads a run directory written by ``emerg-stream reproduce``::
 
-    RUN/results.json             per-method, per-phase AUC/F1 over seeds (required)
+    RUN/results.json             per-method, per-phase metrics over seeds (required)
     RUN/phis-<method>.npz        each new item's params after every phase (for heatmaps)
     RUN/checkpoints/<method>-seed0/  the checkpoint that refines those params into graphs
 
@@ -27,6 +27,7 @@ import numpy as np
 import structlog
 
 from emerg_stream.errors import ConfigError, EmergError
+from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.report.plots import (
     PHASE_LABELS,
     PHASES,
@@ -68,6 +69,10 @@ class Report:
 
 def load_results(run: Path) -> dict[str, Any]:
     """Read and check ``RUN/results.json``.
+
+    The pooled AUC and F1 of every phase are required; the within- and between-item
+    AUC are optional (runs written before they existed lack them; the report then says
+    so instead of failing).
 
     Raises:
         ConfigError: No run there, or a file that lacks a method's per-phase summary.
@@ -185,11 +190,17 @@ def write_report(
     sections.append(
         "<h2>Per-phase metrics</h2>"
         + _metrics_table(methods)
-        + _img(png, "AUC and F1 per phase and method")
+        + _img(png, "AUC, within-item AUC, between-item AUC and F1 per phase and method")
         + "<p class=note>Phase <i>cold</i>: test rows scored with the params generated from "
         "side features alone; <i>A</i>, <i>B</i>, <i>C</i>: after warm-up on each item's "
         "first K, 2K, 3K rows. AUC is pooled over all test rows of all new items; F1 "
-        "thresholds at the mean score. Error bars: standard deviation over seeds.</p>"
+        "thresholds at the mean score. <i>Within-item AUC</i> = Σ<sub>i</sub> n<sub>i</sub>"
+        " AUC<sub>i</sub> / Σ<sub>i</sub> n<sub>i</sub> over the new items i whose test rows "
+        "hold both labels, AUC<sub>i</sub> the AUC of item i's test rows alone and "
+        "n<sub>i</sub> their number: how well the users of one item are ranked (a per-item "
+        "bias leaves it unchanged). <i>Between-item AUC</i>: the pooled AUC when every row "
+        "is scored with its item's mean score: how well items are ranked against each "
+        "other. Error bars: standard deviation over seeds.</p>"
     )
 
     graphs: list[str] = ["<h2>Feature graphs of sample new items</h2>"]
@@ -269,25 +280,43 @@ def _pct(mean: float, std: float) -> str:
 
 
 def _metrics_table(methods: dict[str, Any]) -> str:
-    best = {p: max(r["summary"][p]["auc_mean"] for r in methods.values()) for p in PHASES}
-    head = "".join(f"<th>AUC {PHASE_LABELS[p]}</th>" for p in PHASES)
-    head += "".join(f"<th>F1 {PHASE_LABELS[p]}</th>" for p in PHASES)
+    """Two tables like ``reproduce``'s markdown: AUC and F1, then within/between-item AUC."""
+    groups = (("auc", "f1"), tuple(m for m in PHASE_METRICS if m not in ("auc", "f1")))
+    return "".join(_wide_table(methods, metrics) for metrics in groups) + (
+        "<p class=note>In %, mean ± std over seeds; bold: the best of the phase (AUC columns); "
+        "–: not in this run (written before the metric existed).</p>"
+    )
+
+
+def _wide_table(methods: dict[str, Any], metrics: tuple[str, ...]) -> str:
+    head = "".join(
+        f"<th>{PHASE_METRICS[m]} {PHASE_LABELS[p]}</th>" for m in metrics for p in PHASES
+    )
+    best: dict[tuple[str, str], float] = {}
+    for m in metrics:
+        for p in PHASES:
+            values = [
+                r["summary"][p][f"{m}_mean"]
+                for r in methods.values()
+                if f"{m}_mean" in r["summary"][p]
+            ]
+            if values and m != "f1":
+                best[m, p] = max(values)
     rows = []
     for method, res in methods.items():
         s = res["summary"]
         cells = []
-        for p in PHASES:
-            text = _pct(s[p]["auc_mean"], s[p]["auc_std"])
-            cells.append(
-                f"<td><b>{text}</b></td>" if s[p]["auc_mean"] == best[p] else f"<td>{text}</td>"
-            )
-        cells += [f"<td>{_pct(s[p]['f1_mean'], s[p]['f1_std'])}</td>" for p in PHASES]
+        for m in metrics:
+            for p in PHASES:
+                if f"{m}_mean" not in s[p]:
+                    cells.append("<td>–</td>")
+                    continue
+                text = _pct(s[p][f"{m}_mean"], s[p][f"{m}_std"])
+                bold = s[p][f"{m}_mean"] == best.get((m, p))
+                cells.append(f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>")
         seeds = len(res.get("seeds", {}))
         rows.append(f"<tr><th>{html.escape(method)}</th><td>{seeds}</td>{''.join(cells)}</tr>")
-    return (
-        f"<table><tr><th>method</th><th>seeds</th>{head}</tr>{''.join(rows)}</table>"
-        "<p class=note>In %, mean ± std over seeds; bold: best AUC of the phase.</p>"
-    )
+    return f"<table><tr><th>method</th><th>seeds</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _fmt_auc(value: float | None) -> str:

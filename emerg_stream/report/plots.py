@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.report.predictions import PrequentialCurve
 
 __all__ = [
@@ -24,6 +25,13 @@ PHASES: tuple[str, ...] = ("cold", "warm_a", "warm_b", "warm_c")
 PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
 #: Smallest scale of the change column of :func:`plot_item_graphs` (edge weights are in [0, 1]).
 MIN_DELTA_SPAN = 0.05
+#: Panel titles of :func:`plot_phase_metrics` (default: the metric's column name).
+METRIC_TITLES = {
+    "auc": "AUC (pooled over all test rows)",
+    "auc_within": "within-item AUC (users of one item, row-weighted mean)",
+    "auc_between": "between-item AUC (items by their mean score)",
+    "f1": "F1 (threshold = mean score)",
+}
 PHASE_TITLES = {"cold": "cold start", "warm_a": "after A", "warm_b": "after B", "warm_c": "after C"}
 
 
@@ -37,7 +45,11 @@ def _pyplot() -> Any:
 
 
 def plot_phase_metrics(methods: dict[str, Any], out: Path) -> Path:
-    """AUC and F1 per phase, one line per method, error bars = std over seeds.
+    """Each metric per phase, one line per method, error bars = std over seeds.
+
+    One panel per metric of :data:`~emerg_stream.meta.metrics.PHASE_METRICS`: pooled
+    AUC, within-item AUC, between-item AUC, F1. A metric that no method's summary holds
+    (a run written before it existed) gets a panel that says so.
 
     Args:
         methods: ``results.json``'s ``methods`` (each with ``summary`` and ``seeds``).
@@ -47,25 +59,36 @@ def plot_phase_metrics(methods: dict[str, Any], out: Path) -> Path:
         ``out``.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cols = 2
+    rows = -(-len(PHASE_METRICS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 4.0 * rows), squeeze=False)
     x = np.arange(len(PHASES), dtype=float)
     n = len(methods)
     spread = 0.06 * (n - 1)
     offsets = np.linspace(-spread, spread, n) if n > 1 else np.zeros(1)
-    for ax, metric, title in ((axes[0], "auc", "AUC"), (axes[1], "f1", "F1 (threshold = mean)")):
+    for ax, (metric, title) in zip(axes.flat, PHASE_METRICS.items(), strict=False):
+        drawn = 0
         for (method, res), dx in zip(methods.items(), offsets, strict=True):
             s = res["summary"]
+            if not all(f"{metric}_mean" in s.get(p, {}) for p in PHASES):
+                continue
             mean = np.array([100 * s[p][f"{metric}_mean"] for p in PHASES])
             std = np.array([100 * s[p][f"{metric}_std"] for p in PHASES])
             seeds = len(res.get("seeds", {}))
             label = f"{method} ({seeds} seed{'' if seeds == 1 else 's'})"
             ax.errorbar(x + dx, mean, yerr=std, marker="o", capsize=4, label=label)
+            drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(x, [PHASE_LABELS[p] for p in PHASES])
         ax.set_xlabel("phase (test rows scored with the params after it)")
-        ax.set_ylabel(f"{title.split()[0]} (%)")
-        ax.set_title(title)
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_title(METRIC_TITLES.get(metric, title))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(PHASE_METRICS) :]:
+        ax.set_visible(False)
     fig.suptitle("New items: per-phase metrics, mean ± std over seeds", fontsize=12)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

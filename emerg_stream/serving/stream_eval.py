@@ -10,9 +10,10 @@ rows (the rows the replay left out) with the params in force after each phase:
 * after ``warm_a`` / ``warm_b`` / ``warm_c``: the last params of that phase, or, if the
   item never reached it, of its latest earlier phase.
 
-AUC (pooled over all test rows) and F1 (threshold at the mean score) per phase then
-form the same table as the offline ``reproduce``; with the same checkpoint and seed,
-the two agree up to float noise when the worker applied the offline warm-up protocol.
+AUC (pooled over all test rows), within-item and between-item AUC and F1 (threshold at
+the mean score) per phase then form the same tables as the offline ``reproduce``; with
+the same checkpoint and seed, the two agree up to float noise when the worker applied
+the offline warm-up protocol.
 Params of another model version are refused (:class:`~emerg_stream.errors.ModelError`).
 
 It also reads the predictions topic: the *prequential* AUC, each interaction scored
@@ -37,7 +38,7 @@ from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemParams, Prediction
 from emerg_stream.meta.checkpoint import Checkpoint
 from emerg_stream.meta.evaluate import PHASES, NewItemData, cold_start, predict, run_phases
-from emerg_stream.meta.metrics import phase_metrics, roc_auc
+from emerg_stream.meta.metrics import PHASE_METRICS, phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.meta.warmup import WarmupConfig
@@ -274,7 +275,8 @@ class StreamEvaluation:
     """The result of :func:`evaluate_stream`.
 
     Args:
-        stream: phase -> {"auc", "f1"} from the published params.
+        stream: phase -> {"auc", "auc_within", "auc_between", "f1"} from the published
+            params (:func:`~emerg_stream.meta.metrics.phase_metrics`).
         coverage: phase -> how many items used that phase's own params, an earlier
             phase's, or the local fallback.
         missing_items: New items without any published params.
@@ -282,7 +284,7 @@ class StreamEvaluation:
         n_test_rows: Held-out test rows scored.
         model_version: Of the checkpoint (and of every params record read).
         params_records: Records read from the item-params topic.
-        offline: phase -> {"auc", "f1"} of the offline protocol (when asked).
+        offline: phase -> the same metrics from the offline protocol (when asked).
         prequential: From the predictions topic (when asked).
     """
 
@@ -379,14 +381,21 @@ def evaluate_stream(
 
 
 def comparison_table(ev: StreamEvaluation) -> str:
-    """The per-phase AUC/F1 table (``reproduce``'s format) of the stream and offline runs."""
+    """The per-phase tables (``reproduce``'s format) of the stream and offline runs.
+
+    Pooled AUC and F1, then within- and between-item AUC
+    (:data:`~emerg_stream.meta.metrics.PHASE_METRICS`), and with the offline run the
+    differences of pooled and within-item AUC.
+    """
     methods: dict[str, Any] = {"stream": {"summary": summarize({0: ev.stream})}}
     if ev.offline is not None:
         methods["offline"] = {"summary": summarize({0: ev.offline})}
     text = markdown_table({"methods": methods})
     if ev.offline is not None:
-        diffs = ", ".join(
-            f"{p} {100 * (ev.stream[p]['auc'] - ev.offline[p]['auc']):+.3f}" for p in PHASES
-        )
-        text += f"\nAUC stream - offline (points): {diffs}\n"
+        text += "\n"
+        for metric in ("auc", "auc_within"):
+            diffs = ", ".join(
+                f"{p} {100 * (ev.stream[p][metric] - ev.offline[p][metric]):+.3f}" for p in PHASES
+            )
+            text += f"{PHASE_METRICS[metric]} stream - offline (points): {diffs}\n"
     return text

@@ -63,12 +63,16 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "| emerg |" in out and "| metae |" in out
+    assert "| method | within-item AUC cold |" in out and "between-item AUC C |" in out
     results = json.loads((run / "results.json").read_text())
     for method in ("emerg", "deepfm", "metae"):
         res = results["methods"][method]
         assert set(res["seeds"]) == {"0", "1"}
         for phase in ("cold", "warm_a", "warm_b", "warm_c"):
             assert 0.0 <= res["summary"][phase]["auc_mean"] <= 1.0
+            for metric in ("auc_within", "auc_between"):
+                seeds = [res["seeds"][s][phase][metric] for s in ("0", "1")]
+                assert res["summary"][phase][f"{metric}_mean"] == pytest.approx(np.mean(seeds))
         assert res["protocol"]["warmup"]["steps"] >= 1
     # the signal is learnable: after warm-up EmerG ranks clearly better than chance
     assert results["methods"]["emerg"]["summary"]["warm_c"]["auc_mean"] > 0.6
@@ -89,7 +93,12 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
     )
     table = capsys.readouterr().out
     seed0 = results["methods"]["emerg"]["seeds"]["0"]["warm_c"]["auc"]
-    assert f"| C | {100 * seed0:.2f} |" in table  # re-evaluation reproduces the run
+    c0 = results["methods"]["emerg"]["seeds"]["0"]["warm_c"]
+    # re-evaluation reproduces the run, every column
+    assert (
+        f"| C | {100 * seed0:.2f} | {100 * c0['auc_within']:.2f} | "
+        f"{100 * c0['auc_between']:.2f} | {100 * c0['f1']:.2f} |"
+    ) in table
 
     png = tmp_path / "graph.png"
     assert main(["explain", "--run", str(run), "--item", "i30", "--out", str(png)]) == 0

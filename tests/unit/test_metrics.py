@@ -43,3 +43,13 @@ def test_phase_metrics_keys_and_nan_without_both_labels():
 
 def test_auc_of_diverged_scores_is_nan():
     assert np.isnan(roc_auc(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3])))
+
+
+def test_within_and_between_item_auc_take_string_item_ids():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 20, 500)
+    labels, scores = rng.integers(0, 2, 500), rng.random(500)
+    names = np.array([f"item{c}" for c in codes])  # sorts differently from the codes
+    within = within_item_auc(labels, scores, codes)
+    assert within_item_auc(labels, scores, names) == pytest.approx(within, abs=1e-12)
+    assert between_item_auc(labels, scores, names) == between_item_auc(labels, scores, codes)

@@ -124,8 +124,32 @@ def test_report_writes_a_self_contained_page_with_every_section(tmp_path: Path):
     # the table: mean ± std in %, best AUC of each phase in bold (deepfm here)
     assert "<b>72.00 ± 0.50</b>" in page
     assert "70.00 ± 0.50" in page
+    # a run written before the within/between-item AUC existed: the columns say so
+    assert "<th>within-item AUC C</th>" in page and "<td>–</td>" in page
     assert "Prequential AUC over stream time" in page
     assert "duplicates dropped (same event id)</th><td>1" in page
+
+
+def test_report_tables_show_within_and_between_item_auc(tmp_path: Path):
+    run = make_run(tmp_path / "run", methods=("deepfm", "metae"))
+    results = json.loads((run / "results.json").read_text())
+    for k, res in enumerate(results["methods"].values()):
+        for i, p in enumerate(PHASES):
+            res["summary"][p].update(
+                auc_within_mean=0.61 + 0.01 * i + 0.1 * k,
+                auc_within_std=0.002,
+                auc_between_mean=0.83 - 0.1 * k,
+                auc_between_std=0.001,
+            )
+    (run / "results.json").write_text(json.dumps(results))
+    page = write_report(run).html.read_text()
+    for p in ("cold", "A", "B", "C"):
+        assert f"<th>within-item AUC {p}</th>" in page and f"<th>between-item AUC {p}</th>" in page
+    # each from its own summary key, the best of the phase in bold
+    assert "<td>64.00 ± 0.20</td>" in page and "<b>74.00 ± 0.20</b>" in page  # within, C
+    assert "<b>83.00 ± 0.10</b>" in page and "<td>73.00 ± 0.10</td>" in page  # between
+    assert "<td>–</td>" not in page
+    assert "Within-item AUC</i> = Σ" in page
 
 
 def test_heatmap_items_span_the_range_of_change(tmp_path: Path):

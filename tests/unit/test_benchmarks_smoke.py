@@ -113,3 +113,23 @@ def test_run_all_summarises_the_targets(capsys):
     capsys.readouterr()
     (line,) = run_all.targets({"cold_start": res})
     assert line["benchmark"] == "cold_start" and line["met"] in ("yes", "no")
+
+
+def test_model_variants_smallest(capsys):
+    from benchmarks import capability, model_variants
+
+    model_variants.main(
+        [
+            *CPU,
+            "--quick",
+            "--dataset",
+            f"synthetic-pairs:{capability.QUICK_PARAMS}",
+            "--variants",
+            "emerg-joint,deepfm",
+        ]
+    )
+    res = last_json(capsys.readouterr().out)
+    assert [r["variant"] for r in res["runs"]] == ["emerg-joint", "deepfm"]
+    for r in res["runs"]:
+        assert set(r["metrics"]) == {"cold", "warm_a", "warm_b", "warm_c"}
+        assert 0.0 < r["metrics"]["warm_a"]["auc"] < 1.0

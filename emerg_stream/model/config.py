@@ -34,9 +34,11 @@ class ModelConfig:
             homogeneous, so layer l stays a degree-(l+1) form of the embeddings).
         activate_last: Apply the activation on the last layer too (the authors' code
             leaves the last layer linear).
-        attention: How orders are combined: ``field`` (per field, over its orders
-            h_r^(0..L)) or ``joint`` (one self-attention over all (order, field) tokens,
-            queries and keys from each order's whole F·D vector: the authors' code).
+        attention: How orders are combined: ``joint`` (one self-attention over all
+            (order, field) tokens, queries and keys from each order's whole F·D vector:
+            the authors' code; the default, it won on pseudo-new items, docs/RESULTS.md)
+            or ``field`` (per field, over its own orders h_r^(0..L): DESIGN.md's first
+            reading).
         fm: Add a factorisation-machine term Σ_{r<s} <e_r, e_s> over the first-order
             embeddings to the logit (an extension of the paper: a direct channel
             between a new item's ID embedding and each user field).
@@ -60,7 +62,7 @@ class ModelConfig:
     graph_mode: GraphMode = "hyper"
     activation: Activation = "relu"
     activate_last: bool = True
-    attention: AttentionMode = "field"
+    attention: AttentionMode = "joint"
     fm: bool = False
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01

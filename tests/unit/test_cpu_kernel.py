@@ -34,7 +34,12 @@ CPU = torch.device("cpu")
 def _model(dtype: torch.dtype = torch.float64, **kw: object) -> torch.nn.Module:
     torch.manual_seed(0)
     shape: dict[str, object] = dict(
-        kind="emerg", n_fields=5, n_item_fields=3, side_fields=(1, 2), vocab_size=60
+        kind="emerg",
+        n_fields=5,
+        n_item_fields=3,
+        side_fields=(1, 2),
+        vocab_size=60,
+        attention="field",  # the reading the kernel computes
     )
     shape.update(kw)
     model = build_model(ModelConfig(**shape))  # type: ignore[arg-type]

@@ -90,9 +90,9 @@ def test_batched_warm_up_equals_the_per_item_path(kind, optimizer):
         assert (batched[k] - phi[k]).abs().max() > (1e-4 if k == "id" or optimizer == "adam" else 0)
 
 
-def _f64_warm_up_inputs(kind="emerg"):
+def _f64_warm_up_inputs(kind="emerg", **kw):
     torch.manual_seed(0)
-    model = build_model(config(kind)).double()
+    model = build_model(config(kind, **kw)).double()
     rows, items = make_data(dtype=torch.float64)
     phi = model.cold_params(
         items.tokens, items.weights, item_noise(items.ids, model.noise_dim).double()
@@ -106,7 +106,10 @@ def test_warm_up_in_chunks_equals_the_per_item_path(backend, request):
     independent and each keeps its own rows (autograd and the CPU kernel alike)."""
     if backend == "kernel":
         request.getfixturevalue("cxx_compiler")
-    model, phi, support = _f64_warm_up_inputs()
+    # the kernel computes the per-field attention; autograd runs the default (joint)
+    model, phi, support = _f64_warm_up_inputs(
+        **({"attention": "field"} if backend == "kernel" else {})
+    )
     cfg = WarmupConfig(steps=4, lr=0.05, optimizer="adam")
     chunked = warm_up(model, phi, support, cfg, chunk=5, backend=backend)
     reference = warm_up_reference(model, phi, support, cfg)

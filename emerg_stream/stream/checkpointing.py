@@ -32,11 +32,77 @@ from typing import Any
 from emerg_stream.errors import SchemaError
 from emerg_stream.stream.metrics import ROLES, OutcomeCounts
 
-__all__ = ["MARK_KEY", "MARK_VERSION", "PartitionMark", "PartitionProgress"]
+__all__ = [
+    "MARK_KEY",
+    "MARK_VERSION",
+    "SUSPECT_KEY",
+    "PartitionMark",
+    "PartitionProgress",
+    "SuspectNote",
+]
 
 #: Changelog key of partition marks (never a valid item id).
 MARK_KEY = b"\x00emerg:partition-mark"
 MARK_VERSION = 1
+#: Changelog key of the poison-pill guard's note (never a valid item id).
+SUSPECT_KEY = b"\x00emerg:suspect"
+
+
+@dataclass
+class SuspectNote:
+    """The records a run was processing when it crashed (the poison-pill guard).
+
+    Written to changelog partition ``p`` (key :data:`SUSPECT_KEY`, JSON) by a worker whose
+    batch processing raised, just before it exits; the latest note of a partition holds
+    every offset still suspected there. The next owner dead-letters those records
+    (``poison_pill``) when it reads them again instead of processing them, so no record
+    makes the worker exit non-zero twice in a row at the same offset.
+    """
+
+    partition: int
+    offsets: dict[str, frozenset[int]]
+    error: str
+
+    def merged(self, other: SuspectNote | None) -> SuspectNote:
+        """This note with ``other``'s offsets added (the error of this one)."""
+        if other is None:
+            return self
+        roles = set(self.offsets) | set(other.offsets)
+        offsets = {
+            r: self.offsets.get(r, frozenset()) | other.offsets.get(r, frozenset()) for r in roles
+        }
+        return SuspectNote(self.partition, offsets, self.error)
+
+    def encode(self) -> bytes:
+        """JSON bytes."""
+        return json.dumps(
+            {
+                "v": 1,
+                "partition": self.partition,
+                "offsets": {r: sorted(o) for r, o in sorted(self.offsets.items())},
+                "error": self.error,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> SuspectNote:
+        """Parse a note.
+
+        Raises:
+            SchemaError: Not a note of a known version.
+        """
+        try:
+            raw: Any = json.loads(data or b"")
+            if raw.get("v") != 1:
+                raise ValueError(f"unknown note version {raw.get('v')!r}")
+            return cls(
+                partition=int(raw["partition"]),
+                offsets={str(r): frozenset(int(o) for o in v) for r, v in raw["offsets"].items()},
+                error=str(raw["error"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SchemaError(f"invalid suspect note in the changelog: {exc}") from exc
 
 
 @dataclass

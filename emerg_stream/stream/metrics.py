@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = [
     "APPLIED",
+    "CONFLICTING_EVENT",
+    "CONFLICTING_ITEM",
     "DEAD_LETTERED",
     "DUPLICATE",
     "IGNORED_OLD_ITEM",
@@ -35,8 +37,19 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 DEAD_LETTERED = "dead_lettered"
 IGNORED_OLD_ITEM = "ignored_old_item"
+#: An ItemEvent re-announcing a known item with other side features (docs/ERROR_KINDS.md).
+CONFLICTING_ITEM = "conflicting_item"
+#: An interaction reusing an applied event id with other content.
+CONFLICTING_EVENT = "conflicting_event"
 #: The outcomes of an input record; each record gets exactly one.
-OUTCOMES: tuple[str, ...] = (APPLIED, DUPLICATE, DEAD_LETTERED, IGNORED_OLD_ITEM)
+OUTCOMES: tuple[str, ...] = (
+    APPLIED,
+    DUPLICATE,
+    DEAD_LETTERED,
+    IGNORED_OLD_ITEM,
+    CONFLICTING_ITEM,
+    CONFLICTING_EVENT,
+)
 #: The input roles (topics) that are counted.
 ROLES: tuple[str, ...] = ("items", "interactions")
 
@@ -215,6 +228,24 @@ class WorkerMetrics:
         self.prequential_window = Gauge(
             "emerg_worker_prequential_window",
             "Labelled predictions in the prequential AUC window.",
+            registry=self.registry,
+        )
+        self.rows_dropped = Counter(
+            "emerg_worker_support_rows_dropped",
+            "Oldest support rows dropped to keep an item state within the changelog's record "
+            "size limit (0 unless a topic limit was lowered under a running configuration).",
+            registry=self.registry,
+        )
+        self.outputs_refused = Counter(
+            "emerg_worker_outputs_refused",
+            "Output records the producer or broker refused for good (e.g. too large), by "
+            "topic and error; the worker logs each and goes on.",
+            ["topic", "error"],
+            registry=self.registry,
+        )
+        self.commit_retries = Counter(
+            "emerg_worker_commit_retries",
+            "Partitions whose offset commit failed and was retried.",
             registry=self.registry,
         )
         self.prequential_auc.set(float("nan"))

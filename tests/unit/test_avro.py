@@ -73,6 +73,10 @@ DEAD_LETTER: DeadLetter = {
     "error_kind": "decode",
     "message": "wrong magic byte 0x07",
     "failed_time": T0 + 20,
+    "truncated": False,
+    "value_size": 9,
+    "value_sha256": "0" * 64,
+    "key_size": 8,
 }
 ITEM_STATE: ItemState = {
     "item_id": "movie-42",

@@ -130,6 +130,7 @@ class ItemState(TypedDict):
     next_threshold: int
     recent_event_ids: list[str]
     recent_event_hashes: bytes
+    recent_content_hashes: bytes
     adjacency: list[float]
     id_embedding: list[float]
     n_fields: int

@@ -44,7 +44,7 @@ from emerg_stream.config import InputSettings, TopicSettings
 from emerg_stream.errors import ModelError
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent, ItemParams, Prediction
-from emerg_stream.state import COLD, OLD, ItemTask, RecentIds, StateStore, crossed_phase
+from emerg_stream.state import COLD, OLD, ItemTask, RecentIds, StateStore, crossed_phase, dedupe
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.state.item import SupportRows, encode_side
 from emerg_stream.stream import dlq
@@ -65,6 +65,7 @@ from emerg_stream.stream.handler import (
 from emerg_stream.stream.limits import OutputLimits
 from emerg_stream.stream.metrics import (
     APPLIED,
+    CONFLICTING_EVENT,
     CONFLICTING_ITEM,
     DEAD_LETTERED,
     DUPLICATE,
@@ -507,8 +508,25 @@ class WarmupProcessor:
                 if task is None or task.is_old:
                     old_rows.append((key, _Queued(msg, rec)))
                     continue
-                if not task.recent.add(rec["event_id"]):
+                seen = task.recent.check(rec["event_id"], dedupe.content_digest(rec))
+                if seen == dedupe.DUPLICATE:
                     self._count(p, "interactions", DUPLICATE, summary)
+                    continue
+                if seen == dedupe.CONFLICT:
+                    why = Rejected(
+                        dlq.CONFLICTING_EVENT,
+                        f"event id {rec['event_id'][:200]!r} was already applied to item "
+                        f"{task.item_id[:200]!r} with other content; the first one stays",
+                    )
+                    log.warning(
+                        "event_conflict",
+                        item_id=task.item_id[:200],
+                        event_id=rec["event_id"][:200],
+                        partition=p,
+                        offset=msg.offset,
+                    )
+                    out.append(self.dead.record(msg, why.kind, why.message, self._now()))
+                    self._count(p, "interactions", CONFLICTING_EVENT, summary)
                     continue
                 part.touch(task.item_id)
                 queues.setdefault(key, []).append(_Queued(msg, rec))

@@ -100,6 +100,7 @@ ITEM_STATE: ItemState = {
     ],
     "recent_event_ids": ["e-1"],
     "recent_event_hashes": bytes(range(8)),
+    "recent_content_hashes": bytes(range(4)),
     "adjacency": [1.0, 0.5, 0.5, 1.0],
     "id_embedding": [0.5, 0.25],
     "n_fields": 2,

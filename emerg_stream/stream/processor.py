@@ -732,7 +732,7 @@ class WarmupProcessor:
                 )
             cp.items += len(changed)
             pending = self.pending.offsets(p)
-            mark = prog.mark(self.handler.model_version, pending, now)
+            mark = prog.mark(self.handler.model_version, pending, now, self.pending.oldest_time(p))
             cp.marks[p] = mark
             cp.records.append(Outbound(self.topics.changelog, MARK_KEY, mark.encode(), partition=p))
             for role, off in prog.commit_offsets(pending).items():
@@ -776,6 +776,20 @@ class WarmupProcessor:
                 f"support rows, over the changelog's record limit {budget:,}"
             )
         return value
+
+    def held(self) -> dict[int, tuple[int, int, int]]:
+        """Partition -> (orphans pending, records the commit is held back by, oldest age ms).
+
+        The age is in event time, against the partition's item clock (what the expiry
+        bound ``pending_max_age_ms`` is compared with).
+        """
+        out: dict[int, tuple[int, int, int]] = {}
+        for p, prog in self.progress.items():
+            pending = self.pending.offsets(p)
+            oldest = self.pending.oldest_time(p)
+            age = 0 if oldest is None else max(0, prog.items_time - oldest)
+            out[p] = (len(pending), prog.held(pending), age)
+        return out
 
     def _gauges(self) -> None:
         if self.metrics is not None:

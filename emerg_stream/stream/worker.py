@@ -289,6 +289,7 @@ class Worker:
                     break
                 self._flow_control(batch)
                 self.metrics.set_lag(assigned_lag(self._consumer))
+                self.metrics.set_held(self.topics.interactions, self.processor.held())
             self._checkpoint()
         except BaseException:
             self._failed = True
@@ -606,11 +607,12 @@ class Worker:
     def _commit_offsets(
         self, consumer: Consumer, tps: list[TopicPartition], *, in_revoke: bool
     ) -> None:
-        """Commit synchronously, check every partition's result, retry the failed ones.
+        """Commit synchronously, check every partition's result, retry what failed.
 
-        A partition still failing after :data:`_COMMIT_ATTEMPTS` raises, unless the
-        member lost its generation (a rebalance: the marks just flushed are authoritative
-        and the next owner resumes from them) or the commit runs in a revoke.
+        A commit that raises is retried whole; one whose result names failed partitions
+        is retried for those. After :data:`_COMMIT_ATTEMPTS` it raises, unless the member
+        lost its generation (a rebalance: the marks just flushed are authoritative and
+        the next owner resumes from them) or the commit runs in a revoke.
 
         Raises:
             TransientError: A partition could not be committed.
@@ -621,28 +623,37 @@ class Worker:
                 result = consumer.commit(offsets=todo, asynchronous=False)
             except KafkaException as exc:
                 code = exc.args[0].code() if exc.args else None
-                if not in_revoke and code not in _REBALANCE_CODES:
-                    raise TransientError(f"offset commit failed: {exc}") from exc
-                # The marks just flushed are authoritative; the next owner (this worker
-                # after it rejoins, e.g. when the broker froze past the session timeout)
-                # restores them from the changelog and resumes there.
-                log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
-                return
-            failed = [(tp, tp.error) for tp in (result or []) if tp.error is not None]
-            if not failed:
-                return
-            codes = {e.code() for _, e in failed}
-            names = [f"{tp.topic}[{tp.partition}]: {e.str()}" for tp, e in failed]
-            if in_revoke or codes <= _REBALANCE_CODES:
-                log.warning("commit_failed_in_rebalance", partitions=names, in_revoke=in_revoke)
-                return
-            self.metrics.commit_retries.inc(len(failed))
-            log.warning("commit_partition_failed", partitions=names, attempt=attempt)
+                if in_revoke or code in _REBALANCE_CODES:
+                    # The marks just flushed are authoritative; the next owner (this
+                    # worker after it rejoins, e.g. when the broker froze past the
+                    # session timeout) restores them from the changelog and resumes there.
+                    log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
+                    return
+                failed_names = [f"{tp.topic}[{tp.partition}]" for tp in todo]
+                error = str(exc)
+            else:
+                failed = [(tp, tp.error) for tp in (result or []) if tp.error is not None]
+                if not failed:
+                    return
+                codes = {e.code() for _, e in failed}
+                if in_revoke or codes <= _REBALANCE_CODES:
+                    names = [f"{tp.topic}[{tp.partition}]: {e.str()}" for tp, e in failed]
+                    log.warning("commit_failed_in_rebalance", partitions=names, in_revoke=in_revoke)
+                    return
+                todo = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp, _ in failed]
+                failed_names = [f"{tp.topic}[{tp.partition}]" for tp, _ in failed]
+                error = "; ".join(e.str() for _, e in failed)
+            self.metrics.commit_retries.inc(len(todo))
+            log.warning(
+                "commit_partition_failed", partitions=failed_names, error=error, attempt=attempt
+            )
             if attempt == _COMMIT_ATTEMPTS:
-                raise TransientError(f"offset commit failed for {'; '.join(names)}")
+                raise TransientError(
+                    f"offset commit failed for {', '.join(failed_names)} after {attempt} "
+                    f"attempts: {error}"
+                )
             time.sleep(wait)
             wait *= 2
-            todo = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp, _ in failed]
 
     def _checkpoint(self, *, in_revoke: bool = False) -> None:
         """Drain the pipeline: everything processed is durable and committed."""

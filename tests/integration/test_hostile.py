@@ -300,3 +300,122 @@ def test_a_record_that_crashed_the_worker_is_dead_lettered_on_restart(
     assert total(totals["items"]) == 2 and total(totals["interactions"]) == 2
     assert totals["items"]["dead_lettered"] >= 1
     then_moves_on(kafka_conf, bootstrap, topics, group, crashing, 2, 2, dict(item, item_id="x6"))
+
+
+# -- Kafka's limits read at start ---------------------------------------------------------
+
+
+def test_refuses_bounds_whose_largest_state_cannot_fit_the_changelog(
+    handler, kafka_conf, bootstrap, unique_name
+):
+    from emerg_stream.errors import ConfigError
+    from emerg_stream.stream.topics import TopicSpec, ensure_topics, load_topic_specs
+
+    names = TopicSettings(
+        items=unique_name("items"),
+        interactions=unique_name("inter"),
+        item_params=unique_name("params"),
+        predictions=unique_name("preds"),
+        dead_letter=unique_name("dead"),
+        changelog=unique_name("changelog"),
+        partitions=2,
+    )
+    specs = [s for s in load_topic_specs(None, names) if s.role != "changelog"]
+    config = {"cleanup.policy": "compact", "max.message.bytes": "200000"}
+    specs.append(TopicSpec("changelog", names.changelog, 2, 1, config))
+    ensure_topics(kafka_conf, specs)
+    worker = Worker(settings_for(bootstrap, names, unique_name("group")), handler)
+    with pytest.raises(ConfigError, match=r"at most 199,488 bytes \(topic max.message.bytes"):
+        worker.run()  # K=10 rows of 16 KiB + 256 KiB of side features > 200,000
+    assert worker.batches == 0
+    fits = WorkerSettings(
+        **{
+            **settings_for(bootstrap, names, unique_name("group")).model_dump(),
+            "inputs": {"max_value_bytes": 65_536, "max_support_row_bytes": 8_192},
+        }
+    )
+    worker, exc = run_once(fits, handler, idle_s=0.5)
+    assert exc is None  # the same topics with smaller input bounds: it starts
+
+
+# -- produce and commit errors --------------------------------------------------------------
+
+
+def test_an_output_refused_for_good_is_counted_not_fatal(handler, bootstrap, topics, unique_name):
+    from confluent_kafka import Producer
+
+    from emerg_stream.errors import TransientError
+    from emerg_stream.stream.envelope import Outbound
+    from emerg_stream.stream.worker import producer_conf
+
+    settings = settings_for(bootstrap, topics, unique_name("group"))
+    worker = Worker(settings, handler)
+    worker._producer = Producer(producer_conf(settings))
+    huge = b"p" * 1_200_000
+    worker._produce(
+        [Outbound(topics.predictions, b"k", huge), Outbound(topics.predictions, b"k", b"ok")]
+    )
+    refused = worker.metrics.registry.get_sample_value(
+        "emerg_worker_outputs_refused_total",
+        {"topic": topics.predictions, "error": "MSG_SIZE_TOO_LARGE"},
+    )
+    assert refused == 1.0
+    worker._flush()  # the record after it was delivered
+    with pytest.raises(TransientError, match="an item state was refused"):
+        worker._produce([Outbound(topics.changelog, b"k", huge, partition=0)])
+    worker._producer.flush(10)
+    worker._producer = None
+
+
+def test_a_failed_partition_commit_is_logged_retried_then_raised(
+    handler, kafka_conf, bootstrap, topics, unique_name
+):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from emerg_stream.errors import TransientError
+
+    settings = settings_for(bootstrap, topics, unique_name("group"))
+    worker = Worker(settings, handler)
+    consumer = Consumer({**kafka_conf, "group.id": unique_name("group")})
+    try:
+        worker._commit_offsets(consumer, [TopicPartition(topics.items, 0, 1)], in_revoke=False)
+        bad = [TopicPartition(topics.items, 0, 2), TopicPartition(unique_name("none"), 7, 1)]
+        with pytest.raises(TransientError, match=r"offset commit failed for .*\[7\]"):
+            worker._commit_offsets(consumer, bad, in_revoke=False)
+        retries = worker.metrics.registry.get_sample_value("emerg_worker_commit_retries_total")
+        assert retries is not None and retries >= 4
+    finally:
+        consumer.close()
+
+
+# -- lag: behind vs held by orphans ------------------------------------------------------------
+
+
+def test_status_and_metrics_tell_held_by_orphans_from_behind(
+    world, handler, kafka_conf, bootstrap, topics, unique_name, monkeypatch, capsys
+):
+    from test_observability import status_json
+
+    item, rows = item_of(world)
+    orphan = dict(rows[0], item_id="ghost", event_id="orphan")
+    later = [dict(r, item_id="later", event_id=f"l{j}") for j, r in enumerate(rows[:5])]
+    produce(kafka_conf, [(topics.interactions, "ghost", INTER.encode(orphan))], 0)
+    produce(kafka_conf, [(topics.items, "later", ITEM.encode(dict(item, item_id="later")))], 0)
+    produce(kafka_conf, [(topics.interactions, "later", INTER.encode(r)) for r in later], 0)
+    group = unique_name("group")
+    worker, exc = run_once(settings_for(bootstrap, topics, group), handler)
+    assert exc is None
+    value = worker.metrics.registry.get_sample_value
+    assert value("emerg_worker_pending_held", {"partition": "0"}) == 1.0
+    held = {"topic": topics.interactions, "partition": "0"}
+    assert value("emerg_worker_pending_held_records", held) == 6.0
+    assert value("emerg_worker_consumer_lag", held) == 0.0  # not behind
+    status = status_json(bootstrap, topics, group, monkeypatch, capsys)
+    (p0,) = [x for x in status["lag"] if x["topic"] == topics.interactions and x["partition"] == 0]
+    assert (p0["lag"], p0["behind"], p0["held"], p0["pending"]) == (6, 0, 6, 1)
+    assert status["total_behind"] == 0 and status["total_held"] == 6
+    # two more clicks arrive and are not processed: behind, the held part unchanged
+    produce(kafka_conf, [(topics.interactions, "later", INTER.encode(r)) for r in later[:2]], 0)
+    status = status_json(bootstrap, topics, group, monkeypatch, capsys)
+    (p0,) = [x for x in status["lag"] if x["topic"] == topics.interactions and x["partition"] == 0]
+    assert (p0["lag"], p0["behind"], p0["held"]) == (8, 2, 6)

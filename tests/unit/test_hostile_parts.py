@@ -7,12 +7,15 @@ broker; here each bound is checked at its edge on the processor, with the real m
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import worker_world as ww
+import yaml
 from test_worker_processor import DEAD, INTER, ITEM, PARAMS, TOPICS, Log, new_processor
 
 from emerg_stream.config import InputSettings
@@ -21,11 +24,12 @@ from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state import RecentIds, SupportRows
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.state.item import ItemTask
+from emerg_stream.stream import dlq
 from emerg_stream.stream.checkpointing import SuspectNote
 from emerg_stream.stream.dlq import DeadLetters
 from emerg_stream.stream.envelope import Inbound
 from emerg_stream.stream.limits import OutputLimits, check_state_fits, state_bound
-from emerg_stream.stream.metrics import OUTCOMES
+from emerg_stream.stream.metrics import OUTCOMES, WorkerMetrics
 
 NOW_MS = 1_800_000_000_000
 
@@ -230,3 +234,47 @@ def test_a_suspect_note_round_trips_and_merges():
     assert m.offsets == {"items": frozenset({1, 5, 6}), "interactions": frozenset({9})}
     assert m.error == "RuntimeError: boom"
     assert SuspectNote.decode(m.encode()) == m
+
+
+# -- docs and infra that derive from the code ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_error_kinds_reference_is_generated_from_the_code():
+    """docs/ERROR_KINDS.md equals `emerg-stream dlq kinds`; every kind the package uses is
+    in the table, and every kind in the table is used somewhere in the package."""
+    doc = (REPO / "docs" / "ERROR_KINDS.md").read_text(encoding="utf-8")
+    if doc != dlq.kinds_markdown():
+        pytest.fail(
+            "docs/ERROR_KINDS.md is out of date: run `emerg-stream dlq kinds > docs/ERROR_KINDS.md`"
+        )
+    constants = {
+        name: getattr(dlq, name) for name in dlq.__all__ if name.isupper() and name != "ERROR_KINDS"
+    }
+    constants.pop("KINDS")
+    assert set(constants.values()) == set(dlq.KINDS)
+    source = "\n".join(
+        p.read_text() for p in (REPO / "emerg_stream").rglob("*.py") if p.name != "dlq.py"
+    )
+    for name in constants:
+        assert re.search(rf"\bdlq\.{name}\b", source), f"dlq.{name} is documented but never used"
+    assert all(v.strip() for v in dlq.KINDS.values())
+
+
+def test_the_lag_alert_fires_on_behind_only():
+    rules = yaml.safe_load((REPO / "infra" / "prometheus-alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert any("emerg_worker_consumer_lag" in e for e in exprs)
+    for e in exprs:
+        assert "kafka_consumergroup_lag" not in e and "pending_held" not in e, e
+    registry = WorkerMetrics().registry
+    names = {m.name for m in registry.collect()}
+    for e in exprs:
+        for metric in re.findall(r"\bemerg_[a-z0-9_]+", e):
+            assert metric in names, metric
+    prom = yaml.safe_load((REPO / "infra" / "prometheus.yml").read_text())
+    assert "/etc/prometheus/prometheus-alerts.yml" in prom["rule_files"]
+    compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./prometheus-alerts.yml:/etc/prometheus/prometheus-alerts.yml:ro" in mounts

@@ -20,6 +20,7 @@ from test_worker_processor import DEAD, INTER, ITEM, PARAMS, TOPICS, Log, new_pr
 
 from emerg_stream.config import InputSettings
 from emerg_stream.errors import ConfigError
+from emerg_stream.io.schemas import load_manifest
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state import RecentIds, SupportRows
 from emerg_stream.state.codec import ItemStateCodec
@@ -278,3 +279,42 @@ def test_the_lag_alert_fires_on_behind_only():
     compose = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
     mounts = compose["services"]["prometheus"]["volumes"]
     assert "./prometheus-alerts.yml:/etc/prometheus/prometheus-alerts.yml:ro" in mounts
+
+
+def _doc_block(doc: str, lang: str) -> str:
+    return doc.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_client_docs_ids_are_the_manifests():
+    doc = (REPO / "docs" / "CLIENTS.md").read_text(encoding="utf-8")
+    manifest = load_manifest()
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \| `([^`]+)` \|$", doc, re.M)
+    assert rows, "the id table is gone"
+    got = {name: (int(v), int(i), f) for name, v, i, f in rows}
+    want = {}
+    for name, entry in manifest.records.items():
+        current = entry.versions[entry.current]
+        want[name] = (current.version, current.schema_id, f"schemas/{current.file}")
+    assert got == want
+
+
+def test_the_client_example_in_the_docs_round_trips(monkeypatch):
+    """The docs' producer snippet frames a value the worker's decoder accepts."""
+    doc = (REPO / "docs" / "CLIENTS.md").read_text(encoding="utf-8")
+    code = _doc_block(doc, "python")
+    monkeypatch.chdir(REPO)
+    scope: dict[str, object] = {}
+    exec(compile(code, "CLIENTS.md", "exec"), scope)  # the docs' own example
+    from emerg_stream.stream.decode import RecordDecoder
+
+    decoder = RecordDecoder([], items_topic="i", interactions_topic="c")
+    rec = decoder.item(Inbound("i", 0, 0, b"movie-42", scope["value"]))  # type: ignore[arg-type]
+    assert isinstance(rec, dict) and rec["item_id"] == "movie-42"
+
+
+def test_the_readme_diagram_names_the_default_topics():
+    from emerg_stream.config import TopicSettings
+
+    diagram = _doc_block((REPO / "README.md").read_text(encoding="utf-8"), "mermaid")
+    names = set(re.findall(r"\bemerg\.[a-z-]+", diagram))
+    assert names == set(TopicSettings().names().values())

@@ -204,21 +204,28 @@ def test_c_nine_big_clicks_on_one_new_item(
 def test_an_item_stamped_in_microseconds_does_not_move_the_clock(
     world, handler, kafka_conf, bootstrap, topics, unique_name
 ):
+    """The issue's case: a µs-stamped ItemEvent, then a click 3 s before its own item, the
+    item itself only after a restart (the clock is in the marks, it survives one)."""
     item, rows = item_of(world)
     t = rows[0]["event_time"]
     micro = dict(item, item_id="micro", event_time=t * 1000)
     late = dict(item, item_id="late", event_time=t + 3_000)
     click = dict(rows[0], item_id="late", event_id="early-click", event_time=t)
-    # one partition: the µs item, then a click 3 s before its item, then the item
     produce(kafka_conf, [(topics.items, "micro", ITEM.encode(micro))], 0)
     produce(kafka_conf, [(topics.interactions, "late", INTER.encode(click))], 0)
-    produce(kafka_conf, [(topics.items, "late", ITEM.encode(late))], 0)
     group = unique_name("group")
     settings = settings_for(bootstrap, topics, group, pending_max_age_ms=60_000)
     _, exc = run_once(settings, handler)
     assert exc is None
     (d,) = dead_letters(kafka_conf, topics)
     assert (d["error_kind"], d["key"]) == ("bad_event_time", b"micro")
+    marks = latest_marks(kafka_conf, topics).out
+    assert marks[0].mark is not None and marks[0].mark.pending  # the click waits
+    assert marks[0].mark.items_time == 0  # the µs time moved no clock
+    produce(kafka_conf, [(topics.items, "late", ITEM.encode(late))], 0)
+    _, exc = run_once(settings, handler)
+    assert exc is None
+    assert len(dead_letters(kafka_conf, topics)) == 1
     totals = conserved(kafka_conf, topics)
     assert totals["interactions"]["applied"] == 1, totals
     assert totals["items"] == dict(totals["items"], applied=1, dead_lettered=1)

@@ -52,8 +52,9 @@ re-sent without its raw bytes, and the loop goes on; only an item state that can
 written stops the worker (the changelog must hold what the marks claim). A transient
 ``produce`` error is retried with backoff. Offset commits are checked partition by
 partition and a failed partition is retried. **Poison-pill guard**: when processing a
-batch raises (a bug a record finds, not a broker failure), the worker writes a
-:class:`~emerg_stream.stream.checkpointing.SuspectNote` with the batch's offsets to the
+batch raises an unexpected exception (a bug a record finds; not an ``EmergError`` such as a
+broker failure or a restored state of another model, nor a ``KafkaException``), the worker
+writes a :class:`~emerg_stream.stream.checkpointing.SuspectNote` with the batch's offsets to the
 changelog before it exits; the next owner of the partition dead-letters those records
 (``poison_pill``), so no record makes the worker exit non-zero twice at the same offset.
 """
@@ -81,7 +82,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from emerg_stream.config import WorkerSettings
-from emerg_stream.errors import ConfigError, SchemaError, TransientError
+from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
 from emerg_stream.stream.changelog import restore_partitions
 from emerg_stream.stream.checkpointing import SUSPECT_KEY, PartitionMark, SuspectNote
 from emerg_stream.stream.connect import wait_for_brokers
@@ -423,8 +424,10 @@ class Worker:
         t0 = time.perf_counter()
         try:
             outputs, summary = self.processor.process(batch)
-        except (TransientError, ConfigError, KafkaException):
-            raise  # the cluster or the set-up, not a record: restart as it is
+        except (EmergError, KafkaException):
+            # the cluster, the set-up or the restored state (another model's, corrupt),
+            # not a record: restart as it is, nothing is dead-lettered for it
+            raise
         except Exception as exc:
             self._suspect(batch, exc)
             raise

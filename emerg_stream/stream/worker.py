@@ -83,6 +83,7 @@ from confluent_kafka.admin import AdminClient
 
 from emerg_stream.config import WorkerSettings
 from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
+from emerg_stream.io.records import DeadLetter
 from emerg_stream.stream.changelog import restore_partitions
 from emerg_stream.stream.checkpointing import SUSPECT_KEY, PartitionMark, SuspectNote
 from emerg_stream.stream.connect import wait_for_brokers
@@ -462,6 +463,8 @@ class Worker:
             states_written=cp_items,
         )
 
+    # -- producing and checkpointing -------------------------------------------------
+
     def _suspect(self, batch: list[Inbound], exc: BaseException) -> None:
         """The poison-pill guard: note the batch's offsets in the changelog, then exit.
 
@@ -516,9 +519,17 @@ class Worker:
             return
         if d.get("truncated") and d["value"] is None:
             return  # already bare: nothing smaller to send
-        bare = dict(d, key=None, value=None, truncated=True)
-        bare["message"] = (f"raw bytes left out: {err.name()}; " + d["message"])[:2000]
-        self._producer.produce(topic, serde.encode(bare), None, on_delivery=self._on_delivery)  # type: ignore[arg-type]
+        bare: DeadLetter = {
+            **d,
+            "key": None,
+            "value": None,
+            "truncated": True,
+            "message": (f"raw bytes left out: {err.name()}; " + d["message"])[:2000],
+        }
+        try:
+            self._producer.produce(topic, serde.encode(bare), on_delivery=self._on_delivery)
+        except (KafkaException, BufferError) as exc:  # logged; the dead letter is then lost
+            log.error("dead_letter_not_resent", error=str(exc))
 
     def _produce(self, records: list[Outbound]) -> None:
         """Produce ``records`` in order (see the module docstring for the error policy).

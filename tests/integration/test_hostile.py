@@ -348,7 +348,9 @@ def test_refuses_bounds_whose_largest_state_cannot_fit_the_changelog(
 # -- produce and commit errors --------------------------------------------------------------
 
 
-def test_an_output_refused_for_good_is_counted_not_fatal(handler, bootstrap, topics, unique_name):
+def test_an_output_refused_for_good_is_counted_not_fatal(
+    handler, kafka_conf, bootstrap, topics, unique_name
+):
     from confluent_kafka import Producer
 
     from emerg_stream.errors import TransientError
@@ -368,6 +370,24 @@ def test_an_output_refused_for_good_is_counted_not_fatal(handler, bootstrap, top
     )
     assert refused == 1.0
     worker._flush()  # the record after it was delivered
+    # a dead letter refused for good is re-sent without its raw bytes
+    big = worker.processor.dead.serde.encode(
+        {
+            "source_topic": topics.items,
+            "source_partition": 0,
+            "source_offset": 3,
+            "key": b"k",
+            "value": huge,
+            "error_kind": "decode",
+            "message": "m",
+            "failed_time": 0,
+        }
+    )
+    worker._produce([Outbound(topics.dead_letter, b"k", big)])
+    worker._flush()
+    (d,) = dead_letters(kafka_conf, topics)
+    assert (d["value"], d["truncated"], d["source_offset"]) == (None, True, 3)
+    assert d["message"].startswith("raw bytes left out: MSG_SIZE_TOO_LARGE")
     with pytest.raises(TransientError, match="an item state was refused"):
         worker._produce([Outbound(topics.changelog, b"k", huge, partition=0)])
     worker._producer.flush(10)

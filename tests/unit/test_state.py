@@ -134,6 +134,9 @@ def test_recent_ids_tell_a_conflicting_event_from_a_duplicate_through_a_round_tr
     a = {"item_id": "i", "user_id": "u1", "label": 1, "categorical": {}, "multi": {}}
     a = {**a, "numeric": {"age": 30.0}, "event_time": 5}
     b = dict(a, label=0)
+    two = dict(a, categorical={"x": "1", "y": "2"})
+    assert content_digest(two) == content_digest(dict(a, categorical={"y": "2", "x": "1"}))
+    assert content_digest(two) != content_digest(a) != content_digest(dict(a, event_time=6))
     r = RecentIds(3)
     assert r.check("e0", content_digest(a)) == NEW
     for j in range(1, 5):  # wraps the ring of 3: e0 and e1 are forgotten

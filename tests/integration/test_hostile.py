@@ -446,3 +446,9 @@ def test_status_and_metrics_tell_held_by_orphans_from_behind(
     status = status_json(bootstrap, topics, group, monkeypatch, capsys)
     (p0,) = [x for x in status["lag"] if x["topic"] == topics.interactions and x["partition"] == 0]
     assert (p0["lag"], p0["behind"], p0["held"]) == (8, 2, 6)
+    from emerg_stream import cli
+
+    assert cli.main(["status", "--group", group, "--bootstrap", bootstrap]) == 0
+    text = capsys.readouterr().out
+    assert "total lag 8: behind 2, held by pending orphans 6" in text
+    assert "1 pending orphans, oldest " in text

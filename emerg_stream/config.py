@@ -276,6 +276,7 @@ class WorkerSettings(Settings):
             read minus the interaction's own) an interaction waits for its item's
             announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
+        inputs: Bounds on what producers may send (sizes, clocks, conflicts).
         warmup_backend: Where warm-up gradients come from: ``auto`` (the default: the
             compiled CPU kernel for EmerG on the CPU, 7-8x autograd on one core,
             built in seconds once per machine and model shape with the system C++
@@ -296,7 +297,6 @@ class WorkerSettings(Settings):
         startup_retries: Attempts to reach the brokers at start before giving up.
         startup_backoff_ms: First wait between those attempts; doubles each time.
         startup_backoff_max_ms: Cap of that wait.
-        inputs: Bounds on what producers may send (sizes, clocks, conflicts).
     """
 
     group_id: str = "emerg-worker"
@@ -308,6 +308,7 @@ class WorkerSettings(Settings):
     pending_max: int = Field(default=10_000, ge=0)
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
+    inputs: InputSettings = Field(default_factory=InputSettings)
     warmup_backend: Literal["auto", "autograd", "compile", "kernel"] = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -317,7 +318,6 @@ class WorkerSettings(Settings):
     startup_retries: int = Field(default=10, ge=0)
     startup_backoff_ms: int = Field(default=500, ge=0)
     startup_backoff_max_ms: int = Field(default=10_000, ge=0)
-    inputs: InputSettings = Field(default_factory=InputSettings)
 
     @model_validator(mode="after")
     def _check_worker(self) -> WorkerSettings:

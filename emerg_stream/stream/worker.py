@@ -618,6 +618,11 @@ class Worker:
         self.checkpoints += 1
         self._write_stats()
 
+    def _checkpoint(self, *, in_revoke: bool = False) -> None:
+        """Drain the pipeline: everything processed is durable and committed."""
+        self._settle(in_revoke=in_revoke)
+        self._settle(in_revoke=in_revoke)
+
     def _commit_offsets(
         self, consumer: Consumer, tps: list[TopicPartition], *, in_revoke: bool
     ) -> None:
@@ -668,11 +673,6 @@ class Worker:
                 )
             time.sleep(wait)
             wait *= 2
-
-    def _checkpoint(self, *, in_revoke: bool = False) -> None:
-        """Drain the pipeline: everything processed is durable and committed."""
-        self._settle(in_revoke=in_revoke)
-        self._settle(in_revoke=in_revoke)
 
     def _write_stats(self) -> None:
         if self.stats_path is None:

@@ -468,8 +468,10 @@ class Worker:
     def _suspect(self, batch: list[Inbound], exc: BaseException) -> None:
         """The poison-pill guard: note the batch's offsets in the changelog, then exit.
 
-        Best effort (the process is going down): the note is flushed for up to 10 s, and
-        a failure to write it is logged, not raised over the original error.
+        Best effort (the process is going down): the note goes through a producer of its
+        own (plain, idempotent; the worker's may be transactional or broken by then),
+        flushed for up to 10 s, and a failure to write it is logged, not raised over the
+        original error.
         """
         error = f"{type(exc).__name__}: {exc}"[:500]
         by_partition: dict[int, dict[str, set[int]]] = {}
@@ -478,11 +480,9 @@ class Worker:
             role = roles.get(m.topic)
             if role is not None:
                 by_partition.setdefault(m.partition, {}).setdefault(role, set()).add(m.offset)
-        producer = self._producer
         log.error("poison_suspected", error=error, partitions=sorted(by_partition))
-        if producer is None:
-            return
         try:
+            producer = Producer(producer_conf(self.settings))
             for p, offsets in sorted(by_partition.items()):
                 note = SuspectNote(p, {r: frozenset(o) for r, o in offsets.items()}, error)
                 note = note.merged(self.processor.suspects.get(p))

@@ -10,7 +10,7 @@ every record has an outcome or waits in the pending buffer, and the worker never
 once, pending ones included (conservation); every dead letter names a distinct source
 record; and a record produced after the stream is applied by a restart (it moves on).
 
-Four examples by default (~1 min on the shared 2-core machine); set
+Four examples by default (32 s on the shared 2-core machine); set
 ``EMERG_FUZZ_EXAMPLES`` for more.
 """
 

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from emerg_stream.errors import ConfigError
 
 __all__ = [
+    "InputSettings",
     "KafkaSettings",
     "SecurityProtocol",
     "Settings",
@@ -189,6 +190,49 @@ class TopicSettings(BaseModel):
         return self
 
 
+class InputSettings(BaseModel):
+    """What the worker accepts from producers (``EMERG_INPUTS__*``; docs/CLIENTS.md).
+
+    Every bound is checked where a record enters; a record beyond one is dead-lettered with
+    the ``error_kind`` named here, never processed and never a crash. At start the worker
+    reads the output topics' real size limits and refuses a configuration whose largest
+    item state (one full support set of ``max_support_row_bytes`` rows, the largest side
+    features, the de-duplication window and φ) would not fit the changelog.
+
+    Args:
+        max_value_bytes: Largest input record (key + value, bytes) that is decoded; a
+            bigger one is dead-lettered ``oversize`` before decoding (its dead letter
+            carries the value cut to what the dead-letter topic takes, with its length and
+            sha256). It also bounds an item's side features in its state.
+        max_string_bytes: Longest id (item, event, user), feature name or token, in UTF-8
+            bytes; a record with a longer one is dead-lettered ``oversize_field`` (such
+            values only ever map to out-of-vocabulary anyway).
+        max_support_row_bytes: Largest interaction kept in an item's support set (its
+            compact encoding, bytes); a bigger one is dead-lettered ``oversize_field``.
+        max_ahead_of_wall_ms: How far an event time may be ahead of the worker's wall
+            clock; beyond it the record is dead-lettered ``bad_event_time`` (e.g. an event
+            stamped in microseconds) and moves no clock.
+        max_ahead_of_clock_ms: How far an ItemEvent's time may jump ahead of its
+            partition's item clock (the largest item event time read so far, which
+            expires pending interactions); beyond it the record is dead-lettered
+            ``bad_event_time``. Not checked on a partition's first item. 0 turns it off.
+        item_conflict: What a re-announcement of a known item with *other* side features
+            does (counted ``conflicting_item``, with a copy in the dead-letter topic):
+            ``keep_first`` keeps the first features and params; ``replace_cold`` takes the
+            new features and publishes re-generated cold-start params (a new version)
+            while the item has no applied interaction, else keeps the first.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_value_bytes: int = Field(default=262_144, ge=1_024)
+    max_string_bytes: int = Field(default=4_096, ge=16)
+    max_support_row_bytes: int = Field(default=16_384, ge=256)
+    max_ahead_of_wall_ms: int = Field(default=86_400_000, ge=0)
+    max_ahead_of_clock_ms: int = Field(default=31_536_000_000, ge=0)
+    item_conflict: Literal["keep_first", "replace_cold"] = "keep_first"
+
+
 class Settings(BaseSettings):
     """Root settings every job shares: the cluster and the topics.
 
@@ -232,6 +276,7 @@ class WorkerSettings(Settings):
             read minus the interaction's own) an interaction waits for its item's
             announcement before it goes to the dead-letter topic.
         dedupe_window: Event ids remembered per item for de-duplication.
+        inputs: Bounds on what producers may send (sizes, clocks, conflicts).
         warmup_backend: Where warm-up gradients come from: ``auto`` (the default: the
             compiled CPU kernel for EmerG on the CPU, 7-8x autograd on one core,
             built in seconds once per machine and model shape with the system C++
@@ -263,6 +308,7 @@ class WorkerSettings(Settings):
     pending_max: int = Field(default=10_000, ge=0)
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
+    inputs: InputSettings = Field(default_factory=InputSettings)
     warmup_backend: Literal["auto", "autograd", "compile", "kernel"] = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

@@ -1,5 +1,8 @@
 """``emerg-stream dlq replay``: re-inject dead letters into their source topics.
 
+``emerg-stream dlq kinds`` prints docs/ERROR_KINDS.md: every ``error_kind`` and its meaning,
+generated from :data:`emerg_stream.stream.dlq.KINDS` (a unit test keeps the file equal).
+
 After the cause of a dead letter is fixed (the item was announced, the producer fixed,
 the checkpoint's spec extended), each matching dead letter's raw value goes back, with
 its key, to its source topic and partition; the worker processes it like any record
@@ -15,7 +18,11 @@ HELP = "Replay dead letters into their source topics (after the cause is fixed).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["replay"], help="replay dead letters")
+    parser.add_argument(
+        "action",
+        choices=["replay", "kinds"],
+        help="replay dead letters / print the error kinds' reference (docs/ERROR_KINDS.md)",
+    )
     parser.add_argument(
         "--kind", action="append", default=None, help="only this error_kind (repeatable)"
     )
@@ -27,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from emerg_stream.config import Settings, load_settings
     from emerg_stream.errors import ConfigError
-    from emerg_stream.stream.dlq import ERROR_KINDS, replay_dead_letters
+    from emerg_stream.stream.dlq import ERROR_KINDS, kinds_markdown, replay_dead_letters
 
+    if args.action == "kinds":
+        print(kinds_markdown(), end="")
+        return 0
     unknown = sorted(set(args.kind or []) - set(ERROR_KINDS))
     if unknown:
         raise ConfigError(f"unknown --kind {unknown}; one of {', '.join(ERROR_KINDS)}")

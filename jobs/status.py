@@ -2,7 +2,10 @@
 
 Prints the group's lag per input partition (true end minus committed offset; the end is
 read robustly to Tansu's short ``ListOffsets`` answers, see
-:mod:`emerg_stream.stream.lag`) and the number of items per phase: the compacted
+:mod:`emerg_stream.stream.lag`), split into *behind* (records the worker has not
+processed) and *held* (processed, but the committed offset waits at an interaction whose
+item is not announced yet, with the number of such orphans and the event-time age of the
+oldest; from the partition marks of the changelog), and the number of items per phase: the compacted
 item-params topic read to its end with the bounded reader, the newest version of each
 item counted. Read-only: it never joins the group or commits.
 """
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.config import WorkerSettings, load_settings
     from emerg_stream.io.avro import AvroSerde
     from emerg_stream.io.records import ItemParams
-    from emerg_stream.stream.lag import group_lag
+    from emerg_stream.stream.lag import group_lag, last_marks, split_lag
     from emerg_stream.stream.replay import read_to_end
 
     overrides: dict[str, Any] = {}
@@ -44,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     lags = group_lag(
         conf, settings.group_id, [topics.items, topics.interactions], timeout_s=args.timeout
     )
+    marks = last_marks(conf, topics.changelog, timeout_s=args.timeout)
+    roles = {topics.items: "items", topics.interactions: "interactions"}
+    split = [split_lag(x, marks.get(x.partition), roles[x.topic]) for x in lags]
     serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topics.item_params)
     latest: dict[str, tuple[int, str]] = {}
     for msg in read_to_end(conf, topics.item_params, timeout_s=args.timeout):
@@ -68,21 +74,40 @@ def run(args: argparse.Namespace) -> int:
                     "committed": x.committed,
                     "end": x.end,
                     "lag": x.lag,
+                    "behind": s.behind,
+                    "held": s.held,
+                    "pending": s.pending,
+                    "oldest_pending_age_ms": s.oldest_pending_age_ms,
                 }
-                for x in lags
+                for x, s in zip(lags, split, strict=True)
             ],
             "total_lag": sum(x.lag for x in lags),
+            "total_behind": sum(s.behind for s in split),
+            "total_held": sum(s.held for s in split),
             "items": len(latest),
             "phases": dict(sorted(phases.items())),
         }
         print(json.dumps(out, indent=1))
         return 0
     print(f"group {settings.group_id}")
-    print(f"{'topic':<32} {'partition':>9} {'committed':>10} {'end':>10} {'lag':>8}")
-    for x in lags:
+    head = f"{'topic':<32} {'partition':>9} {'committed':>10} {'end':>10} {'lag':>8}"
+    print(f"{head} {'behind':>8} {'held':>8}  held by")
+    for x, s in zip(lags, split, strict=True):
         committed = "-" if x.committed is None else str(x.committed)
-        print(f"{x.topic:<32} {x.partition:>9} {committed:>10} {x.end:>10} {x.lag:>8}")
-    print(f"total lag {sum(x.lag for x in lags)}")
+        by = ""
+        if s.pending:
+            age = (
+                "" if s.oldest_pending_age_ms is None else f", oldest {s.oldest_pending_age_ms} ms"
+            )
+            by = f"{s.pending} pending orphans{age}"
+        print(
+            f"{x.topic:<32} {x.partition:>9} {committed:>10} {x.end:>10} {x.lag:>8} "
+            f"{s.behind:>8} {s.held:>8}  {by}"
+        )
+    print(
+        f"total lag {sum(x.lag for x in lags)}: behind {sum(s.behind for s in split)}, "
+        f"held by pending orphans {sum(s.held for s in split)}"
+    )
     print(f"items {len(latest)} in {topics.item_params}")
     for phase, n in sorted(phases.items()):
         print(f"  {phase:<10} {n:>8}")

@@ -15,7 +15,7 @@ takes one of them and encodes / decodes exactly that record. Conventions:
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 __all__ = [
     "DeadLetter",
@@ -99,6 +99,10 @@ class DeadLetter(TypedDict):
     error_kind: str
     message: str
     failed_time: int
+    truncated: NotRequired[bool]
+    value_size: NotRequired[int | None]
+    value_sha256: NotRequired[str | None]
+    key_size: NotRequired[int | None]
 
 
 class SupportRow(TypedDict):
@@ -126,6 +130,7 @@ class ItemState(TypedDict):
     next_threshold: int
     recent_event_ids: list[str]
     recent_event_hashes: bytes
+    recent_content_hashes: bytes
     adjacency: list[float]
     id_embedding: list[float]
     n_fields: int

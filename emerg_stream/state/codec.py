@@ -40,6 +40,7 @@ __all__ = ["ItemStateCodec"]
 #: The current schema's fields, in order; ``support`` (the rows) must be the last.
 _FRONT: tuple[str, ...] = ("item_id", "categorical", "multi", "numeric", "version", "phase")
 _FRONT += ("support_size", "next_threshold", "recent_event_ids", "recent_event_hashes")
+_FRONT += ("recent_content_hashes",)
 _FRONT += ("adjacency", "id_embedding", "n_fields", "last_offsets", "updated_time")
 _ROW = ("event_id", "user_id", "categorical", "multi", "numeric", "label", "event_time")
 
@@ -177,6 +178,7 @@ class ItemStateCodec:
                 "next_threshold": task.next_threshold,
                 "recent_event_ids": [],
                 "recent_event_hashes": task.recent.to_bytes(),
+                "recent_content_hashes": task.recent.content_bytes(),
                 "adjacency": [] if adjacency is None else adjacency.tolist(),
                 "id_embedding": [] if id_embedding is None else id_embedding.tolist(),
                 "n_fields": task.n_fields,
@@ -269,11 +271,13 @@ class ItemStateCodec:
             )
         if bool(adjacency) != bool(id_embedding):
             raise SchemaError(f"item state {rec['item_id']!r}: adjacency without id embedding")
-        hashes = rec["recent_event_hashes"]
+        hashes, content = rec["recent_event_hashes"], rec["recent_content_hashes"]
         if isinstance(hashes, str):  # fastavro resolves the schema default ("") to a str
             hashes = hashes.encode("latin-1")
+        if isinstance(content, str):
+            content = content.encode("latin-1")
         try:
-            recent = RecentIds.from_bytes(self.dedupe_window, hashes)
+            recent = RecentIds.from_bytes(self.dedupe_window, hashes, content)
         except ValueError as exc:
             raise SchemaError(f"item state {rec['item_id']!r}: {exc}") from exc
         if rec["recent_event_ids"]:  # written by version 1: the window as strings

@@ -25,7 +25,14 @@ from emerg_stream.io.schemas import load_schema
 from emerg_stream.state.dedupe import RecentIds
 from emerg_stream.state.phases import COLD, OLD
 
-__all__ = ["SIDE_FIELDS", "Float32Array", "ItemTask", "SupportRows", "side_schema"]
+__all__ = [
+    "SIDE_FIELDS",
+    "Float32Array",
+    "ItemTask",
+    "SupportRows",
+    "encode_side",
+    "side_schema",
+]
 
 Float32Array = npt.NDArray[np.float32]
 _F32 = np.dtype("<f4")
@@ -194,6 +201,10 @@ class ItemTask:
         task = cls(item_id, **fields)
         task._side = side
         return task
+
+    def set_side(self, side: bytes) -> None:
+        """Replace the side features (their encoding, see :func:`encode_side`)."""
+        self._side = side
 
     @property
     def side_bytes(self) -> bytes:

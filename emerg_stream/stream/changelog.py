@@ -31,7 +31,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from emerg_stream.errors import SchemaError, TransientError
 from emerg_stream.state import ItemMap
 from emerg_stream.state.codec import ItemStateCodec
-from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
+from emerg_stream.stream.checkpointing import MARK_KEY, SUSPECT_KEY, PartitionMark, SuspectNote
 from emerg_stream.stream.replay import read_assigned_to_end
 
 __all__ = ["ChangelogFold", "Restored", "restore_partitions"]
@@ -48,10 +48,12 @@ class Restored:
         mark: The last mark (``None``: the partition was never checkpointed).
         records: Changelog records read.
         discarded: Item states after the last mark (an incomplete checkpoint).
+        suspect: The poison-pill guard's latest note (records a run crashed on), if any.
     """
 
     items: ItemMap = field(default_factory=ItemMap)
     mark: PartitionMark | None = None
+    suspect: SuspectNote | None = None
     records: int = 0
     discarded: int = 0
 
@@ -82,7 +84,9 @@ class ChangelogFold:
         if tentative is None or key is None:
             return
         self.out[p].records += 1
-        if key != MARK_KEY:
+        if key == SUSPECT_KEY:
+            self.out[p].suspect = None if value is None else SuspectNote.decode(value)
+        elif key != MARK_KEY:
             tentative[key] = value
         else:
             mark = PartitionMark.decode(value)

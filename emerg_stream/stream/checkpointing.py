@@ -11,7 +11,10 @@ says which input records the states before it reflect:
   still waiting for their item);
 * ``counts``: the outcome counters of partition ``p`` since the beginning;
 * ``items_time`` (the partition's item stream time, see :mod:`emerg_stream.stream.pending`)
-  and the ``model_version`` the states belong to.
+  and the ``model_version`` the states belong to;
+* ``pending_oldest_time``: the event time of the oldest pending interaction (absent or
+  ``null``: none), so ``emerg-stream status`` can tell a committed offset held back by
+  orphans waiting for their item from a group that is behind.
 
 Restoring reads the changelog partition and keeps only the states up to the *last* mark
 (states after it belong to a checkpoint that did not complete), then resumes reading
@@ -32,11 +35,77 @@ from typing import Any
 from emerg_stream.errors import SchemaError
 from emerg_stream.stream.metrics import ROLES, OutcomeCounts
 
-__all__ = ["MARK_KEY", "MARK_VERSION", "PartitionMark", "PartitionProgress"]
+__all__ = [
+    "MARK_KEY",
+    "MARK_VERSION",
+    "SUSPECT_KEY",
+    "PartitionMark",
+    "PartitionProgress",
+    "SuspectNote",
+]
 
 #: Changelog key of partition marks (never a valid item id).
 MARK_KEY = b"\x00emerg:partition-mark"
 MARK_VERSION = 1
+#: Changelog key of the poison-pill guard's note (never a valid item id).
+SUSPECT_KEY = b"\x00emerg:suspect"
+
+
+@dataclass
+class SuspectNote:
+    """The records a run was processing when it crashed (the poison-pill guard).
+
+    Written to changelog partition ``p`` (key :data:`SUSPECT_KEY`, JSON) by a worker whose
+    batch processing raised, just before it exits; the latest note of a partition holds
+    every offset still suspected there. The next owner dead-letters those records
+    (``poison_pill``) when it reads them again instead of processing them, so no record
+    makes the worker exit non-zero twice in a row at the same offset.
+    """
+
+    partition: int
+    offsets: dict[str, frozenset[int]]
+    error: str
+
+    def merged(self, other: SuspectNote | None) -> SuspectNote:
+        """This note with ``other``'s offsets added (the error of this one)."""
+        if other is None:
+            return self
+        roles = set(self.offsets) | set(other.offsets)
+        offsets = {
+            r: self.offsets.get(r, frozenset()) | other.offsets.get(r, frozenset()) for r in roles
+        }
+        return SuspectNote(self.partition, offsets, self.error)
+
+    def encode(self) -> bytes:
+        """JSON bytes."""
+        return json.dumps(
+            {
+                "v": 1,
+                "partition": self.partition,
+                "offsets": {r: sorted(o) for r, o in sorted(self.offsets.items())},
+                "error": self.error,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> SuspectNote:
+        """Parse a note.
+
+        Raises:
+            SchemaError: Not a note of a known version.
+        """
+        try:
+            raw: Any = json.loads(data or b"")
+            if raw.get("v") != 1:
+                raise ValueError(f"unknown note version {raw.get('v')!r}")
+            return cls(
+                partition=int(raw["partition"]),
+                offsets={str(r): frozenset(int(o) for o in v) for r, v in raw["offsets"].items()},
+                error=str(raw["error"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SchemaError(f"invalid suspect note in the changelog: {exc}") from exc
 
 
 @dataclass
@@ -50,6 +119,7 @@ class PartitionMark:
     items_time: int
     counts: OutcomeCounts
     written_time: int = 0
+    pending_oldest_time: int | None = None
 
     def encode(self) -> bytes:
         """JSON bytes."""
@@ -63,6 +133,7 @@ class PartitionMark:
                 "items_time": self.items_time,
                 "counts": self.counts.to_dict(),
                 "written_time": self.written_time,
+                "pending_oldest_time": self.pending_oldest_time,
             },
             separators=(",", ":"),
         ).encode()
@@ -86,6 +157,11 @@ class PartitionMark:
                 items_time=int(raw["items_time"]),
                 counts=OutcomeCounts.from_dict(raw["counts"]),
                 written_time=int(raw.get("written_time", 0)),
+                pending_oldest_time=(
+                    None
+                    if raw.get("pending_oldest_time") is None
+                    else int(raw["pending_oldest_time"])
+                ),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SchemaError(f"invalid partition mark in the changelog: {exc}") from exc
@@ -158,7 +234,21 @@ class PartitionProgress:
         again = [o for o in self.skip_keep if o >= pos]
         return sorted(set(pending) | set(again))
 
-    def mark(self, model_version: str, pending: list[int], now_ms: int) -> PartitionMark:
+    def held(self, pending: list[int]) -> int:
+        """Records the committed offset stays behind the position by, for pending orphans."""
+        unresolved = self.unresolved(pending)
+        if not unresolved:
+            return 0
+        pos = max(self.positions.get("interactions", 0), self.skip_until)
+        return max(0, pos - unresolved[0])
+
+    def mark(
+        self,
+        model_version: str,
+        pending: list[int],
+        now_ms: int,
+        pending_oldest_time: int | None = None,
+    ) -> PartitionMark:
         """The mark of the current progress (``pending``: offsets waiting in the buffer)."""
         positions = dict(self.positions)
         if "interactions" in positions or self.skip_until:
@@ -171,6 +261,7 @@ class PartitionProgress:
             items_time=self.items_time,
             counts=OutcomeCounts.from_dict(self.counts.to_dict()),
             written_time=now_ms,
+            pending_oldest_time=pending_oldest_time,
         )
 
     def commit_offsets(self, pending: list[int]) -> dict[str, int]:

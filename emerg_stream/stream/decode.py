@@ -6,8 +6,11 @@ wrong magic byte, truncated, trailing bytes, missing fields), an unknown schema 
 one of another record type, an empty item or event id, a label other than 0/1, a NaN,
 infinite or absurdly large (beyond ``MAX_ABS_NUMERIC``) numeric feature, and a feature
 sent in the map of a kind the checkpoint's spec contradicts (e.g. a numeric field in the
-``categorical`` map). Fields the spec does not know are ignored, and unknown *values* of
-known categorical fields are not errors: the encoder maps them to out-of-vocabulary.
+``categorical`` map), and an id, feature name or token longer than ``max_string_bytes``
+(UTF-8; ``oversize_field``). Fields the spec does not know are ignored, and unknown
+*values* of known categorical fields are not errors: the encoder maps them to
+out-of-vocabulary. Record sizes and event times are checked by the processor (before
+decoding and against its clocks).
 """
 
 from __future__ import annotations
@@ -48,11 +51,18 @@ class RecordDecoder:
         fields: The checkpoint's feature columns (side and kind of each).
         items_topic: Name of the items topic (schema registry subject).
         interactions_topic: Name of the interactions topic.
+        max_string_bytes: Longest id, feature name or token (UTF-8 bytes).
     """
 
     def __init__(
-        self, fields: Sequence[FieldInfo], *, items_topic: str, interactions_topic: str
+        self,
+        fields: Sequence[FieldInfo],
+        *,
+        items_topic: str,
+        interactions_topic: str,
+        max_string_bytes: int = 4_096,
     ) -> None:
+        self.max_string_bytes = max_string_bytes
         self.items: AvroSerde[ItemEvent] = AvroSerde(ItemEvent, topic=items_topic)
         self.interactions: AvroSerde[Interaction] = AvroSerde(Interaction, topic=interactions_topic)
         self._kinds: dict[str, dict[str, str]] = {"item": {}, "user": {}}
@@ -72,6 +82,38 @@ class RecordDecoder:
         except SchemaError as exc:
             kind = dlq.DECODE if schema_id == serde.schema_id else dlq.SCHEMA_ID
             return Rejected(kind, str(exc))
+
+    def _too_long(self, text: str) -> bool:
+        cap = self.max_string_bytes
+        return len(text) > cap // 4 and len(text.encode("utf-8")) > cap
+
+    def _long_string(
+        self, side: str, rec: Mapping[str, Any], ids: Sequence[str]
+    ) -> Rejected | None:
+        """The first id, feature name or token over ``max_string_bytes``, as a rejection."""
+        what: str | None = None
+        for name in ids:
+            if self._too_long(rec[name]):
+                what = name
+                break
+        else:
+            for kind in _KINDS:
+                for name, value in rec[kind].items():
+                    if self._too_long(name):
+                        what = f"a {side} feature name ({len(name)} characters)"
+                    elif kind == "categorical" and self._too_long(value):
+                        what = f"{side} feature {name[:64]!r}"
+                    elif kind == "multi" and any(self._too_long(v) for v in value):
+                        what = f"a token of {side} feature {name[:64]!r}"
+                    if what is not None:
+                        break
+                if what is not None:
+                    break
+        if what is None:
+            return None
+        return Rejected(
+            dlq.OVERSIZE_FIELD, f"{what} is longer than {self.max_string_bytes} bytes (UTF-8)"
+        )
 
     def _features(self, side: str, rec: Mapping[str, Any]) -> Rejected | None:
         kinds = self._kinds[side]
@@ -101,7 +143,7 @@ class RecordDecoder:
             return rec
         if not rec["item_id"]:
             return Rejected(dlq.MISSING_FIELD, "empty item_id")
-        bad = self._features("item", rec)
+        bad = self._long_string("item", rec, ("item_id",)) or self._features("item", rec)
         return rec if bad is None else bad
 
     def interaction(self, msg: Inbound) -> Interaction | Rejected:
@@ -114,5 +156,6 @@ class RecordDecoder:
                 return Rejected(dlq.MISSING_FIELD, f"empty {name}")
         if rec["label"] not in (0, 1):
             return Rejected(dlq.BAD_LABEL, f"label must be 0 or 1, got {rec['label']}")
-        bad = self._features("user", rec)
+        bad = self._long_string("user", rec, ("item_id", "event_id", "user_id"))
+        bad = bad or self._features("user", rec)
         return rec if bad is None else bad

@@ -11,6 +11,14 @@ batch holds several records; its *fetch* responses carry the true high watermark
 - :func:`group_lag` (``emerg-stream status``) lists the ends, then fetches from the
   listed end minus one to learn the true end, and subtracts the group's committed
   offsets.
+
+**Behind or waiting.** An interaction whose item is not announced yet waits in the
+worker's pending buffer, and the committed offset of its partition stays at it (by
+design: a restart must read it again). That shows as committed-offset lag although the
+worker is not behind. :func:`split_lag` splits a partition's lag with the partition's
+last mark (:func:`last_marks`): *behind* = end minus the worker's position, *held* =
+position minus committed offset, with the number of pending orphans and the event-time
+age of the oldest.
 """
 
 from __future__ import annotations
@@ -22,9 +30,18 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from emerg_stream.errors import TransientError
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
+from emerg_stream.stream.replay import read_to_end, reader_conf
 
-__all__ = ["PartitionLag", "assigned_lag", "group_lag", "true_ends"]
+__all__ = [
+    "PartitionLag",
+    "SplitLag",
+    "assigned_lag",
+    "group_lag",
+    "last_marks",
+    "split_lag",
+    "true_ends",
+]
 
 
 @dataclass(frozen=True)
@@ -155,3 +172,46 @@ def group_lag(
         return out
     finally:
         consumer.close()
+
+
+@dataclass(frozen=True)
+class SplitLag:
+    """A partition's committed-offset lag split into behind and held (see the module doc).
+
+    Args:
+        behind: End minus the worker's position (records not processed yet).
+        held: Position minus committed offset (processed, held back by orphans).
+        pending: Orphans pending at the last mark.
+        oldest_pending_age_ms: Event-time age of the oldest, against the item clock.
+    """
+
+    behind: int
+    held: int
+    pending: int
+    oldest_pending_age_ms: int | None
+
+
+def last_marks(
+    consumer_conf: dict[str, str], changelog: str, *, timeout_s: float = 60.0
+) -> dict[int, PartitionMark]:
+    """Partition -> the last partition mark of the changelog (item states are skipped)."""
+    out: dict[int, PartitionMark] = {}
+    for msg in read_to_end(consumer_conf, changelog, timeout_s=timeout_s):
+        p = msg.partition()
+        if msg.key() == MARK_KEY and p is not None:
+            out[p] = PartitionMark.decode(msg.value())
+    return out
+
+
+def split_lag(lag: PartitionLag, mark: PartitionMark | None, role: str) -> SplitLag:
+    """Split ``lag`` (a partition of ``role``'s topic) with that partition's last mark."""
+    if mark is None or role not in mark.positions:
+        return SplitLag(lag.lag, 0, 0, None)
+    position = min(max(mark.positions[role], lag.start), lag.end)
+    base = lag.start if lag.committed is None else lag.committed
+    held = max(0, position - base) if role == "interactions" and mark.pending else 0
+    age = None
+    if role == "interactions" and mark.pending_oldest_time is not None:
+        age = max(0, mark.items_time - mark.pending_oldest_time)
+    pending = len(mark.pending) if role == "interactions" else 0
+    return SplitLag(max(0, lag.lag - held), held, pending, age)

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = [
     "APPLIED",
+    "CONFLICTING_EVENT",
+    "CONFLICTING_ITEM",
     "DEAD_LETTERED",
     "DUPLICATE",
     "IGNORED_OLD_ITEM",
@@ -35,8 +37,19 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 DEAD_LETTERED = "dead_lettered"
 IGNORED_OLD_ITEM = "ignored_old_item"
+#: An ItemEvent re-announcing a known item with other side features (docs/ERROR_KINDS.md).
+CONFLICTING_ITEM = "conflicting_item"
+#: An interaction reusing an applied event id with other content.
+CONFLICTING_EVENT = "conflicting_event"
 #: The outcomes of an input record; each record gets exactly one.
-OUTCOMES: tuple[str, ...] = (APPLIED, DUPLICATE, DEAD_LETTERED, IGNORED_OLD_ITEM)
+OUTCOMES: tuple[str, ...] = (
+    APPLIED,
+    DUPLICATE,
+    DEAD_LETTERED,
+    IGNORED_OLD_ITEM,
+    CONFLICTING_ITEM,
+    CONFLICTING_EVENT,
+)
 #: The input roles (topics) that are counted.
 ROLES: tuple[str, ...] = ("items", "interactions")
 
@@ -202,7 +215,9 @@ class WorkerMetrics:
         self.consumer_lag = Gauge(
             "emerg_worker_consumer_lag",
             "Records not yet consumed per assigned input partition (fetched high watermark "
-            "minus position), updated once per batch.",
+            "minus position), updated once per batch: how far the worker is *behind*. "
+            "Pending orphans never count here (the position moves past them); what they "
+            "hold back of the committed offset is emerg_worker_pending_held_records.",
             ["topic", "partition"],
             registry=self.registry,
         )
@@ -215,6 +230,48 @@ class WorkerMetrics:
         self.prequential_window = Gauge(
             "emerg_worker_prequential_window",
             "Labelled predictions in the prequential AUC window.",
+            registry=self.registry,
+        )
+        self.pending_held = Gauge(
+            "emerg_worker_pending_held",
+            "Interactions waiting for their item's announcement, per input partition: they "
+            "hold the partition's committed offset back (by design) without the worker "
+            "being behind.",
+            ["partition"],
+            registry=self.registry,
+        )
+        self.pending_held_records = Gauge(
+            "emerg_worker_pending_held_records",
+            "Records between the committed offset and the worker's position of an "
+            "interactions partition, held back by pending orphans (the part of the group's "
+            "committed-offset lag that is waiting, not being behind).",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.pending_oldest_age = Gauge(
+            "emerg_worker_pending_oldest_age_seconds",
+            "Event-time age of the oldest pending orphan of a partition, against its item "
+            "clock (it expires at EMERG_PENDING_MAX_AGE_MS).",
+            ["partition"],
+            registry=self.registry,
+        )
+        self._held_labels: set[str] = set()
+        self.rows_dropped = Counter(
+            "emerg_worker_support_rows_dropped",
+            "Oldest support rows dropped to keep an item state within the changelog's record "
+            "size limit (0 unless a topic limit was lowered under a running configuration).",
+            registry=self.registry,
+        )
+        self.outputs_refused = Counter(
+            "emerg_worker_outputs_refused",
+            "Output records the producer or broker refused for good (e.g. too large), by "
+            "topic and error; the worker logs each and goes on.",
+            ["topic", "error"],
+            registry=self.registry,
+        )
+        self.commit_retries = Counter(
+            "emerg_worker_commit_retries",
+            "Partitions whose offset commit failed and was retried.",
             registry=self.registry,
         )
         self.prequential_auc.set(float("nan"))
@@ -237,6 +294,25 @@ class WorkerMetrics:
         for labels in self._lag_labels - now:
             self.consumer_lag.remove(*labels)
         self._lag_labels = now
+
+    def set_held(self, topic: str, held: Mapping[int, tuple[int, int, int]]) -> None:
+        """Set the pending-orphan gauges of every partition (others are removed).
+
+        ``held``: partition -> (orphans pending, records held back, oldest age in ms), as
+        :meth:`~emerg_stream.stream.processor.WarmupProcessor.held` returns it.
+        """
+        now = set()
+        for p, (n, records, age_ms) in held.items():
+            label = str(p)
+            now.add(label)
+            self.pending_held.labels(label).set(n)
+            self.pending_held_records.labels(topic, label).set(records)
+            self.pending_oldest_age.labels(label).set(age_ms / 1000)
+        for label in self._held_labels - now:
+            self.pending_held.remove(label)
+            self.pending_held_records.remove(topic, label)
+            self.pending_oldest_age.remove(label)
+        self._held_labels = now
 
     def set_auc(self, auc: SlidingAUC) -> None:
         """Publish the window's AUC (NaN while undefined) and size."""

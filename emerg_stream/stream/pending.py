@@ -138,6 +138,12 @@ class PendingBuffer:
         items = self._by_item.get(partition, {})
         return sorted(self._order[s].msg.offset for seqs in items.values() for s in seqs)
 
+    def oldest_time(self, partition: int) -> int | None:
+        """Smallest event time among the partition's entries (``None``: none waiting)."""
+        items = self._by_item.get(partition, {})
+        times = [self._order[s].record["event_time"] for seqs in items.values() for s in seqs]
+        return min(times) if times else None
+
     def drop_partition(self, partition: int) -> int:
         """Forget a revoked partition's entries (they are re-read by its next owner)."""
         items = self._by_item.pop(partition, {})

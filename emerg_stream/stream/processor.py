@@ -40,14 +40,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from emerg_stream.config import TopicSettings
+from emerg_stream.config import InputSettings, TopicSettings
 from emerg_stream.errors import ModelError
 from emerg_stream.io.avro import AvroSerde
-from emerg_stream.io.records import Interaction, ItemParams, Prediction
-from emerg_stream.state import COLD, OLD, ItemTask, RecentIds, StateStore, crossed_phase
+from emerg_stream.io.records import Interaction, ItemEvent, ItemParams, Prediction
+from emerg_stream.state import COLD, OLD, ItemTask, RecentIds, StateStore, crossed_phase, dedupe
 from emerg_stream.state.codec import ItemStateCodec
+from emerg_stream.state.item import SupportRows, encode_side
 from emerg_stream.stream import dlq
-from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark, PartitionProgress
+from emerg_stream.stream.checkpointing import (
+    MARK_KEY,
+    PartitionMark,
+    PartitionProgress,
+    SuspectNote,
+)
 from emerg_stream.stream.decode import RecordDecoder, Rejected
 from emerg_stream.stream.envelope import Inbound, Outbound
 from emerg_stream.stream.handler import (
@@ -56,8 +62,11 @@ from emerg_stream.stream.handler import (
     ParamsArrays,
     WarmupHandler,
 )
+from emerg_stream.stream.limits import OutputLimits
 from emerg_stream.stream.metrics import (
     APPLIED,
+    CONFLICTING_EVENT,
+    CONFLICTING_ITEM,
     DEAD_LETTERED,
     DUPLICATE,
     IGNORED_OLD_ITEM,
@@ -126,7 +135,9 @@ class WarmupProcessor:
         pending_max_age_ms: Event-time age after which a waiting interaction expires.
         metrics: Prometheus mirror of the counters (optional).
         auc_window: Labelled predictions in the prequential AUC window (``self.auc``).
-        clock: Wall clock in seconds (for produced/updated times).
+        clock: Wall clock in seconds (for produced/updated times and the event-time bound).
+        inputs: Bounds on input records (sizes, clocks, the item conflict policy).
+        limits: Record size limits of the changelog and dead-letter topics.
     """
 
     def __init__(
@@ -140,6 +151,8 @@ class WarmupProcessor:
         metrics: WorkerMetrics | None = None,
         auc_window: int = 10_000,
         clock: Callable[[], float] = time.time,
+        inputs: InputSettings | None = None,
+        limits: OutputLimits | None = None,
     ) -> None:
         self.handler = handler
         self.topics = topics
@@ -156,10 +169,20 @@ class WarmupProcessor:
         #: Prequential AUC of the latest labelled predictions (published once per batch).
         self.auc = SlidingAUC(auc_window)
         self.codec = ItemStateCodec(dedupe_window=dedupe_window, topic=topics.changelog)
+        self.inputs = InputSettings() if inputs is None else inputs
         self.decoder = RecordDecoder(
-            handler.fields, items_topic=topics.items, interactions_topic=topics.interactions
+            handler.fields,
+            items_topic=topics.items,
+            interactions_topic=topics.interactions,
+            max_string_bytes=self.inputs.max_string_bytes,
         )
+        self.limits = OutputLimits()
         self.dead = dlq.DeadLetters(topics.dead_letter)
+        self.use_limits(OutputLimits() if limits is None else limits)
+        #: Partition -> the records of the batch a previous run crashed on (poison pills).
+        self.suspects: dict[int, SuspectNote] = {}
+        #: Support rows dropped to keep an item state within the changelog's record limit.
+        self.rows_dropped = 0
         self.params_serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topics.item_params)
         self.pred_serde: AvroSerde[Prediction] = AvroSerde(Prediction, topic=topics.predictions)
         self._roles = {topics.items: "items", topics.interactions: "interactions"}
@@ -167,16 +190,27 @@ class WarmupProcessor:
         #: params (the worker's fault-injection point ``mid_update``).
         self.on_update: Callable[[], None] | None = None
 
+    def use_limits(self, limits: OutputLimits) -> None:
+        """Size dead letters and item states to the topics' record limits (read at start)."""
+        self.limits = limits
+        self.dead = dlq.DeadLetters(self.topics.dead_letter, limits.dead_letter)
+
     # -- partitions ------------------------------------------------------------------
 
     def assign(
-        self, partition: int, items: Mapping[str, ItemTask], mark: PartitionMark | None
+        self,
+        partition: int,
+        items: Mapping[str, ItemTask],
+        mark: PartitionMark | None,
+        suspect: SuspectNote | None = None,
     ) -> dict[str, int | None]:
         """Take over a partition with its restored items and last mark.
 
         Restored items may still be raw changelog values (an :class:`ItemMap` from
         :func:`~emerg_stream.stream.changelog.restore_partitions`): they are checked
-        (params shape, threshold) when first decoded, the decoded ones here.
+        (params shape, threshold) when first decoded, the decoded ones here. ``suspect``
+        (the poison-pill guard's note) names records a previous run crashed on: they are
+        dead-lettered ``poison_pill`` when read again instead of being processed.
 
         Returns:
             Role -> offset to start reading at (``None``: the committed offset).
@@ -197,6 +231,10 @@ class WarmupProcessor:
         part.items.add_check(self._check_restored)
         prog = PartitionProgress(partition) if mark is None else PartitionProgress.from_mark(mark)
         self.progress[partition] = prog
+        if suspect is not None:
+            self.suspects[partition] = suspect
+        else:
+            self.suspects.pop(partition, None)
         self._gauges()
         return prog.start_offsets()
 
@@ -219,6 +257,7 @@ class WarmupProcessor:
         """
         self.store.drop_partition(partition)
         self.progress.pop(partition, None)
+        self.suspects.pop(partition, None)
         self.pending.drop_partition(partition)
         self._gauges()
 
@@ -252,6 +291,45 @@ class WarmupProcessor:
         out.append(self.dead.record(msg, why.kind, why.message, self._now()))
         self._count(msg.partition, role, DEAD_LETTERED, summary)
 
+    def _screen(self, msg: Inbound, role: str) -> Rejected | None:
+        """Why a record is refused before decoding: a poison pill, or over the size bound."""
+        note = self.suspects.get(msg.partition)
+        if note is not None and msg.offset in note.offsets.get(role, ()):
+            return Rejected(
+                dlq.POISON_PILL,
+                f"in the batch the worker crashed on ({note.error}); dead-lettered instead "
+                f"of crashing again",
+            )
+        size = len(msg.key or b"") + len(msg.value or b"")
+        if size > self.inputs.max_value_bytes:
+            return Rejected(
+                dlq.OVERSIZE,
+                f"record of {size:,} bytes (key + value) is over the bound of "
+                f"{self.inputs.max_value_bytes:,} (EMERG_INPUTS__MAX_VALUE_BYTES); not decoded",
+            )
+        return None
+
+    def _bad_time(self, event_time: int, clock: int | None) -> Rejected | None:
+        """An event time too far ahead of the wall clock or of the partition's item clock."""
+        now = self._now()
+        ahead = self.inputs.max_ahead_of_wall_ms
+        if event_time > now + ahead:
+            return Rejected(
+                dlq.BAD_EVENT_TIME,
+                f"event time {event_time} is {event_time - now:,} ms ahead of the worker's "
+                f"clock ({now}), over EMERG_INPUTS__MAX_AHEAD_OF_WALL_MS={ahead} "
+                f"(milliseconds since the epoch expected; microseconds?)",
+            )
+        jump = self.inputs.max_ahead_of_clock_ms
+        if clock and jump and event_time > clock + jump:
+            return Rejected(
+                dlq.BAD_EVENT_TIME,
+                f"event time {event_time} is {event_time - clock:,} ms ahead of the "
+                f"partition's item clock ({clock}), over "
+                f"EMERG_INPUTS__MAX_AHEAD_OF_CLOCK_MS={jump}",
+            )
+        return None
+
     def process(self, batch: Sequence[Inbound]) -> tuple[list[Outbound], BatchSummary]:
         """Process one micro-batch (see the module docstring).
 
@@ -274,6 +352,10 @@ class WarmupProcessor:
                 prog.advance(role, msg.offset)
                 continue
             prog.advance(role, msg.offset)
+            why = self._screen(msg, role)
+            if why is not None:
+                self._dead(msg, role, why, out, summary)
+                continue
             (items_in if role == "items" else inter_in).setdefault(msg.partition, []).append(msg)
 
         released = self._items(items_in, out, summary)
@@ -296,7 +378,7 @@ class WarmupProcessor:
     def _items(
         self, items_in: dict[int, list[Inbound]], out: list[Outbound], summary: BatchSummary
     ) -> dict[int, list[PendingEntry]]:
-        new: list[tuple[ItemTask, ItemFeatures]] = []
+        new: dict[Key, ItemTask] = {}  # cold starts of this batch (new and replaced items)
         released: dict[int, list[PendingEntry]] = {}
         now = self._now()
         for p in sorted(items_in):
@@ -306,10 +388,15 @@ class WarmupProcessor:
                 if isinstance(rec, Rejected):
                     self._dead(msg, "items", rec, out, summary)
                     continue
+                bad = self._bad_time(rec["event_time"], prog.items_time)
+                if bad is not None:
+                    self._dead(msg, "items", bad, out, summary)
+                    continue
                 prog.observe_item_time(rec["event_time"])
                 item_id = rec["item_id"]
-                if item_id in part.items:
-                    self._count(p, "items", DUPLICATE, summary)
+                known = part.items.get(item_id)
+                if known is not None:
+                    self._reannounced(p, msg, rec, known, new, out, summary)
                     continue
                 old = item_id in self.old_ids
                 task = ItemTask(
@@ -327,17 +414,59 @@ class WarmupProcessor:
                 part.touch(item_id)
                 self._count(p, "items", IGNORED_OLD_ITEM if old else APPLIED, summary)
                 if not old:
-                    new.append((task, _features(task)))
+                    new[(p, item_id)] = task
                 released.setdefault(p, []).extend(self.pending.take(p, item_id))
         if new:
-            params = self.handler.cold_start([f for _, f in new])
-            for i, (task, _) in enumerate(new):
+            tasks = list(new.values())
+            params = self.handler.cold_start([_features(t) for t in tasks])
+            for i, task in enumerate(tasks):
                 task.set_params(params.adjacency[i], params.id_embedding[i])
-                task.version = 1
+                task.version += 1
                 out.append(self._params(task, 0, now))
                 summary.params[COLD] = summary.params.get(COLD, 0) + 1
-            summary.new_items = len(new)
+            summary.new_items = len(tasks)
         return released
+
+    def _reannounced(
+        self,
+        p: int,
+        msg: Inbound,
+        rec: ItemEvent,
+        task: ItemTask,
+        new: dict[Key, ItemTask],
+        out: list[Outbound],
+        summary: BatchSummary,
+    ) -> None:
+        """A known item announced again: a duplicate, or a conflict (other features)."""
+        side = (dict(rec["categorical"]), {k: list(v) for k, v in rec["multi"].items()})
+        if task.side_features() == (*side, dict(rec["numeric"])):
+            self._count(p, "items", DUPLICATE, summary)
+            return
+        replace = (
+            self.inputs.item_conflict == "replace_cold"
+            and not task.is_old
+            and task.phase == COLD
+            and task.support_size == 0
+        )
+        if replace:
+            task.set_side(encode_side(*side, dict(rec["numeric"])))
+            task.last_offsets[(msg.topic, p)] = msg.offset
+            task.updated_time = self._now()
+            self.store.partition(p).touch(task.item_id)
+            new[(p, task.item_id)] = task
+            done = "replaced its features; cold-start params re-generated (a new version)"
+        else:
+            done = "kept the first features and params"
+        why = Rejected(
+            dlq.CONFLICTING_ITEM,
+            f"item {task.item_id!r} re-announced with other side features: {done} "
+            f"(EMERG_INPUTS__ITEM_CONFLICT={self.inputs.item_conflict})",
+        )
+        log.warning(
+            "item_conflict", item_id=task.item_id[:200], partition=p, offset=msg.offset, done=done
+        )
+        out.append(self.dead.record(msg, why.kind, why.message, self._now()))
+        self._count(p, "items", CONFLICTING_ITEM, summary)
 
     def _route(
         self,
@@ -359,6 +488,8 @@ class WarmupProcessor:
                 rec: Interaction | Rejected = (
                     known if known is not None else self.decoder.interaction(msg)
                 )
+                if known is None and not isinstance(rec, Rejected):
+                    rec = self._check_interaction(msg, rec)
                 if isinstance(rec, Rejected):
                     self._dead(msg, "interactions", rec, out, summary)
                     continue
@@ -377,12 +508,45 @@ class WarmupProcessor:
                 if task is None or task.is_old:
                     old_rows.append((key, _Queued(msg, rec)))
                     continue
-                if not task.recent.add(rec["event_id"]):
+                seen = task.recent.check(rec["event_id"], dedupe.content_digest(rec))
+                if seen == dedupe.DUPLICATE:
                     self._count(p, "interactions", DUPLICATE, summary)
+                    continue
+                if seen == dedupe.CONFLICT:
+                    why = Rejected(
+                        dlq.CONFLICTING_EVENT,
+                        f"event id {rec['event_id'][:200]!r} was already applied to item "
+                        f"{task.item_id[:200]!r} with other content; the first one stays",
+                    )
+                    log.warning(
+                        "event_conflict",
+                        item_id=task.item_id[:200],
+                        event_id=rec["event_id"][:200],
+                        partition=p,
+                        offset=msg.offset,
+                    )
+                    out.append(self.dead.record(msg, why.kind, why.message, self._now()))
+                    self._count(p, "interactions", CONFLICTING_EVENT, summary)
                     continue
                 part.touch(task.item_id)
                 queues.setdefault(key, []).append(_Queued(msg, rec))
         return queues, old_rows
+
+    def _check_interaction(self, msg: Inbound, rec: Interaction) -> Interaction | Rejected:
+        """The event-time bound and the support-row bound of a decoded interaction."""
+        bad = self._bad_time(rec["event_time"], None)
+        if bad is not None:
+            return bad
+        cap = self.inputs.max_support_row_bytes
+        if len(msg.value or b"") > cap:
+            size = len(self.codec.encode_row(rec))
+            if size > cap:
+                return Rejected(
+                    dlq.OVERSIZE_FIELD,
+                    f"its support row is {size:,} bytes, over "
+                    f"EMERG_INPUTS__MAX_SUPPORT_ROW_BYTES={cap:,}",
+                )
+        return rec
 
     def _rounds(
         self,
@@ -561,20 +725,71 @@ class WarmupProcessor:
             if not changed and not prog.dirty:
                 continue
             for task in changed:
-                value = self.codec.encode(task)
+                value = self._fitting_state(task)
                 cp.state_bytes += len(value)
                 cp.records.append(
                     Outbound(self.topics.changelog, task.item_id.encode(), value, partition=p)
                 )
             cp.items += len(changed)
             pending = self.pending.offsets(p)
-            mark = prog.mark(self.handler.model_version, pending, now)
+            mark = prog.mark(self.handler.model_version, pending, now, self.pending.oldest_time(p))
             cp.marks[p] = mark
             cp.records.append(Outbound(self.topics.changelog, MARK_KEY, mark.encode(), partition=p))
             for role, off in prog.commit_offsets(pending).items():
                 cp.offsets[(names[role], p)] = off
             prog.dirty = False
         return cp
+
+    def _fitting_state(self, task: ItemTask) -> bytes:
+        """The framed state of ``task``, its oldest support rows dropped until it fits.
+
+        The start-up check (:func:`~emerg_stream.stream.limits.check_state_fits`) makes
+        this a no-op unless a topic's limit was lowered under a running configuration;
+        each dropped row is counted (``rows_dropped``, the
+        ``emerg_worker_support_rows_dropped_total`` metric) and logged.
+        """
+        value = self.codec.encode(task)
+        budget = self.limits.changelog - len(task.item_id.encode("utf-8"))
+        if len(value) <= budget:
+            return value
+        rows = self.codec.decode_rows(task.support)
+        dropped = 0
+        while rows and len(value) > budget:
+            rows.pop(0)
+            dropped += 1
+            task.support = SupportRows(self.codec.encode_row(r) for r in rows)
+            value = self.codec.encode(task)
+        self.rows_dropped += dropped
+        if self.metrics is not None:
+            self.metrics.rows_dropped.inc(dropped)
+        log.warning(
+            "support_rows_dropped",
+            item_id=task.item_id[:200],
+            dropped=dropped,
+            kept=len(rows),
+            state_bytes=len(value),
+            limit=budget,
+        )
+        if len(value) > budget:
+            raise ModelError(
+                f"the state of item {task.item_id[:200]!r} is {len(value):,} bytes without "
+                f"support rows, over the changelog's record limit {budget:,}"
+            )
+        return value
+
+    def held(self) -> dict[int, tuple[int, int, int]]:
+        """Partition -> (orphans pending, records the commit is held back by, oldest age ms).
+
+        The age is in event time, against the partition's item clock (what the expiry
+        bound ``pending_max_age_ms`` is compared with).
+        """
+        out: dict[int, tuple[int, int, int]] = {}
+        for p, prog in self.progress.items():
+            pending = self.pending.offsets(p)
+            oldest = self.pending.oldest_time(p)
+            age = 0 if oldest is None else max(0, prog.items_time - oldest)
+            out[p] = (len(pending), prog.held(pending), age)
+        return out
 
     def _gauges(self) -> None:
         if self.metrics is not None:

@@ -42,6 +42,21 @@ their partition (:mod:`emerg_stream.stream.flow`), so a backlog does not overflo
 pending buffer. ``stop()`` (SIGTERM/SIGINT in the job) ends the loop after the current batch,
 checkpoints and closes. Bad records never stop the loop (dead letters); broker, flush
 and commit failures propagate so the orchestrator restarts the job.
+
+**Hostile input and Kafka's limits** (docs/RELIABILITY.md): at start the worker reads the
+changelog's and dead-letter topic's record size limits and refuses input bounds whose
+largest item state would not fit (:mod:`emerg_stream.stream.limits`). An output record
+refused for good (``MSG_SIZE_TOO_LARGE`` and the like, at ``produce`` or on delivery) is
+logged and counted (``emerg_worker_outputs_refused_total``), a refused dead letter is
+re-sent without its raw bytes, and the loop goes on; only an item state that cannot be
+written stops the worker (the changelog must hold what the marks claim). A transient
+``produce`` error is retried with backoff. Offset commits are checked partition by
+partition and a failed partition is retried. **Poison-pill guard**: when processing a
+batch raises an unexpected exception (a bug a record finds; not an ``EmergError`` such as a
+broker failure or a restored state of another model, nor a ``KafkaException``), the worker
+writes a :class:`~emerg_stream.stream.checkpointing.SuspectNote` with the batch's offsets to the
+changelog before it exits; the next owner of the partition dead-letters those records
+(``poison_pill``), so no record makes the worker exit non-zero twice at the same offset.
 """
 
 from __future__ import annotations
@@ -67,15 +82,17 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from emerg_stream.config import WorkerSettings
-from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
+from emerg_stream.io.records import DeadLetter
 from emerg_stream.stream.changelog import restore_partitions
-from emerg_stream.stream.checkpointing import PartitionMark
+from emerg_stream.stream.checkpointing import SUSPECT_KEY, PartitionMark, SuspectNote
 from emerg_stream.stream.connect import wait_for_brokers
 from emerg_stream.stream.envelope import Inbound, Outbound
 from emerg_stream.stream.faults import FaultInjector
 from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
 from emerg_stream.stream.lag import assigned_lag
+from emerg_stream.stream.limits import check_state_fits, read_output_limits
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
 from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, WarmupProcessor
 from emerg_stream.stream.replay import reader_conf
@@ -87,6 +104,18 @@ log = structlog.get_logger(__name__)
 
 _FLUSH_TIMEOUT_S = 30.0
 _RESTORE_TIMEOUT_S = 120.0
+#: A transient ``produce`` error is retried this long (backoff 50 ms doubling to 2 s).
+_PRODUCE_RETRY_S = 30.0
+#: Attempts of an offset commit whose partitions failed (backoff 200 ms doubling).
+_COMMIT_ATTEMPTS = 4
+#: Delivery errors that belong to one record (it can never be written), not to the broker.
+_RECORD_ERRORS = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.INVALID_MSG,
+}
 #: Commit errors of a member that lost its generation: not fatal, the marks resume it.
 _REBALANCE_CODES = {
     KafkaError.ILLEGAL_GENERATION,
@@ -174,6 +203,7 @@ class Worker:
             pending_max_age_ms=settings.pending_max_age_ms,
             metrics=self.metrics,
             auc_window=settings.auc_window,
+            inputs=settings.inputs,
         )
         #: Crash points for the fault-injection tests (``EMERG_FAULT_INJECT``; off if unset).
         self.faults = FaultInjector.from_env()
@@ -261,6 +291,7 @@ class Worker:
                     break
                 self._flow_control(batch)
                 self.metrics.set_lag(assigned_lag(self._consumer))
+                self.metrics.set_held(self.topics.interactions, self.processor.held())
             self._checkpoint()
         except BaseException:
             self._failed = True
@@ -298,6 +329,29 @@ class Worker:
                 f"changelog {self.topics.changelog!r} has {counts[self.topics.changelog]} "
                 f"partitions, fewer than the {n} input partitions it mirrors"
             )
+        admin = AdminClient(conf)
+        try:
+            limits = read_output_limits(
+                admin, self.topics.changelog, self.topics.dead_letter, producer_conf(self.settings)
+            )
+        finally:
+            del admin
+        bound = check_state_fits(
+            self.settings.inputs,
+            limits,
+            k=self.handler.k,
+            dedupe_window=self.settings.dedupe_window,
+            n_fields=self.handler.n_fields,
+            dim=self.handler.dim,
+        )
+        self.processor.use_limits(limits)
+        log.info(
+            "record_limits",
+            changelog=limits.changelog,
+            dead_letter=limits.dead_letter,
+            sources=dict(limits.sources or {}),
+            state_bound=bound,
+        )
         return n
 
     def _flow_control(self, batch: list[Inbound]) -> None:
@@ -369,7 +423,15 @@ class Worker:
 
     def _handle(self, batch: list[Inbound]) -> None:
         t0 = time.perf_counter()
-        outputs, summary = self.processor.process(batch)
+        try:
+            outputs, summary = self.processor.process(batch)
+        except (EmergError, KafkaException):
+            # the cluster, the set-up or the restored state (another model's, corrupt),
+            # not a record: restart as it is, nothing is dead-lettered for it
+            raise
+        except Exception as exc:
+            self._suspect(batch, exc)
+            raise
         cp = self.processor.checkpoint()
         t1 = time.perf_counter()
         self._settle()
@@ -403,15 +465,84 @@ class Worker:
 
     # -- producing and checkpointing -------------------------------------------------
 
+    def _suspect(self, batch: list[Inbound], exc: BaseException) -> None:
+        """The poison-pill guard: note the batch's offsets in the changelog, then exit.
+
+        Best effort (the process is going down): the note goes through a producer of its
+        own (plain, idempotent; the worker's may be transactional or broken by then),
+        flushed for up to 10 s, and a failure to write it is logged, not raised over the
+        original error.
+        """
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        by_partition: dict[int, dict[str, set[int]]] = {}
+        roles = {self.topics.items: "items", self.topics.interactions: "interactions"}
+        for m in batch:
+            role = roles.get(m.topic)
+            if role is not None:
+                by_partition.setdefault(m.partition, {}).setdefault(role, set()).add(m.offset)
+        log.error("poison_suspected", error=error, partitions=sorted(by_partition))
+        try:
+            producer = Producer(producer_conf(self.settings))
+            for p, offsets in sorted(by_partition.items()):
+                note = SuspectNote(p, {r: frozenset(o) for r, o in offsets.items()}, error)
+                note = note.merged(self.processor.suspects.get(p))
+                producer.produce(self.topics.changelog, note.encode(), SUSPECT_KEY, p)
+            left = producer.flush(10.0)
+            if left:
+                log.error("poison_note_not_written", undelivered=left)
+        except (KafkaException, BufferError) as err:
+            log.error("poison_note_not_written", error=str(err))
+
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None and self._delivery_error is None:
+        if err is None:
+            return
+        topic = msg.topic() or ""
+        if err.code() in _RECORD_ERRORS and topic != self.topics.changelog:
+            self._refused(topic, msg.value(), err)  # that record only: the loop goes on
+            return
+        if self._delivery_error is None:
             self._delivery_error = err
 
+    def _refused(self, topic: str, value: bytes | None, err: KafkaError) -> None:
+        """An output record refused for good: logged and counted; a dead letter re-sent bare."""
+        self.metrics.outputs_refused.labels(topic=topic, error=err.name()).inc()
+        log.error(
+            "output_refused", topic=topic, bytes=len(value or b""), error=err.str(), code=err.name()
+        )
+        if topic != self.topics.dead_letter or value is None or self._producer is None:
+            return
+        serde = self.processor.dead.serde
+        try:
+            d = serde.decode(value)
+        except SchemaError as exc:  # logged; the dead letter is then lost
+            log.error("dead_letter_not_resent", error=str(exc))
+            return
+        if d.get("truncated") and d["value"] is None:
+            return  # already bare: nothing smaller to send
+        bare: DeadLetter = {
+            **d,
+            "key": None,
+            "value": None,
+            "truncated": True,
+            "message": (f"raw bytes left out: {err.name()}; " + d["message"])[:2000],
+        }
+        try:
+            self._producer.produce(topic, serde.encode(bare), on_delivery=self._on_delivery)
+        except (KafkaException, BufferError) as exc:  # logged; the dead letter is then lost
+            log.error("dead_letter_not_resent", error=str(exc))
+
     def _produce(self, records: list[Outbound]) -> None:
+        """Produce ``records`` in order (see the module docstring for the error policy).
+
+        Raises:
+            TransientError: The producer is closed, a transient error outlasted
+                ``_PRODUCE_RETRY_S``, or an item state was refused.
+        """
         producer = self._producer
         if producer is None:
             raise TransientError("the producer is closed")
         for r in records:
+            wait, deadline = 0.05, time.monotonic() + _PRODUCE_RETRY_S
             while True:
                 try:
                     if r.partition is None:
@@ -423,6 +554,24 @@ class Worker:
                     break
                 except BufferError:
                     producer.poll(0.05)  # local queue full: let deliveries drain
+                except KafkaException as exc:
+                    err: KafkaError = exc.args[0]
+                    if err.fatal():
+                        raise TransientError(f"fatal producer error: {err.str()}") from exc
+                    if err.retriable() or err.code() == KafkaError._QUEUE_FULL:
+                        if time.monotonic() > deadline:
+                            raise TransientError(f"produce kept failing: {err.str()}") from exc
+                        log.warning("produce_retried", topic=r.topic, error=err.str(), wait_s=wait)
+                        producer.poll(wait)
+                        wait = min(2.0, wait * 2)
+                        continue
+                    if r.topic == self.topics.changelog:
+                        raise TransientError(
+                            f"an item state was refused ({err.str()}, {len(r.value or b''):,} "
+                            f"bytes): the changelog must hold what the marks claim"
+                        ) from exc
+                    self._refused(r.topic, r.value, err)
+                    break
 
     def _flush(self) -> None:
         producer = self._producer
@@ -464,16 +613,7 @@ class Worker:
         self._marks.update(cp.marks)
         if cp.offsets and self._consumer is not None:
             tps = [TopicPartition(t, p, o) for (t, p), o in sorted(cp.offsets.items())]
-            try:
-                self._consumer.commit(offsets=tps, asynchronous=False)
-            except KafkaException as exc:
-                code = exc.args[0].code() if exc.args else None
-                if not in_revoke and code not in _REBALANCE_CODES:
-                    raise TransientError(f"offset commit failed: {exc}") from exc
-                # The marks just flushed are authoritative; the next owner (this worker
-                # after it rejoins, e.g. when the broker froze past the session timeout)
-                # restores them from the changelog and resumes there.
-                log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
+            self._commit_offsets(self._consumer, tps, in_revoke=in_revoke)
             self.faults.hit("after_commit")
         self.checkpoints += 1
         self._write_stats()
@@ -482,6 +622,57 @@ class Worker:
         """Drain the pipeline: everything processed is durable and committed."""
         self._settle(in_revoke=in_revoke)
         self._settle(in_revoke=in_revoke)
+
+    def _commit_offsets(
+        self, consumer: Consumer, tps: list[TopicPartition], *, in_revoke: bool
+    ) -> None:
+        """Commit synchronously, check every partition's result, retry what failed.
+
+        A commit that raises is retried whole; one whose result names failed partitions
+        is retried for those. After :data:`_COMMIT_ATTEMPTS` it raises, unless the member
+        lost its generation (a rebalance: the marks just flushed are authoritative and
+        the next owner resumes from them) or the commit runs in a revoke.
+
+        Raises:
+            TransientError: A partition could not be committed.
+        """
+        todo, wait = tps, 0.2
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                result = consumer.commit(offsets=todo, asynchronous=False)
+            except KafkaException as exc:
+                code = exc.args[0].code() if exc.args else None
+                if in_revoke or code in _REBALANCE_CODES:
+                    # The marks just flushed are authoritative; the next owner (this
+                    # worker after it rejoins, e.g. when the broker froze past the
+                    # session timeout) restores them from the changelog and resumes there.
+                    log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
+                    return
+                failed_names = [f"{tp.topic}[{tp.partition}]" for tp in todo]
+                error = str(exc)
+            else:
+                failed = [(tp, tp.error) for tp in (result or []) if tp.error is not None]
+                if not failed:
+                    return
+                codes = {e.code() for _, e in failed}
+                if in_revoke or codes <= _REBALANCE_CODES:
+                    names = [f"{tp.topic}[{tp.partition}]: {e.str()}" for tp, e in failed]
+                    log.warning("commit_failed_in_rebalance", partitions=names, in_revoke=in_revoke)
+                    return
+                todo = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp, _ in failed]
+                failed_names = [f"{tp.topic}[{tp.partition}]" for tp, _ in failed]
+                error = "; ".join(e.str() for _, e in failed)
+            self.metrics.commit_retries.inc(len(todo))
+            log.warning(
+                "commit_partition_failed", partitions=failed_names, error=error, attempt=attempt
+            )
+            if attempt == _COMMIT_ATTEMPTS:
+                raise TransientError(
+                    f"offset commit failed for {', '.join(failed_names)} after {attempt} "
+                    f"attempts: {error}"
+                )
+            time.sleep(wait)
+            wait *= 2
 
     def _write_stats(self) -> None:
         if self.stats_path is None:
@@ -542,7 +733,7 @@ class Worker:
             self.restored_items += sum(len(r.items) for r in restored.values())
             for p in sorted(numbers):
                 r = restored[p]
-                starts = self.processor.assign(p, r.items, r.mark)
+                starts = self.processor.assign(p, r.items, r.mark, r.suspect)
                 if r.mark is not None:
                     self._marks[p] = r.mark
                 for role, topic in (

@@ -67,12 +67,16 @@ def expected_totals(world: ww.World, dupes: list[Any]) -> dict[str, dict[str, in
             "duplicate": 0,
             "dead_lettered": 0,
             "ignored_old_item": len(world.old_ids),
+            "conflicting_item": 0,
+            "conflicting_event": 0,
         },
         "interactions": {
             "applied": len(world.interactions) - n_old,
             "duplicate": len(dupes) - dup_old,
             "dead_lettered": 0,
             "ignored_old_item": n_old + dup_old,
+            "conflicting_item": 0,
+            "conflicting_event": 0,
         },
     }
 
@@ -416,6 +420,8 @@ def test_a_dead_letter_replayed_after_the_fix_is_applied(
         "duplicate": 0,
         "dead_lettered": 1,
         "ignored_old_item": 0,
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     print(f"\n[dlq] {out.stdout.strip()}; worker counts {worker.counts.interactions}")
 

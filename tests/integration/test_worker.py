@@ -265,12 +265,16 @@ def test_end_to_end_params_equal_the_offline_protocol(
         "duplicate": len(dupes) - dup_old,
         "dead_lettered": 0,
         "ignored_old_item": n_old + dup_old,
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     assert c.items == {
         "applied": len(world.new_ids),
         "duplicate": 0,
         "dead_lettered": 0,
         "ignored_old_item": len(world.old_ids),
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     assert mark_totals(latest_marks(kafka_conf, topics)) == c.to_dict()
     applied = c.interactions["applied"]
@@ -451,7 +455,8 @@ def test_bad_records_are_dead_lettered_and_the_worker_keeps_going(
     assert c.total("interactions") == n_in  # every record exactly one outcome
     assert c.interactions["applied"] == len(rows)
     assert c.interactions["dead_lettered"] == sum(1 for b in bad if b[1] == topics.interactions)
-    assert c.items == {"applied": 2, "duplicate": 0, "dead_lettered": 2, "ignored_old_item": 0}
+    assert c.items == dict(c.items, applied=2, duplicate=0, dead_lettered=2, ignored_old_item=0)
+    assert c.total("items") == 4
 
 
 # -- (2b) interactions far ahead of their items ---------------------------------------
@@ -543,6 +548,8 @@ def test_kill_9_mid_stream_then_restart_changes_nothing(
         "duplicate": len(dupes) - dup_old,
         "dead_lettered": 0,
         "ignored_old_item": n_old + dup_old,
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     assert sum(totals["items"].values()) == len(world.items)
     final = read_stats(stats2)

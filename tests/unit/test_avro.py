@@ -73,6 +73,10 @@ DEAD_LETTER: DeadLetter = {
     "error_kind": "decode",
     "message": "wrong magic byte 0x07",
     "failed_time": T0 + 20,
+    "truncated": False,
+    "value_size": 9,
+    "value_sha256": "0" * 64,
+    "key_size": 8,
 }
 ITEM_STATE: ItemState = {
     "item_id": "movie-42",
@@ -96,6 +100,7 @@ ITEM_STATE: ItemState = {
     ],
     "recent_event_ids": ["e-1"],
     "recent_event_hashes": bytes(range(8)),
+    "recent_content_hashes": bytes(range(4)),
     "adjacency": [1.0, 0.5, 0.5, 1.0],
     "id_embedding": [0.5, 0.25],
     "n_fields": 2,

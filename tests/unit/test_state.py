@@ -20,7 +20,7 @@ from emerg_stream.io.records import ItemState
 from emerg_stream.io.schemas import load_manifest, load_schema
 from emerg_stream.state import ItemMap, RecentIds, StateStore, SupportRows, crossed_phase
 from emerg_stream.state.codec import ItemStateCodec
-from emerg_stream.state.dedupe import event_hash
+from emerg_stream.state.dedupe import CONFLICT, DUPLICATE, NEW, content_digest, event_hash
 from emerg_stream.state.item import ItemTask
 
 ROW = {
@@ -125,6 +125,31 @@ def test_recent_ids_detect_duplicates_within_the_window_only():
     assert list(r.hashes()) == [event_hash(i) for i in ("c", "d", "a")]  # oldest first
     with pytest.raises(ValueError):
         RecentIds(0)
+
+
+def test_recent_ids_tell_a_conflicting_event_from_a_duplicate_through_a_round_trip():
+    """Same id + same content: duplicate; same id + other content: conflict (the first
+    stays); the digests survive the ring's wrap-around and a changelog round trip; a
+    window restored without digests (an older state) answers duplicate for both."""
+    a = {"item_id": "i", "user_id": "u1", "label": 1, "categorical": {}, "multi": {}}
+    a = {**a, "numeric": {"age": 30.0}, "event_time": 5}
+    b = dict(a, label=0)
+    two = dict(a, categorical={"x": "1", "y": "2"})
+    assert content_digest(two) == content_digest(dict(a, categorical={"y": "2", "x": "1"}))
+    assert content_digest(two) != content_digest(a) != content_digest(dict(a, event_time=6))
+    r = RecentIds(3)
+    assert r.check("e0", content_digest(a)) == NEW
+    for j in range(1, 5):  # wraps the ring of 3: e0 and e1 are forgotten
+        assert r.check(f"e{j}", content_digest(dict(a, event_time=j))) == NEW
+    assert r.check("e4", content_digest(dict(a, event_time=4))) == DUPLICATE
+    assert r.check("e4", content_digest(dict(b, event_time=4))) == CONFLICT
+    assert r.check("e0", content_digest(b)) == NEW  # forgotten: new again
+    again = RecentIds.from_bytes(3, r.to_bytes(), r.content_bytes())
+    assert again == r
+    assert again.check("e0", content_digest(a)) == CONFLICT
+    assert again.check("e0", content_digest(b)) == DUPLICATE
+    blind = RecentIds.from_bytes(3, r.to_bytes())
+    assert blind.check("e0", content_digest(a)) == DUPLICATE
 
 
 def test_event_hash_is_the_documented_blake2b_digest():
@@ -276,7 +301,8 @@ def test_a_damaged_value_decodes_or_raises_schema_error(cut, flip, drop):
 
 
 def test_state_bytes_per_item_stay_small():
-    """K=20 support rows with four user features, F=9, D=16, 64 recent ids: ~2 KiB."""
+    """K=20 support rows with four user features, F=9, D=16, 64 recent ids (8-byte hashes
+    and 4-byte content digests): ~2.8 KiB."""
     codec = ItemStateCodec(dedupe_window=64)
     row = {
         **ROW,
@@ -290,7 +316,7 @@ def test_state_bytes_per_item_stay_small():
     )
     task.recent = RecentIds(64, [f"ml-1m:{900000 + i}" for i in range(64)])
     task.set_params(np.zeros(81), np.zeros(16))
-    assert len(codec.encode(task)) <= 2600
+    assert len(codec.encode(task)) <= 2900
 
 
 def test_decoded_items_hold_under_4_kib_each():

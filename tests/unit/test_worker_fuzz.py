@@ -162,7 +162,12 @@ def test_every_fuzzed_record_ends_in_exactly_one_outcome(
         m = by_source[src]
         assert d["value"] == m.value and d["key"] == m.key
         assert d["error_kind"] in ERROR_KINDS and d["message"]
-    counted = proc.counts.items["dead_lettered"] + proc.counts.interactions["dead_lettered"]
+    # dead-lettered records, plus a copy of each conflicting one (its own outcome)
+    counted = sum(
+        proc.counts.of(role)[o]
+        for role in ("items", "interactions")
+        for o in ("dead_lettered", "conflicting_item", "conflicting_event")
+    )
     assert len(dead) == counted
     # what passes validation never poisons a model output (no NaN/inf params or scores)
     for o in out:

@@ -96,6 +96,8 @@ def test_200k_unclicked_items_and_a_flood_of_orphan_clicks_stay_bounded(handler)
         "duplicate": 0,
         "dead_lettered": N_ORPHANS - PENDING_MAX,
         "ignored_old_item": 0,
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     assert dead == N_ORPHANS - PENDING_MAX
     per_item = (peak - rss0) * 1024 * 1024 / N_ITEMS

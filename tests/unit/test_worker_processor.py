@@ -262,6 +262,8 @@ def test_counts_conserve_and_duplicates_are_dropped(world, handler, offline):
         "duplicate": 1,
         "dead_lettered": 0,
         "ignored_old_item": len(world.old_ids),
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     n_old_rows = sum(1 for r in world.interactions if r["item_id"] in world.old_ids)
     dup_old = sum(1 for r in again if r["item_id"] in world.old_ids)
@@ -359,6 +361,8 @@ def test_bad_records_are_dead_lettered_with_their_reason(world, handler):
         "duplicate": 0,
         "dead_lettered": len(cases),
         "ignored_old_item": 0,
+        "conflicting_item": 0,
+        "conflicting_event": 0,
     }
     assert proc.counts.items["dead_lettered"] == 1
 

@@ -153,7 +153,11 @@ def quota_cgroup(cpus: float, root: Path = Path("/sys/fs/cgroup")) -> Iterator[P
 
 @dataclass
 class Run:
-    """One child run: wall and CPU seconds, load at its start and end, threads used."""
+    """One child run: wall and CPU seconds, load at its start and end, threads used.
+
+    A run killed at ``--run-timeout-s`` has ``timed_out`` and its wall time is a lower
+    bound (shown as ``>N``).
+    """
 
     wall_s: float
     cpu_s: float
@@ -161,6 +165,7 @@ class Run:
     load_end: float | None
     threads: int | None
     job_s: float | None
+    timed_out: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -175,6 +180,10 @@ class Cell:
     @property
     def wall_s(self) -> float:
         return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def timed_out(self) -> bool:
+        return any(r.timed_out for r in self.runs)
 
     def loads(self) -> str:
         return "/".join(f"{r.load_start}-{r.load_end}" for r in self.runs)
@@ -226,10 +235,18 @@ def run_child(
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline:  # recorded as a timed-out run, not a crash
             proc.kill()
-            os.wait4(proc.pid, 0)
-            raise RuntimeError(f"{' '.join(cmd)} ran past {timeout_s} s; see {log}")
+            _, _, usage = os.wait4(proc.pid, 0)
+            return Run(
+                wall_s=time.perf_counter() - t0,
+                cpu_s=usage.ru_utime + usage.ru_stime,
+                load_start=load_start,
+                load_end=load1(),
+                threads=_threads_logged(log),
+                job_s=None,
+                timed_out=True,
+            )
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -292,8 +309,11 @@ def run_condition(
                     cells[variant].runs.append(make_run(variant, join))
             else:
                 cells[variant].runs.append(make_run(variant, None))
+            last = cells[variant].runs[-1]
             print(
-                f"# {condition} {variant}: {cells[variant].runs[-1].wall_s:.1f} s",
+                f"# {condition} {variant}: {last.wall_s:.1f} s (job {last.job_s} s, cpu "
+                f"{last.cpu_s:.1f} s, {last.threads} threads, load {last.load_start}-"
+                f"{last.load_end}{', timed out' if last.timed_out else ''})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -313,6 +333,7 @@ def summarise(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
             base = alone.get(variant)
             row[variant] = {
                 "wall_s": cell.wall_s,
+                "timed_out": cell.timed_out,
                 "vs_alone": cell.wall_s / base.wall_s if base and cond != "alone" else None,
                 "runs": [r.to_dict() for r in cell.runs],
             }
@@ -350,7 +371,8 @@ def markdown(
             threads = {r.threads for r in c.runs if r.threads is not None}
             th = f", {'/'.join(map(str, sorted(threads)))} thr" if threads else ""
             ratio_s = f" ({ratio:.2f}x)" if ratio is not None else ""
-            row.append(f"{c.wall_s:.1f}{ratio_s}{th} [{c.loads()}]")
+            lower = ">" if c.timed_out else ""
+            row.append(f"{lower}{c.wall_s:.1f}{ratio_s}{th} [{c.loads()}]")
         avb = summary[cond].get("after_vs_before")
         row.append(f"{avb:.2f}" if avb is not None else "-")
         rows.append(row)

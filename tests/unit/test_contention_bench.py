@@ -73,7 +73,13 @@ def test_summary_ratios_and_targets():
             "one-thread": contention.Cell([run(15, 1)]),
         },
     }
+    cells["spin3"] = {
+        "before": contention.Cell([contention.Run(90, 20, 5.0, 6.0, None, None, timed_out=True)]),
+        "after": contention.Cell([run(30, 2)]),
+        "one-thread": contention.Cell([run(30, 1)]),
+    }
     s = contention.summarise(cells)
+    assert s["spin3"]["before"]["timed_out"] and not s["spin3"]["after"]["timed_out"]
     assert s["spin1"]["after"]["vs_alone"] == pytest.approx(2.0)
     assert s["spin1"]["before"]["vs_alone"] == pytest.approx(4.0)
     assert s["spin1"]["after_vs_before"] == pytest.approx(0.6)
@@ -82,3 +88,4 @@ def test_summary_ratios_and_targets():
     assert not s["targets"]["pinned"]["met"]
     md = contention.markdown(cells, s, {"quota": "no cgroup"})
     assert "quota: skipped (no cgroup)" in md and "NOT met" in md
+    assert "| spin3 | >90.0 (9.00x) [5.0-6.0] |" in md

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from emerg_stream.config import WorkerSettings
 
 HELP = "Run the warm-up worker: items + interactions -> item params, predictions, changelog."
+#: The supervisor of several members computes nothing: each member applies its own share
+#: of the threads (``run_member``), so the command line need not import torch here.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

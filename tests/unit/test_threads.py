@@ -199,3 +199,18 @@ def test_torch_numpy_and_the_wait_policy_follow_the_rule() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1].split() == ["1", "1", "PASSIVE", "1"]
+
+
+def test_one_owner_sets_threads() -> None:
+    """Only emerg_stream/threads.py counts CPUs or sets thread counts in the package and jobs."""
+    owner = REPO_ROOT / "emerg_stream" / "threads.py"
+    needles = ("set_num_threads(", "set_num_interop_threads(", "sched_getaffinity(", "cpu_count(")
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {needle}"
+        for folder in ("emerg_stream", "jobs")
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        if path != owner
+        for needle in needles
+        if needle in path.read_text()
+    ]
+    assert offenders == []

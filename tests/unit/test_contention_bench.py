@@ -84,8 +84,10 @@ def test_summary_ratios_and_targets():
     assert s["spin1"]["before"]["vs_alone"] == pytest.approx(4.0)
     assert s["spin1"]["after_vs_before"] == pytest.approx(0.6)
     assert s["targets"]["spin1"]["met"]
-    assert s["targets"]["pinned"]["after"] == pytest.approx(16 / 14)
-    assert not s["targets"]["pinned"]["met"]
+    assert s["pinned"]["after_vs_one_thread_alone"] == pytest.approx(16 / 14)
+    assert s["targets"]["pinned"]["after"] == pytest.approx(16 / 15)  # the pinned one-thread
+    assert s["targets"]["pinned"]["met"]
+    assert not s["targets"]["spin3"]["met"]
     md = contention.markdown(cells, s, {"quota": "no cgroup"})
-    assert "quota: skipped (no cgroup)" in md and "NOT met" in md
+    assert "quota: skipped (no cgroup)" in md and "target spin3: after 3.00x" in md
     assert "| spin3 | >90.0 (9.00x) [5.0-6.0] |" in md

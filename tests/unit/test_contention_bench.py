@@ -75,7 +75,7 @@ def test_summary_ratios_and_targets():
     }
     cells["spin3"] = {
         "before": contention.Cell([contention.Run(90, 20, 5.0, 6.0, None, None, timed_out=True)]),
-        "after": contention.Cell([run(30, 2)]),
+        "after": contention.Cell([run(36, 2)]),
         "one-thread": contention.Cell([run(30, 1)]),
     }
     s = contention.summarise(cells)

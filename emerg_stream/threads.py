@@ -75,6 +75,8 @@ THREAD_ENV_VARS = (
 #: OpenMP wait policy unless the user set one: threads that wait sleep instead of spinning
 #: on a core another process needs.
 OMP_WAIT_POLICY = "PASSIVE"
+#: The ``OMP_NUM_THREADS`` this process wrote (not a user's cap when read back).
+_written_omp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -284,10 +286,6 @@ def resolve_threads(
                 usable_from=source,
             )
     return ThreadBudget(threads, source, cpus, quota_cpus, setting)
-
-
-#: The ``OMP_NUM_THREADS`` this process wrote (not a user's cap when read back).
-_written_omp: str | None = None
 
 
 def threads_per_process(budget: ThreadBudget, processes: int) -> int:

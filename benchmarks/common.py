@@ -28,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from emerg_stream.meta.rows import ItemSet, Rows  # noqa: E402
 from emerg_stream.model import EmerG, ModelConfig  # noqa: E402
+from emerg_stream.threads import configure_threads, resolve_threads  # noqa: E402
 
 # ML-1M's field layout (item fields first, the item id at position 0) with vocabulary
 # sizes scaled so the shared table has ~10k rows: (size, tokens per row, multi-valued).
@@ -56,7 +57,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="compute threads (0 = the rule of emerg_stream/threads.py: the CPUs this "
+        "process may use; N = at most N)",
+    )
     p.add_argument("--reps", type=int, default=0, help="repetitions (0 = the script's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
     return p
@@ -72,14 +79,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply --threads, quieten the library's INFO logs (stdout is the report), resolve --device."""
+    """Apply --threads through the thread rule, quieten the library's INFO logs (stdout is
+    the report), resolve --device."""
     import logging
 
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads if args.threads > 0 else None)
     return resolve_device(args.device)
 
 
@@ -104,13 +111,13 @@ def _cpu_model() -> str:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on (load average included: the box is shared)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 0
+    budget = resolve_threads()
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
+        "cpus_usable": budget.threads,
+        "cpus_usable_source": budget.source,
+        "cpu_affinity": budget.affinity,
+        "cpu_quota": budget.quota_cpus,
         "cpu_model": _cpu_model(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import os
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -62,6 +61,7 @@ from emerg_stream.meta.warmup import (
 )
 from emerg_stream.model import EmerG, Phi, Prepared
 from emerg_stream.model.interaction import OrderAttention
+from emerg_stream.threads import resolve_threads
 
 K = 20  # support rows per item
 TARGET = 2000.0  # item-phase updates / s, default config, on the 2 CPU cores
@@ -429,7 +429,7 @@ def threads_compare(model: EmerG, n: int, device: torch.device, reps: int) -> di
     """Autograd warm-up with 1 torch thread vs the current count, interleaved (torch
     threads do not reach the kernel, which runs on the calling thread)."""
     current = torch.get_num_threads()
-    full = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    full = resolve_threads().threads
     if full <= 1 or device.type != "cpu":
         return None
     items, rows = synthetic_items(n, K, seed=8)
@@ -484,7 +484,7 @@ def processes_compare(n: int, reps: int, backend: Backend = "auto") -> dict[str,
     """
     import multiprocessing as mp
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = resolve_threads().threads
     if not cores or cores < 2 or n < cores:
         return None
     seed = 12

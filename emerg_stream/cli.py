@@ -2,7 +2,10 @@
 
 Each job module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``, and imports its heavy dependencies inside ``run`` so that
-``emerg-stream --help`` stays fast.
+``emerg-stream --help`` stays fast. Before a job runs,
+:func:`emerg_stream.threads.configure_threads` decides and applies its compute threads
+(every job: no library starts more threads than the process may use); a job that never
+loads torch says so with ``USES_TORCH = False``, which spares it torch's import.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_path)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _uses_torch=getattr(module, "USES_TORCH", True))
     return parser
 
 
@@ -63,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(json=True if args.log_json else None, level=args.log_level)
     try:
+        from emerg_stream.threads import configure_threads
+
+        configure_threads(load_torch=args._uses_torch)
         code: int = args._run(args)
     except EmergError as exc:
         structlog.get_logger("emerg_stream.cli").error("command_failed", error=str(exc))

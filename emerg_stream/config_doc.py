@@ -68,8 +68,18 @@ def other_variables() -> list[tuple[str, str]]:
     from emerg_stream.io.schemas import SCHEMA_DIR_ENV
     from emerg_stream.model.cpu_kernel import KERNEL_CACHE_ENV
     from emerg_stream.stream.faults import FAULT_ENV
+    from emerg_stream.threads import THREADS_ENV
 
     return [
+        (
+            THREADS_ENV,
+            "Most compute threads a process uses (a positive integer). Every job uses "
+            "min(its CPU affinity, its cgroup CPU quota rounded down, this), logs the number "
+            "and where it came from at start (`threads_resolved`), and applies it to torch, "
+            "OpenMP/MKL/OpenBLAS and Arrow; unset, a user's `OMP_NUM_THREADS` caps it the "
+            "same way. The worker's `--members auto` counts it; each member gets its share. "
+            "See `emerg_stream/threads.py`.",
+        ),
         (
             DATA_DIR_ENV,
             "Folder that holds the dataset folders (`ml-100k/`, `ml-1m/`, `taobao-ad/`); "

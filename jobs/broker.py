@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "Run the embedded Kafka-compatible broker (Tansu, memory only) on 127.0.0.1."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 
 HELP = "print the configuration reference (EMERG_* variables) or the settings in effect"
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

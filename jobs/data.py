@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 
 HELP = "download the MovieLens datasets (verified by sha256) or verify a local copy"
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

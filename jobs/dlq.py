@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "Replay dead letters into their source topics (after the cause is fixed)."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "Replay a dataset's log into the items/interactions topics (held-out test rows left out)."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def _speed(text: str) -> float | None:

@@ -6,6 +6,8 @@ import argparse
 import time
 
 HELP = "Cut a dataset into the public cold-start split (old / warm-a / warm-b / warm-c / test)."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

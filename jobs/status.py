@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "Show the worker group's lag per partition and the number of items per phase."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "Create the pipeline's topics from infra/topics.yaml (idempotent), or check them."
+#: No torch here: the command line does not import it to set its threads.
+USES_TORCH = False
 
 DEFAULT_SPEC = "infra/topics.yaml"
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from emerg_stream.config import WorkerSettings
 
 HELP = "Run the warm-up worker: items + interactions -> item params, predictions, changelog."
+#: The supervisor of several members computes nothing: each member applies its own share
+#: of the threads (``run_member``), so the command line need not import torch here.
+USES_TORCH = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,14 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch-threads",
         type=int,
         default=1,
-        help="intra-op CPU threads (default 1: micro-batch tensors are small, and spinning "
-        "OpenMP threads slow them down several times on a busy machine)",
+        help="most intra-op CPU threads per member (default 1: micro-batch tensors are "
+        "small; more cores are used by more members). Never more than the member's share "
+        "of the CPUs the job may use: affinity, cgroup quota, EMERG_THREADS",
     )
     parser.add_argument(
         "--members",
         default="1",
         help="worker processes in this job, each a member of the group with its own "
-        "partitions and one core: a number, or 'auto' (one per usable CPU core). With "
+        "partitions and one core: a number, or 'auto' (one per CPU the job may use: its "
+        "affinity, its cgroup CPU quota and EMERG_THREADS, whichever is least). With "
         "several, member i serves metrics on --metrics-port + i and writes its stats to "
         "STATS.i.json (default 1)",
     )
@@ -104,9 +109,9 @@ def run_member(args: argparse.Namespace, index: int) -> int:
         settings = settings.model_copy(
             update={"metrics_port": member_port(settings.metrics_port, index)}
         )
-    import torch
+    from emerg_stream.threads import configure_threads
 
-    torch.set_num_threads(max(1, args.torch_threads))
+    configure_threads(processes=members, per_process_max=args.torch_threads)
     handler = TorchWarmupHandler.from_checkpoint(
         settings.checkpoint, settings.device, warmup_backend=settings.warmup_backend
     )

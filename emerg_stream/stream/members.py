@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from emerg_stream.errors import ConfigError
+from emerg_stream.threads import resolve_threads
 
 log = structlog.get_logger(__name__)
 
@@ -42,13 +43,17 @@ STOP_GRACE_S = 60.0
 
 
 def resolve_members(value: str | int) -> int:
-    """Members for ``--members``: a positive number, or ``auto`` (one per usable core).
+    """Members for ``--members``: a positive number, or ``auto``.
+
+    ``auto`` is one member per CPU the job may use (:func:`emerg_stream.threads.resolve_threads`:
+    the affinity, the cgroup CPU quota and ``EMERG_THREADS``, whichever is least), so a
+    pod limited to 2 CPUs on a 64-core node runs 2 members, not 64.
 
     Raises:
         ConfigError: Not ``auto`` and not a positive integer.
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        return resolve_threads().threads
     try:
         n = int(value)
     except ValueError:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import structlog
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,8 +30,15 @@ REGENERATE = "emerg-stream config doc > docs/CONFIGURATION.md"
 
 @pytest.fixture(autouse=True)
 def no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cli.main would bind structlog to this test's captured stderr, closed afterwards."""
-    monkeypatch.setattr("emerg_stream.logging.configure_logging", lambda **_: None)
+    """cli.main would bind structlog to this test's captured stderr, closed afterwards.
+
+    Its log lines (``threads_resolved``) still go to stderr, not into the generated doc on
+    stdout; tests/conftest.py resets structlog after each test.
+    """
+    monkeypatch.setattr(
+        "emerg_stream.logging.configure_logging",
+        lambda **_: structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr)),
+    )
 
 
 @pytest.fixture(autouse=True)

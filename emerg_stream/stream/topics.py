@@ -16,6 +16,7 @@ Roles the file omits get the built-in defaults (:data:`DEFAULT_PARTITIONS`,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,12 @@ def ensure_topics(
                 raise TransientError(f"cannot create topic {name}: {err.str()}") from exc
         except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError
             raise TransientError(f"creating topic {name} timed out after {timeout_s}s") from exc
+    created = [n for n, st in status.items() if st == "created"]
+    if created:  # usable once every broker knows it (see topic_partitions)
+        visible = topic_partitions(admin, created, timeout_s=timeout_s, grace_s=timeout_s)
+        late = sorted(set(created) - set(visible))
+        if late:
+            raise TransientError(f"created topics not visible after {timeout_s}s: {late}")
     existing = [s for s in spec_list if status.get(s.name) == "exists"]
     if existing:
         counts = topic_partitions(admin, [s.name for s in existing], timeout_s=timeout_s)
@@ -258,23 +265,39 @@ def ensure_topics(
 
 
 def topic_partitions(
-    admin: AdminClient, topics: Sequence[str], *, timeout_s: float = 10.0
+    admin: AdminClient,
+    topics: Sequence[str],
+    *,
+    timeout_s: float = 10.0,
+    grace_s: float = 2.0,
 ) -> dict[str, int]:
     """Return topic -> partition count for the topics that exist (missing ones left out).
+
+    A topic created a moment ago may be missing from a broker's metadata for a while
+    (Apache Kafka answers CreateTopics once the controller committed it; each broker
+    learns it from the metadata log afterwards), so topics absent or without leaders are
+    asked for again for up to ``grace_s``: a topic that really is missing costs that
+    long.
 
     Raises:
         TransientError: The cluster did not answer in time.
     """
-    try:
-        md = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise TransientError(f"cannot read cluster metadata: {exc.args[0].str()}") from exc
+    deadline = time.monotonic() + grace_s
     out: dict[str, int] = {}
-    for name in topics:
-        tm = md.topics.get(name)
-        if tm is not None and tm.error is None:
-            out[name] = len(tm.partitions)
-    return out
+    while True:
+        try:
+            md = admin.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise TransientError(f"cannot read cluster metadata: {exc.args[0].str()}") from exc
+        for name in topics:
+            tm = md.topics.get(name)
+            if tm is None or tm.error is not None or not tm.partitions:
+                continue
+            if all(pm.leader >= 0 for pm in tm.partitions.values()):
+                out[name] = len(tm.partitions)
+        if len(out) == len(set(topics)) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.1)
 
 
 def topic_configs(

@@ -22,7 +22,8 @@ with a generated ``server.properties``, a self-signed CA and a server certificat
   ``<run>/<user>.env`` (mode 0600) as ``EMERG_KAFKA__*`` variables, never logged.
 
 The authorizer is the StandardAuthorizer (ACLs in the KRaft metadata log). Transactions
-are on (one replica for the internal topics); the log cleaner wakes every second
+are on (one replica for the internal topics; timed-out transactions are looked for every
+second, not every 10 s); the log cleaner wakes every second
 (``log.cleaner.backoff.ms=1000``) so a topic with small segments compacts in seconds.
 
 Example:
@@ -510,6 +511,8 @@ class ApacheKafka:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # a frozen member's open transaction is aborted within ~1 s of its timeout
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
             "log.cleaner.backoff.ms": "1000",
             "log.cleaner.threads": "1",
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import structlog
 import yaml
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in admin's __all__
     AdminClient,
     ConfigResource,
@@ -41,6 +41,7 @@ __all__ = [
     "ROLES",
     "TopicSpec",
     "TopicStatus",
+    "check_access",
     "check_copartitioned",
     "ensure_topics",
     "load_topic_specs",
@@ -320,6 +321,78 @@ def topic_configs(
             raise TransientError(f"cannot describe configs of {res.name}: {exc}") from exc
         out[res.name] = {k: v.value for k, v in entries.items() if v.value is not None}
     return out
+
+
+def check_access(
+    admin: AdminClient,
+    reads: Sequence[str],
+    writes: Sequence[str],
+    *,
+    who: str = "this client",
+    timeout_s: float = 10.0,
+) -> None:
+    """Refuse to start without READ on ``reads`` or WRITE on ``writes`` (one line).
+
+    Asks the broker which operations the principal may perform on each topic
+    (``DescribeTopics`` with authorized operations, KIP-430), so a missing ACL is named
+    at start instead of failing the first produce later. A broker that does not report
+    them (the embedded Tansu broker) passes: the produce then fails as before.
+
+    Args:
+        admin: An admin client with the job's credentials.
+        reads: Topics the job consumes.
+        writes: Topics the job produces to.
+        who: The principal, for the message (e.g. ``user 'emerg-ranker'``); no secret.
+        timeout_s: Deadline of the request.
+
+    Raises:
+        ConfigError: An operation is not allowed; the message names topic and operation.
+    """
+    need: dict[str, set[str]] = {}
+    for t in reads:
+        need.setdefault(t, set()).add("READ")
+    for t in writes:
+        need.setdefault(t, set()).add("WRITE")
+    if not need:
+        return
+    futures = admin.describe_topics(
+        TopicCollection(sorted(need)),
+        include_authorized_operations=True,
+        request_timeout=timeout_s,
+    )
+    refused: list[str] = []
+    try:
+        _authorized(futures, need, refused, timeout_s)
+    finally:
+        admin.poll(0.1)  # serve the request's last event (else librdkafka logs it at exit)
+    if refused:
+        raise ConfigError(
+            f"{who} is not authorized for {', '.join(refused)}; grant it with an ACL "
+            f"(kafka-acls.sh --add --allow-principal User:<name> --operation <op> --topic <t>)"
+        )
+
+
+def _authorized(
+    futures: Mapping[str, Any], need: Mapping[str, set[str]], refused: list[str], timeout_s: float
+) -> None:
+    """Append to ``refused`` what the DescribeTopics answers do not allow."""
+    for topic, fut in sorted(futures.items()):
+        try:
+            desc = fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                refused.append(f"DESCRIBE on topic {topic!r}")
+            continue  # missing topics are reported by the caller's own checks
+        except TimeoutError:
+            continue
+        ops = getattr(desc, "authorized_operations", None)
+        if not ops:
+            continue  # not reported by this broker
+        allowed = {op.name for op in ops}
+        if "ALL" in allowed:
+            continue
+        refused += [f"{op} on topic {topic!r}" for op in sorted(need[topic] - allowed)]
 
 
 def check_copartitioned(

@@ -658,7 +658,9 @@ class Worker:
             self._consumer.close()
             self._consumer = None
         if self._producer is not None:
-            self._producer.flush(_FLUSH_TIMEOUT_S)
+            # exactly_once: each batch's commit flushed it; a fenced producer would raise
+            if self._txn is None:
+                self._producer.flush(_FLUSH_TIMEOUT_S)
             self._producer = None
         if self._restorer is not None:
             self._restorer.close()

@@ -667,10 +667,17 @@ class ApacheKafka:
 
 
 def _kafka_uuid() -> str:
-    """A random Kafka cluster id (a UUID, URL-safe base64 without padding)."""
+    """A random Kafka cluster id (a UUID, URL-safe base64 without padding).
+
+    Never one starting with ``-``: kafka-storage's argument parser takes it for an option
+    (one start in ~64 failed so).
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _openssl(*args: str, cwd: Path) -> None:

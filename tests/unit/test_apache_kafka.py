@@ -13,6 +13,7 @@ from emerg_stream.stream.apache_kafka import (
     KAFKA_VERSION,
     PRINCIPALS,
     _acl_bindings,
+    _kafka_uuid,
     _pom,
     kafka_cache_dir,
 )
@@ -65,3 +66,9 @@ def test_processing_guarantee_is_a_checked_setting(monkeypatch):
     monkeypatch.setenv("EMERG_MEMBER_NAME", "has space")
     with pytest.raises(ConfigError, match="EMERG_MEMBER_NAME"):
         load_settings(WorkerSettings)
+
+
+def test_cluster_ids_never_look_like_an_option():
+    ids = [_kafka_uuid() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)

@@ -9,14 +9,8 @@ from confluent_kafka.admin import AclOperation, ResourceType
 
 from emerg_stream.config import WorkerSettings, load_settings
 from emerg_stream.errors import ConfigError
-from emerg_stream.stream.apache_kafka import (
-    KAFKA_VERSION,
-    PRINCIPALS,
-    _acl_bindings,
-    _kafka_uuid,
-    _pom,
-    kafka_cache_dir,
-)
+from emerg_stream.stream.apache_kafka import PRINCIPALS, _acl_bindings, _kafka_uuid
+from emerg_stream.stream.kafka_dist import KAFKA_VERSION, _pom, kafka_cache_dir
 from emerg_stream.stream.transactions import transactional_id
 
 
@@ -72,3 +66,24 @@ def test_cluster_ids_never_look_like_an_option():
     ids = [_kafka_uuid() for _ in range(2000)]
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
+
+
+def test_a_failed_start_leaves_no_run_folder(monkeypatch, tmp_path):
+    import shutil
+
+    import emerg_stream.stream.apache_kafka as ak
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl")
+    monkeypatch.setattr(ak, "fetch_kafka", lambda version: tmp_path)
+    monkeypatch.setattr(ak, "find_java", lambda: tmp_path / "java")
+    made: list[Path] = []
+
+    def refuse(self: ak.ApacheKafka, java: Path, lib: Path, props: Path) -> None:
+        made.append(self._dir())
+        raise ConfigError("format refused")
+
+    monkeypatch.setattr(ak.ApacheKafka, "_format", refuse)
+    with pytest.raises(ConfigError, match="format refused"):
+        ak.ApacheKafka().start()
+    assert made and not made[0].exists()

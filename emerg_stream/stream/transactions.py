@@ -59,6 +59,13 @@ __all__ = ["PROBE_KEY", "TransactionalCheckpoint", "default_member_name", "trans
 
 log = structlog.get_logger(__name__)
 
+#: Offsets refused because the member's group generation ended (a zombie): fenced.
+_GENERATION_CODES = {
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.FENCED_INSTANCE_ID,
+}
+
 #: Changelog key of the isolation probe (a tombstone; never a valid item id).
 PROBE_KEY = b"\x00emerg:txn-probe"
 
@@ -265,4 +272,11 @@ class TransactionalCheckpoint:
             raise TransientError(
                 f"transaction failed ({err.str()}) and its abort too ({abort_exc})"
             ) from exc
-        raise TransientError(f"transaction aborted: {err.str()}") from exc
+        text = err.str()
+        if err.code() in _GENERATION_CODES or "Unknown member" in text or "generation" in text:
+            raise TransientError(
+                f"fenced: the group refused this member's offsets (its generation ended; "
+                f"another member owns its partitions now), the transaction was aborted and "
+                f"nothing of the batch is visible: {text}"
+            ) from exc
+        raise TransientError(f"transaction aborted: {text}") from exc

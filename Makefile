@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint format test test-all demo bench config-doc
+.PHONY: help setup lint format test test-all test-kafka kafka demo bench config-doc
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -31,6 +31,12 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 
 test: $(STAMP) ## the default test run: unit + integration (real embedded broker), no slow tests
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-kafka: $(STAMP) ## every integration test on Apache Kafka (Java 17+, Maven; jars fetched once)
+	EMERG_TEST_BROKER=kafka $(PY) -m pytest -m "integration and not slow and not gpu" tests/integration $(PYTEST_ARGS)
+
+kafka: $(STAMP) ## run Apache Kafka on 127.0.0.1 (PLAINTEXT + SASL_SSL/SCRAM) until Ctrl-C
+	$(VENV)/bin/emerg-stream broker --kafka
 
 test-all: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)

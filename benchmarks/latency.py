@@ -189,6 +189,7 @@ def paced_run(
         f"lat-{uuid.uuid4().hex[:8]}",
         kafka_extra=extra,
         batch_timeout_ms=args.batch_timeout_ms,
+        processing_guarantee=args.guarantee,
     )
     worker = Worker(settings, handler)
     if mode == "fill":
@@ -347,17 +348,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     events = si.load_events(args.limit or None, args.checkpoint)
     handler = TorchWarmupHandler.from_checkpoint(events.checkpoint, "cpu")
 
-    from emerg_stream.stream.broker import EmbeddedBroker
-
     runs: list[dict[str, Any]] = []
-    with EmbeddedBroker() as broker:
+    with si.start_broker(args.broker) as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         # (1) sustainable rate on a backlog
         size = args.backlog or (3000 if args.quick else len(events.records))
         backlog = si.Events(events.source, events.checkpoint, events.records[:size])
         inputs = si.fresh_topics(conf, args.partitions, "lb")
         si.produce_all(conf, inputs, backlog)
-        took, _ = run_worker(handler, broker.bootstrap, inputs, len(backlog.records), 512)
+        took, _ = run_worker(
+            handler, broker.bootstrap, inputs, len(backlog.records), 512, args.guarantee
+        )
         sustainable = len(backlog.records) / took
         rate = args.rate or sustainable / 2
         # (2) paced traffic, each mode on fresh topics, order alternating between reps

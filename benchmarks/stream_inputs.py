@@ -54,6 +54,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint dir")
     p.add_argument("--limit", type=int, default=0, help="interactions replayed (0 = all)")
     p.add_argument("--partitions", type=int, default=2, help="input partitions")
+    p.add_argument(
+        "--broker",
+        choices=["embedded", "kafka"],
+        default="embedded",
+        help="embedded Tansu, or Apache Kafka (KRaft, from the Maven cache; Java 17+)",
+    )
+    p.add_argument(
+        "--guarantee",
+        choices=["at_least_once", "exactly_once"],
+        default="at_least_once",
+        help="the worker's processing_guarantee (exactly_once needs --broker kafka)",
+    )
+
+
+def start_broker(kind: str) -> Any:
+    """An unstarted broker context manager of ``kind`` (``.bootstrap`` once entered)."""
+    if kind == "kafka":
+        from emerg_stream.stream.apache_kafka import ApacheKafka
+
+        return ApacheKafka()
+    from emerg_stream.stream.broker import EmbeddedBroker
+
+    return EmbeddedBroker()
 
 
 def load_events(limit: int | None, checkpoint: Path | None) -> Events:

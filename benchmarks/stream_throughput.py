@@ -137,13 +137,22 @@ def process_offline(
 
 
 def run_worker(
-    handler: TorchWarmupHandler, bootstrap: str, inputs: TopicSettings, n: int, batch: int
+    handler: TorchWarmupHandler,
+    bootstrap: str,
+    inputs: TopicSettings,
+    n: int,
+    batch: int,
+    guarantee: str = "at_least_once",
 ) -> tuple[float, dict[str, Any]]:
     """(c): a worker through Kafka; returns (seconds first batch -> last record, stats)."""
     conf = {"bootstrap.servers": bootstrap}
     topics = si.outputs_like(conf, inputs, "w")
     settings = si.worker_settings(
-        bootstrap, topics, f"bench-{uuid.uuid4().hex[:8]}", batch_max_records=batch
+        bootstrap,
+        topics,
+        f"bench-{uuid.uuid4().hex[:8]}",
+        batch_max_records=batch,
+        processing_guarantee=guarantee,
     )
     worker = Worker(settings, handler)
     marks: dict[str, float] = {}
@@ -206,11 +215,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     n = len(events.records)
 
-    from emerg_stream.stream.broker import EmbeddedBroker
-
     samples: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     extra: dict[str, Any] = {}
-    with EmbeddedBroker() as broker:
+    with si.start_broker(args.broker) as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         inputs = si.fresh_topics(conf, args.partitions, "in")
         inbound, produce_s = si.produce_all(conf, inputs, events)
@@ -240,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             "cumulative"
                         ).print_stats(args.profile)
                 else:
-                    took, extra = run_worker(handler, broker.bootstrap, inputs, n, args.batch)
+                    took, extra = run_worker(
+                        handler, broker.bootstrap, inputs, n, args.batch, args.guarantee
+                    )
                     samples["c"].append(took)
                     got = n
                 if got != n:
@@ -266,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     md += (
         f"\n{n} events ({events.n_items} items, {events.n_interactions} interactions) from "
         f"{events.source}, {args.partitions} partitions, batch {args.batch}, {reps} reps; "
+        f"broker {args.broker}, {args.guarantee}; "
         f"pre-produce {produce_s:.1f}s; torch threads {torch.get_num_threads()}\n"
     )
     result = {
@@ -287,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "met": ratio is not None and ratio >= TARGET,
         "worker_last_run": extra,
         "warmup_backend": args.warmup_backend,
+        "broker": args.broker,
+        "guarantee": args.guarantee,
     }
     emit(result, md, args.json)
     return result

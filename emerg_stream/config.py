@@ -297,6 +297,21 @@ class WorkerSettings(Settings):
         startup_retries: Attempts to reach the brokers at start before giving up.
         startup_backoff_ms: First wait between those attempts; doubles each time.
         startup_backoff_max_ms: Cap of that wait.
+        processing_guarantee: ``at_least_once`` (the default: outputs, then changelog,
+            then offsets, each durable before the next; a crash may repeat predictions
+            and dead letters, never an update) or ``exactly_once`` (one Kafka
+            transaction per batch holding its outputs, changelog and offsets;
+            read-committed readers never see a duplicate or a zombie's output; needs a
+            broker with transactions, refused at start otherwise, e.g. on the embedded
+            Tansu broker). See docs/DEPLOYMENT.md for the cost.
+        member_name: This member's stable name for its ``transactional.id``
+            (``<group_id>.<member_name>``), e.g. the pod name of a StatefulSet, so a
+            restarted member fences its predecessor at once; default
+            ``<hostname>-<pid>`` (a predecessor's open transaction is then aborted after
+            ``transaction_timeout_ms``). Only with ``exactly_once``.
+        transaction_timeout_ms: ``transaction.timeout.ms`` of the transactional
+            producer: how long a frozen member's open transaction can hold back
+            read-committed readers before the broker aborts it.
     """
 
     group_id: str = "emerg-worker"
@@ -318,6 +333,9 @@ class WorkerSettings(Settings):
     startup_retries: int = Field(default=10, ge=0)
     startup_backoff_ms: int = Field(default=500, ge=0)
     startup_backoff_max_ms: int = Field(default=10_000, ge=0)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    member_name: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
 
     @model_validator(mode="after")
     def _check_worker(self) -> WorkerSettings:

@@ -124,6 +124,17 @@ def other_variables() -> list[tuple[str, str]]:
             "Tests only: run the integration tests against this Kafka cluster instead of "
             "the embedded broker.",
         ),
+        (
+            "EMERG_TEST_BROKER",
+            "Tests only: `kafka` runs the integration tests on Apache Kafka started for the "
+            "session (`make test-kafka`); `embedded` (the default) on Tansu.",
+        ),
+        (
+            "EMERG_KAFKA_CACHE",
+            "Folder of the Apache Kafka jars fetched with Maven for `emerg-stream broker "
+            "--kafka` and `make test-kafka` (default `$XDG_CACHE_HOME/emerg-stream`, else "
+            "`~/.cache/emerg-stream`; one `kafka-<version>` folder per version).",
+        ),
     ]
 
 

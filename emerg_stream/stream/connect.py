@@ -26,6 +26,8 @@ log = structlog.get_logger(__name__)
 
 #: How long one attempt waits for the cluster's metadata.
 PROBE_TIMEOUT_S = 5.0
+#: How librdkafka words a TLS failure it reports as a transport error.
+_HANDSHAKE = "SSL handshake failed"
 _AUTH_CODES = {
     KafkaError._AUTHENTICATION,
     KafkaError.SASL_AUTHENTICATION_FAILED,
@@ -86,6 +88,13 @@ def wait_for_brokers(
                 raise ConfigError(
                     f"the cluster at {describe_access(settings.kafka)} refused access: "
                     f"{_one_line(auth[-1].str())}"
+                )
+            tls = [e for e in errors if e.code() == KafkaError._SSL or _HANDSHAKE in e.str()]
+            if tls:
+                raise ConfigError(
+                    f"TLS with the cluster at {describe_access(settings.kafka)} failed (is "
+                    f"EMERG_KAFKA__SSL_CA_LOCATION the CA that signed the brokers' "
+                    f"certificates?): {_one_line(tls[-1].str())}"
                 )
             if attempt == attempts:
                 break

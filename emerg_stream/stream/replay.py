@@ -504,6 +504,9 @@ def reader_conf(consumer_conf: Mapping[str, str]) -> dict[str, str]:
     conf = dict(consumer_conf)
     conf.setdefault("group.id", f"emerg-reader-{uuid.uuid4().hex[:12]}")
     conf.update({"enable.auto.commit": "false", "enable.partition.eof": "false"})
+    # librdkafka's default, explicit: with exactly_once workers, records of open or
+    # aborted transactions are never read (the end read is the last stable offset)
+    conf.setdefault("isolation.level", "read_committed")
     conf.setdefault("auto.offset.reset", "earliest")
     return conf
 
@@ -589,11 +592,17 @@ def read_assigned_to_end(
                 del todo[key]
             yield msg
         if not msgs and todo:
-            # Compaction can leave a gap at the end: the position says we are past it.
+            # Compaction can leave a gap at the end, and a transaction's control records
+            # (or an aborted transaction) are never delivered: the position says we are
+            # past them. A partition that delivered nothing has only the listed end (the
+            # last stable offset for a read_committed reader; on Tansu records arrive).
             for tp in consumer.position([TopicPartition(t, p) for t, p in todo]):
-                end = todo.get((tp.topic, tp.partition))
-                if end is not None and tp.offset >= end:
-                    del todo[(tp.topic, tp.partition)]
+                key = (tp.topic, tp.partition)
+                end = todo.get(key)
+                if end is None:
+                    end = listed[key]
+                if tp.offset >= end:
+                    del todo[key]
 
 
 def _end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tuple[int, int]]:

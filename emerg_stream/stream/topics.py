@@ -16,6 +16,7 @@ Roles the file omits get the built-in defaults (:data:`DEFAULT_PARTITIONS`,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 import structlog
 import yaml
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in admin's __all__
     AdminClient,
     ConfigResource,
@@ -40,6 +41,7 @@ __all__ = [
     "ROLES",
     "TopicSpec",
     "TopicStatus",
+    "check_access",
     "check_copartitioned",
     "ensure_topics",
     "load_topic_specs",
@@ -238,6 +240,12 @@ def ensure_topics(
                 raise TransientError(f"cannot create topic {name}: {err.str()}") from exc
         except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError
             raise TransientError(f"creating topic {name} timed out after {timeout_s}s") from exc
+    created = [n for n, st in status.items() if st == "created"]
+    if created:  # usable once every broker knows it (see topic_partitions)
+        visible = topic_partitions(admin, created, timeout_s=timeout_s, grace_s=timeout_s)
+        late = sorted(set(created) - set(visible))
+        if late:
+            raise TransientError(f"created topics not visible after {timeout_s}s: {late}")
     existing = [s for s in spec_list if status.get(s.name) == "exists"]
     if existing:
         counts = topic_partitions(admin, [s.name for s in existing], timeout_s=timeout_s)
@@ -258,23 +266,39 @@ def ensure_topics(
 
 
 def topic_partitions(
-    admin: AdminClient, topics: Sequence[str], *, timeout_s: float = 10.0
+    admin: AdminClient,
+    topics: Sequence[str],
+    *,
+    timeout_s: float = 10.0,
+    grace_s: float = 2.0,
 ) -> dict[str, int]:
     """Return topic -> partition count for the topics that exist (missing ones left out).
+
+    A topic created a moment ago may be missing from a broker's metadata for a while
+    (Apache Kafka answers CreateTopics once the controller committed it; each broker
+    learns it from the metadata log afterwards), so topics absent or without leaders are
+    asked for again for up to ``grace_s``: a topic that really is missing costs that
+    long.
 
     Raises:
         TransientError: The cluster did not answer in time.
     """
-    try:
-        md = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise TransientError(f"cannot read cluster metadata: {exc.args[0].str()}") from exc
+    deadline = time.monotonic() + grace_s
     out: dict[str, int] = {}
-    for name in topics:
-        tm = md.topics.get(name)
-        if tm is not None and tm.error is None:
-            out[name] = len(tm.partitions)
-    return out
+    while True:
+        try:
+            md = admin.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise TransientError(f"cannot read cluster metadata: {exc.args[0].str()}") from exc
+        for name in topics:
+            tm = md.topics.get(name)
+            if tm is None or tm.error is not None or not tm.partitions:
+                continue
+            if all(pm.leader >= 0 for pm in tm.partitions.values()):
+                out[name] = len(tm.partitions)
+        if len(out) == len(set(topics)) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.1)
 
 
 def topic_configs(
@@ -297,6 +321,78 @@ def topic_configs(
             raise TransientError(f"cannot describe configs of {res.name}: {exc}") from exc
         out[res.name] = {k: v.value for k, v in entries.items() if v.value is not None}
     return out
+
+
+def check_access(
+    admin: AdminClient,
+    reads: Sequence[str],
+    writes: Sequence[str],
+    *,
+    who: str = "this client",
+    timeout_s: float = 10.0,
+) -> None:
+    """Refuse to start without READ on ``reads`` or WRITE on ``writes`` (one line).
+
+    Asks the broker which operations the principal may perform on each topic
+    (``DescribeTopics`` with authorized operations, KIP-430), so a missing ACL is named
+    at start instead of failing the first produce later. A broker that does not report
+    them (the embedded Tansu broker) passes: the produce then fails as before.
+
+    Args:
+        admin: An admin client with the job's credentials.
+        reads: Topics the job consumes.
+        writes: Topics the job produces to.
+        who: The principal, for the message (e.g. ``user 'emerg-ranker'``); no secret.
+        timeout_s: Deadline of the request.
+
+    Raises:
+        ConfigError: An operation is not allowed; the message names topic and operation.
+    """
+    need: dict[str, set[str]] = {}
+    for t in reads:
+        need.setdefault(t, set()).add("READ")
+    for t in writes:
+        need.setdefault(t, set()).add("WRITE")
+    if not need:
+        return
+    futures = admin.describe_topics(
+        TopicCollection(sorted(need)),
+        include_authorized_operations=True,
+        request_timeout=timeout_s,
+    )
+    refused: list[str] = []
+    try:
+        _authorized(futures, need, refused, timeout_s)
+    finally:
+        admin.poll(0.1)  # serve the request's last event (else librdkafka logs it at exit)
+    if refused:
+        raise ConfigError(
+            f"{who} is not authorized for {', '.join(refused)}; grant it with an ACL "
+            f"(kafka-acls.sh --add --allow-principal User:<name> --operation <op> --topic <t>)"
+        )
+
+
+def _authorized(
+    futures: Mapping[str, Any], need: Mapping[str, set[str]], refused: list[str], timeout_s: float
+) -> None:
+    """Append to ``refused`` what the DescribeTopics answers do not allow."""
+    for topic, fut in sorted(futures.items()):
+        try:
+            desc = fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                refused.append(f"DESCRIBE on topic {topic!r}")
+            continue  # missing topics are reported by the caller's own checks
+        except TimeoutError:
+            continue
+        ops = getattr(desc, "authorized_operations", None)
+        if not ops:
+            continue  # not reported by this broker
+        allowed = {op.name for op in ops}
+        if "ALL" in allowed:
+            continue
+        refused += [f"{op} on topic {topic!r}" for op in sorted(need[topic] - allowed)]
 
 
 def check_copartitioned(

@@ -32,6 +32,12 @@ appear twice. A crash between steps 2 and 3 resumes from the mark, which is
 authoritative, so nothing is applied or counted twice (see
 :mod:`emerg_stream.stream.checkpointing`).
 
+With ``processing_guarantee=exactly_once`` the pipeline above is replaced by one Kafka
+transaction per batch holding its outputs, its changelog records and its input offsets
+(:mod:`emerg_stream.stream.transactions`, :meth:`Worker._commit_transaction`): nothing of
+a batch is visible to read-committed readers before it commits, so a crash or a zombie
+leaves no duplicate prediction either.
+
 Rebalances use the eager ``range`` assignor: it gives a member the same partition
 numbers of the two co-partitioned topics (cooperative-sticky does not promise that, and
 on Tansu it took ~11 s per rebalance against ~4 s for eager). On revoke the worker
@@ -96,7 +102,8 @@ from emerg_stream.stream.limits import check_state_fits, read_output_limits
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
 from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, WarmupProcessor
 from emerg_stream.stream.replay import reader_conf
-from emerg_stream.stream.topics import check_copartitioned, topic_partitions
+from emerg_stream.stream.topics import check_access, check_copartitioned, topic_partitions
+from emerg_stream.stream.transactions import TransactionalCheckpoint, transactional_id
 
 __all__ = ["Worker", "consumer_conf", "producer_conf"]
 
@@ -147,6 +154,9 @@ def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": str(settings.session_timeout_ms),
             "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
+            # librdkafka's default, explicit: records of open or aborted transactions
+            # (exactly_once) are never processed
+            "isolation.level": "read_committed",
         }
     )
     # Shorter than librdkafka's 500 ms: a fetch waiting that long showed up in the
@@ -214,6 +224,8 @@ class Worker:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._restorer: Consumer | None = None
+        #: The transactional checkpoint (``exactly_once`` only).
+        self._txn: TransactionalCheckpoint | None = None
         self._last_activity = time.monotonic()
         self._marks: dict[int, PartitionMark] = {}
         # The checkpoint pipeline (see _settle): the last batch's checkpoint, whose
@@ -263,7 +275,11 @@ class Worker:
         n = self._preflight()
         base = self.settings.kafka.as_librdkafka()
         base.pop("partition.assignment.strategy", None)
-        self._producer = Producer(producer_conf(self.settings))
+        if self.settings.processing_guarantee == "exactly_once":
+            self._txn = self._start_transactions(base)
+            self._producer = self._txn.producer
+        else:
+            self._producer = Producer(producer_conf(self.settings))
         # A short fetch wait: the restorer is reused, and a restore reads to the end of
         # the changelog; with librdkafka's 500 ms the broker held the previous restore's
         # last fetch and every later restore started ~0.5 s late (6-12 ms with 10).
@@ -313,6 +329,13 @@ class Worker:
         try:
             n = check_copartitioned(admin, self.topics.items, self.topics.interactions)
             counts = topic_partitions(admin, outputs)
+            who = self.settings.kafka.sasl_username
+            check_access(
+                admin,
+                [self.topics.items, self.topics.interactions, self.topics.changelog],
+                outputs,
+                who=f"user {who!r}" if who else "this client",
+            )
         except ConfigError as exc:
             refused = str(exc)  # re-raised below, without a traceback holding the client
         del admin
@@ -434,9 +457,12 @@ class Worker:
             raise
         cp = self.processor.checkpoint()
         t1 = time.perf_counter()
-        self._settle()
-        self._produce(outputs)
-        self._held = cp if cp.records else None
+        if self._txn is not None:
+            self._commit_transaction(outputs, cp)
+        else:
+            self._settle()
+            self._produce(outputs)
+            self._held = cp if cp.records else None
         self.batches += 1
         self._log_batch(batch, summary, t0, t1, cp.items)
 
@@ -618,6 +644,40 @@ class Worker:
         self.checkpoints += 1
         self._write_stats()
 
+    def _start_transactions(self, base: dict[str, str]) -> TransactionalCheckpoint:
+        """``exactly_once``: the transactional producer, checked before joining the group.
+
+        A broker without transaction isolation is refused with one clear line.
+        """
+        conf = producer_conf(self.settings)
+        txn = TransactionalCheckpoint(
+            conf,
+            transactional_id(self.settings.group_id, self.settings.member_name),
+            timeout_ms=self.settings.transaction_timeout_ms,
+        )
+        txn.start()
+        txn.check_isolation(self.topics.changelog, reader_conf(base))
+        return txn
+
+    def _commit_transaction(self, outputs: list[Outbound], cp: CheckpointRecords) -> None:
+        """``exactly_once``: the batch's outputs, changelog and offsets in one transaction."""
+        if self._txn is None or self._consumer is None:
+            raise TransientError("the transactional producer or the consumer is closed")
+        t0 = time.perf_counter()
+        self._txn.commit(
+            outputs,
+            cp.records,
+            cp.offsets,
+            self._consumer,
+            before_commit=lambda: self.faults.hit("after_changelog"),
+        )
+        self.faults.hit("after_commit")
+        self._marks.update(cp.marks)
+        if cp.records:
+            self.checkpoints += 1
+            self._write_stats()
+        self.metrics.checkpoint.observe(time.perf_counter() - t0)
+
     def _checkpoint(self, *, in_revoke: bool = False) -> None:
         """Drain the pipeline: everything processed is durable and committed."""
         self._settle(in_revoke=in_revoke)
@@ -789,7 +849,9 @@ class Worker:
             self._consumer.close()
             self._consumer = None
         if self._producer is not None:
-            self._producer.flush(_FLUSH_TIMEOUT_S)
+            # exactly_once: each batch's commit flushed it; a fenced producer would raise
+            if self._txn is None:
+                self._producer.flush(_FLUSH_TIMEOUT_S)
             self._producer = None
         if self._restorer is not None:
             self._restorer.close()

@@ -231,6 +231,12 @@ def test_compose_clients_use_the_advertised_listener():
     )
 
 
+def test_compose_runs_the_kafka_version_the_tests_run():
+    from emerg_stream.stream.apache_kafka import KAFKA_VERSION
+
+    assert compose()["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
+
+
 def test_k8s_metrics_port_probes_and_scrape_annotation_agree():
     dep = kind("Deployment")
     port = int(kind("ConfigMap")["data"]["EMERG_METRICS_PORT"])

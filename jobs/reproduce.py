@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "no-mask",
             "no-meta",
             "no-inner-update",
+            "field-attention",
         ],
         help="an EmerG ablation of the paper (baselines are unaffected)",
     )

@@ -40,6 +40,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-mask": ({"use_mask": False}, {}),
     "no-meta": ({}, {"meta_epochs": 0}),
     "no-inner-update": ({}, {"inner_update": False}),
+    # the other reading of eq. (9): attention per field over its own orders
+    "field-attention": ({"attention": "field"}, {}),
 }
 
 

@@ -31,13 +31,13 @@ def fake_training(monkeypatch):
             on_epoch("pretrain", e)
 
     def meta_train(model, rows, items, ts, cfg, *, device, progress, on_epoch):
-        starts.append(float(model.mark))
+        starts.append(model.mark.item())
         for e in range(1, cfg.meta_epochs + 1):
             model.mark.data.fill_(100 + e)
             on_epoch("meta", e)
 
     def run_phases(model, data, wcfg, *, salt, device):
-        m = float(model.mark)
+        m = model.mark.item()
         base = META[int(m) - 100] if m > 100 else PRETRAIN[int(m)]
         auc = base - (0.01 if wcfg.lr == 0.5 else 0.0)
         return {p: {"auc": auc} for p in ("cold", "warm_a", "warm_b", "warm_c")}, {}

@@ -27,6 +27,7 @@ from emerg_stream.model.cpu_kernel import (
     support_grad,
     weight_tensors,
 )
+from emerg_stream.model.interaction import fm_term
 
 CPU = torch.device("cpu")
 
@@ -69,13 +70,19 @@ def _phi(model: torch.nn.Module, n_items: int) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in phi.items()}
 
 
+def _logits(model, e, graphs):
+    """EmerG.forward_prepared's logits from the order-0 embeddings and refined graphs."""
+    logits = model.predictor(model.attention(model.interaction(e, graphs)))
+    return logits + fm_term(e) if model.config.fm else logits
+
+
 def _autograd(model, rows, phi, n_items):
     """Loss and gradients to the refined graphs and the ID embedding, by autograd."""
     graphs = model.graphs(phi["adj"]).detach().requires_grad_(True)
     id_emb = phi["id"].clone().requires_grad_(True)
     e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
     e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
-    logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
+    logits = _logits(model, e, graphs[rows.item])
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     counts = torch.bincount(rows.item, minlength=n_items).clamp_min(1).to(losses.dtype)
     inv = (1.0 / counts)[rows.item]
@@ -84,14 +91,49 @@ def _autograd(model, rows, phi, n_items):
     return loss.item(), d_graphs, d_id, e_rest, graphs.detach(), inv
 
 
+#: Shapes and options that flip every switch of the kernel's source between them.
 SHAPES = [
-    {},  # relu, L=2, H=3, F=5, D=16
+    {},  # relu, L=2, H=3, F=5, D=16, per-field attention
     {"activation": "identity", "layers": 1, "heads": 1, "dim": 4},
     {"layers": 3, "heads": 2, "dim": 8, "n_fields": 7, "n_item_fields": 4, "side_fields": (3,)},
+    # the authors' options: LeakyReLU, a linear last layer, and an FM term
+    {"activation": "leaky_relu", "activate_last": False, "fm": True, "layers": 3, "dim": 8},
+    # joint attention over all (order, field) tokens, head size a != D
+    {"attention": "joint", "head_dim": 4},
+    {
+        "attention": "joint",
+        "activation": "leaky_relu",
+        "activate_last": False,
+        "fm": True,
+        "layers": 1,
+        "heads": 2,
+        "head_dim": 3,
+        "dim": 8,
+    },
+    {
+        "attention": "joint",
+        "activation": "identity",
+        "layers": 3,
+        "heads": 1,
+        "head_dim": 6,
+        "dim": 4,
+        "n_fields": 7,
+        "n_item_fields": 4,
+        "side_fields": (3,),
+    },
+]
+SHAPE_IDS = [
+    "relu-L2-H3",
+    "identity-L1-H1",
+    "relu-L3-F7",
+    "leaky-linear-last-fm",
+    "joint-relu-L2-H3",
+    "joint-leaky-linear-last-fm-L1",
+    "joint-identity-L3-F7",
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     """Loss, ∂/∂graphs and ∂/∂id equal autograd's to 1e-12: a wrong term anywhere in the
     hand-written backward (attention, softmax, messages, predictor) shows up here."""
@@ -253,7 +295,7 @@ def _inputs(model, rows, phi, n_items):
     inv = (1.0 / counts)[rows.item]
     e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
     e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
-    logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
+    logits = _logits(model, e, graphs[rows.item])
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     loss = (losses * inv).sum()
     leaves = [graphs, id_emb, *model.parameters()]
@@ -271,7 +313,7 @@ def _assert_close_lists(got, want, tol):
             assert g is not None and float((g - w).abs().max()) <= tol * scale
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     """∂loss/∂ every input and every shared parameter (through the stacked W_l, the
     folded attention maps, and the table through the tokens the kernel embeds) equal
@@ -290,7 +332,7 @@ def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     _assert_close_lists(got, want, 1e-12)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_hessian_vector_product_is_autograd_s_double_backward(cxx_compiler, shape):
     """The gradient of ⟨∂loss/∂(graphs, id), v⟩ to every input and parameter, from the
     kernel's dual-number pass, equals autograd's double backward to 1e-12 in float64:

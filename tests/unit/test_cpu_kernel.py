@@ -152,8 +152,15 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     assert k_graphs[n_items - 1].abs().max() == 0 and k_id[n_items - 1].abs().max() == 0
 
 
-def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler):
-    model = _model(torch.float32, dim=16, heads=3)
+#: The authors' options together, on the ML-1M-like head shape (float32 and whole-phase tests).
+JOINT_OPTIONS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
+OPTION_SETS = [{}, JOINT_OPTIONS, {**JOINT_OPTIONS, "fm": True}]
+OPTION_IDS = ["field-relu", "joint-leaky-linear-last", "joint-leaky-linear-last-fm"]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
+def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler, options):
+    model = _model(torch.float32, dim=16, heads=3, **options)
     n_items = 5
     rows = _rows(model, 70, n_items, seed=2)
     phi = _phi(model, n_items)
@@ -167,10 +174,14 @@ def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler):
     assert (k_id - d_id).abs().max().item() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("sgd", {}), ("adam", {}), ("sgd", OPTION_SETS[2]), ("adam", OPTION_SETS[2])],
+    ids=["sgd", "adam", "sgd-joint-options", "adam-joint-options"],
+)
+def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimizer, options):
     """Whole phases: chunks of 4 items, a scaled graph lr, an item without rows."""
-    model = _model()
+    model = _model(**options)
     n_items = 10
     rows = _rows(model, 80, n_items, seed=3)
     phi = _phi(model, n_items)
@@ -215,12 +226,19 @@ def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
     "option",
     [{"attention": "joint"}, {"fm": True}, {"activate_last": False}, {"activation": "leaky_relu"}],
 )
-def test_options_the_kernel_does_not_compute_run_on_autograd(cxx_compiler, option):
+def test_every_emerg_option_runs_on_the_kernel(cxx_compiler, option):
     model = _model(torch.float32, **option)
+    assert resolve_backend(model, "auto", torch.float32, CPU)[0] == "kernel"
+    assert resolve_meta_backend(model, "auto", torch.float32, CPU) is not None
+
+
+def test_an_activation_the_kernel_does_not_know_runs_on_autograd(cxx_compiler):
+    model = _model(torch.float32, activation="tanh")
     assert resolve_backend(model, "auto", torch.float32, CPU) == ("autograd", None)
     assert resolve_meta_backend(model, "auto", torch.float32, CPU) is None
-    with pytest.raises(KernelUnavailableError):
+    with pytest.raises(KernelUnavailableError, match="unknown activation") as err:
         resolve_backend(model, "kernel", torch.float32, CPU)
+    assert not err.value.machine
 
 
 def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp_path):
@@ -382,21 +400,32 @@ def _meta_grads(model, batch, cfg, kernel):
 
 
 @pytest.mark.parametrize(
-    ("variant", "graph_mode"),
+    ("variant", "graph_mode", "options"),
     [
-        (dict(), "hyper"),
-        (dict(second_order=False), "hyper"),
-        (dict(inner_update=False), "hyper"),
-        (dict(), "shared"),
-        (dict(), "random"),
+        (dict(), "hyper", {}),
+        (dict(second_order=False), "hyper", {}),
+        (dict(inner_update=False), "hyper", {}),
+        (dict(), "shared", {}),
+        (dict(), "random", {}),
+        (dict(), "hyper", OPTION_SETS[2]),
+        (dict(second_order=False), "hyper", OPTION_SETS[2]),
     ],
-    ids=["second-order", "first-order", "no-inner-step", "shared-graph", "random-graph"],
+    ids=[
+        "second-order",
+        "first-order",
+        "no-inner-step",
+        "shared-graph",
+        "random-graph",
+        "second-order-joint-options",
+        "first-order-joint-options",
+    ],
 )
-def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode):
+def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode, options):
     """meta_loss on the kernel and on autograd: the same loss and the same gradient to
     every meta parameter (generator included, through the refinement) to 1e-12 in
-    float64, for second order, first order, no inner step and the graph ablations."""
-    model = _model(graph_mode=graph_mode)
+    float64, for second order, first order, no inner step, the graph ablations and
+    the joint attention with the authors' options."""
+    model = _model(graph_mode=graph_mode, **options)
     cfg = TrainConfig(inner_lr=0.3, alpha=0.3, **variant)
     batch = _meta_batch(model)
     loss_a, want = _meta_grads(model, batch, cfg, None)
@@ -424,8 +453,9 @@ def test_the_second_order_term_is_in_the_kernel_meta_gradient(cxx_compiler):
     assert max(float((second[n] - first[n]).abs().max()) for n in second) > 1e-3
 
 
-def test_the_kernel_meta_gradient_in_float32(cxx_compiler):
-    model = _model(torch.float32)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
+def test_the_kernel_meta_gradient_in_float32(cxx_compiler, options):
+    model = _model(torch.float32, **options)
     cfg = TrainConfig(inner_lr=0.3, alpha=0.3)
     batch = _meta_batch(model)
     _, want = _meta_grads(model, batch, cfg, None)

@@ -65,9 +65,11 @@
 #define NT (NO * NF)  /* tokens, t = o NF + r */
 #define FHA_ FHA
 #define FD_ FD
+#define HA_ HA
 #else
 #define FHA_ 0
 #define FD_ 0
+#define HA_ 0
 #endif
 
 typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
@@ -204,8 +206,10 @@ typedef struct {
     const REAL *k;  /* [FHA][FD] Wk */
     const REAL *v;  /* [HA][ND] Wv */
     const REAL *o;  /* [ND][HA] Wout */
-    const REAL *qt; /* [FD][FHA] Wq transposed (the run's copy) */
+    const REAL *qt; /* [FD][FHA] Wq transposed (the run's copies) */
     const REAL *kt; /* [FD][FHA] Wk transposed */
+    const REAL *vt; /* [ND][HA] Wv transposed */
+    const REAL *ot; /* [HA][ND] Wout transposed */
 #else
     const REAL *m; /* [HD][ND] folded score maps M_h, stacked */
     const REAL *n; /* [ND][HD] folded value-output maps N_h */
@@ -249,6 +253,7 @@ template <class T> struct tile_t {
     T mg[NL][NF][ND]; /* messages before the activation */
     T g[NL][NF][NF];  /* the rows' graphs */
 #if JOINT
+    T xo[NO][FD];             /* x_o; in the backward, the gradient to it */
     T q[NO][FHA], k[NO][FHA]; /* queries and keys */
     T v[NT][HA];              /* values */
     T a[NH][NT][NT];          /* attention weights, [head][query token][key token] */
@@ -403,46 +408,56 @@ static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *
 
 #else /* JOINT */
 
+/* y[k ys + i] (+)= sum_c W[i cols + c] x[k xs + c] for i < rows and k < K: a matrix times
+ * K vectors. RB rows at a time, so that RB K sums are independent and the multiply-adds
+ * pipeline (one running sum waits out each add's latency: 4x slower, measured). */
+template <int K, int RB, int COLS, class T>
+static inline void mv_rows(const REAL *W, int i0, const T *x, int xs, T *y, int ys, bool add) {
+    T acc[RB][K] = {};
+    for (int c = 0; c < COLS; c++) {
+        T xc[K];
+        for (int k = 0; k < K; k++) xc[k] = x[k * xs + c];
+        for (int r = 0; r < RB; r++) {
+            REAL w = W[(i0 + r) * COLS + c];
+            for (int k = 0; k < K; k++) acc[r][k] += w * xc[k];
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int k = 0; k < K; k++) {
+            T *dst = &y[k * ys + i0 + r];
+            *dst = add ? *dst + acc[r][k] : acc[r][k];
+        }
+}
+template <int K, int ROWS, int COLS, class T>
+static void mv(const REAL *W, const T *x, int xs, T *y, int ys, bool add) {
+    constexpr int RB = sizeof(T) <= 64 ? 4 : sizeof(T) <= 128 ? 2 : 1; /* ~12 vector sums */
+    constexpr int BLOCKED = ROWS / RB * RB;
+    for (int i = 0; i < BLOCKED; i += RB) mv_rows<K, RB, COLS>(W, i, x, xs, y, ys, add);
+    for (int i = BLOCKED; i < ROWS; i++) mv_rows<K, 1, COLS>(W, i, x, xs, y, ys, add);
+}
+
 /* One multi-head self-attention over the NT tokens (o, r): query and key of token
  * (o, r), head h from the order's whole vector, q = Wq x_o at (r NH + h) NA; value
- * Wv h_r^(o); out_t = Wout concat_h sum_t' softmax_t'(q_t . k_t' / sqrt(NA)) v_t' + b;
+ * Wv h_r^(o); out_t = Wout concat_h sum_u softmax_u(q_t . k_u / sqrt(NA)) v_u + b;
  * the field's output out[r] = sum_o relu(out_(o, r)). */
 template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) {
-    for (int j = 0; j < FHA; j++) {
-        const REAL *wq = P->q + j * FD, *wk = P->k + j * FD;
-        T aq[NO] = {}, ak[NO] = {};
+    for (int o = 0; o < NO; o++)
         for (int f = 0; f < NF; f++)
-            for (int d = 0; d < ND; d++) {
-                REAL cq = wq[f * ND + d], ck = wk[f * ND + d];
-                for (int o = 0; o < NO; o++) {
-                    aq[o] += cq * S->x[f][o][d];
-                    ak[o] += ck * S->x[f][o][d];
-                }
-            }
-        for (int o = 0; o < NO; o++) {
-            S->q[o][j] = aq[o];
-            S->k[o][j] = ak[o];
-        }
-    }
-    for (int t = 0; t < NT; t++) {
-        const T *x = S->x[t % NF][t / NF];
-        for (int j = 0; j < HA; j++) {
-            T acc{};
-            for (int d = 0; d < ND; d++) acc += P->v[j * ND + d] * x[d];
-            S->v[t][j] = acc;
-        }
-    }
+            for (int d = 0; d < ND; d++) S->xo[o][f * ND + d] = S->x[f][o][d];
+    mv<NO, FHA, FD>(P->q, &S->xo[0][0], FD, &S->q[0][0], FHA, false);
+    mv<NO, FHA, FD>(P->k, &S->xo[0][0], FD, &S->k[0][0], FHA, false);
+    for (int r = 0; r < NF; r++) /* field r's tokens (0, r) .. (NO-1, r) */
+        mv<NO, HA, ND>(P->v, &S->x[r][0][0], ND, &S->v[r][0], NF * HA, false);
     const REAL root = std::sqrt((REAL)NA);
     for (int h = 0; h < NH; h++)
         for (int t = 0; t < NT; t++) {
             const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
-            T sc[NT];
-            for (int u = 0; u < NT; u++) {
-                const T *ku = &S->k[u / NF][(u % NF * NH + h) * NA];
-                T acc{};
-                for (int i = 0; i < NA; i++) acc += qt[i] * ku[i];
-                sc[u] = acc / root;
+            T sc[NT] = {};
+            for (int i = 0; i < NA; i++) {
+                T qi = qt[i];
+                for (int u = 0; u < NT; u++) sc[u] += qi * S->k[u / NF][(u % NF * NH + h) * NA + i];
             }
+            for (int u = 0; u < NT; u++) sc[u] = sc[u] / root;
             T mx = sc[0];
             for (int u = 1; u < NT; u++) mx = larger(mx, sc[u]);
             T den{};
@@ -456,11 +471,10 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
             for (int i = 0; i < NA; i++) S->mix[t][h * NA + i] = acc[i];
         }
     for (int t = 0; t < NT; t++)
-        for (int d = 0; d < ND; d++) {
-            T acc = constant(P->ob[d], (const T *)nullptr);
-            for (int j = 0; j < HA; j++) acc += P->o[d * HA + j] * S->mix[t][j];
-            S->z[t][d] = acc;
-        }
+        for (int d = 0; d < ND; d++) S->z[t][d] = constant(P->ob[d], (const T *)nullptr);
+    mv<NO, ND, HA>(P->o, &S->mix[0][0], HA, &S->z[0][0], ND, true); /* NO tokens at a time */
+    for (int t = NO; t < NT; t += NO)
+        mv<NO, ND, HA>(P->o, &S->mix[t][0], HA, &S->z[t][0], ND, true);
     for (int r = 0; r < NF; r++)
         for (int d = 0; d < ND; d++) {
             T acc{};
@@ -481,12 +495,8 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
             T z = S->z[t][d];
             S->z[t][d] = pick_positive(z, S->dout[t % NF][d], T{});
         }
-    for (int t = 0; t < NT; t++)
-        for (int j = 0; j < HA; j++) {
-            T acc{};
-            for (int d = 0; d < ND; d++) acc += P->o[d * HA + j] * S->z[t][d];
-            S->dmix[t][j] = acc;
-        }
+    for (int t = 0; t < NT; t += NO)
+        mv<NO, HA, ND>(P->ot, &S->z[t][0], ND, &S->dmix[t][0], HA, false);
     memset((void *)S->dk, 0, sizeof S->dk);
     memset((void *)S->dv, 0, sizeof S->dv);
     const REAL root = std::sqrt((REAL)NA);
@@ -494,13 +504,12 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
         for (int t = 0; t < NT; t++) {
             const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
             const T *gt = &S->dmix[t][h * NA];
-            T da[NT], dot{};
-            for (int u = 0; u < NT; u++) {
-                T acc{};
-                for (int i = 0; i < NA; i++) acc += gt[i] * S->v[u][h * NA + i];
-                da[u] = acc;
-                dot += S->a[h][t][u] * acc;
+            T da[NT] = {}, dot{};
+            for (int i = 0; i < NA; i++) {
+                T gi = gt[i];
+                for (int u = 0; u < NT; u++) da[u] += gi * S->v[u][h * NA + i];
             }
+            for (int u = 0; u < NT; u++) dot += S->a[h][t][u] * da[u];
             T dq[NA] = {};
             for (int u = 0; u < NT; u++) {
                 T av = S->a[h][t][u];
@@ -516,26 +525,29 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
             }
             for (int i = 0; i < NA; i++) S->dq[t / NF][(t % NF * NH + h) * NA + i] = dq[i];
         }
-    /* to x_o: Wq^T dq_o + Wk^T dk_o, and Wv^T dv_(o, f) per field */
-    for (int o = 0; o < NO; o++) {
-        const int fields = (FULL || o > 0) ? NF : 1;
-        for (int f = 0; f < fields; f++) {
-            const T *dvt = S->dv[o * NF + f];
-            for (int d = 0; d < ND; d++) {
-                const REAL *wq = P->qt + (f * ND + d) * FHA, *wk = P->kt + (f * ND + d) * FHA;
-                T acc{};
-                for (int j = 0; j < FHA; j++) acc += wq[j] * S->dq[o][j] + wk[j] * S->dk[o][j];
-                for (int j = 0; j < HA; j++) acc += P->v[j * ND + d] * dvt[j];
-                S->dx[f][o][d] = acc;
-            }
-        }
+    /* to x_o: Wq^T dq_o + Wk^T dk_o (warm-up: of order 0 only field 0's part) */
+    T(*dxo)[FD] = S->xo; /* x_o is not needed any more (joint_split_x reads S->x) */
+    if (FULL) {
+        mv<NO, FD, FHA>(P->qt, &S->dq[0][0], FHA, &dxo[0][0], FD, false);
+        mv<NO, FD, FHA>(P->kt, &S->dk[0][0], FHA, &dxo[0][0], FD, true);
+    } else {
+        mv<NO - 1, FD, FHA>(P->qt, &S->dq[1][0], FHA, &dxo[1][0], FD, false);
+        mv<NO - 1, FD, FHA>(P->kt, &S->dk[1][0], FHA, &dxo[1][0], FD, true);
+        mv<1, ND, FHA>(P->qt, &S->dq[0][0], FHA, &dxo[0][0], FD, false);
+        mv<1, ND, FHA>(P->kt, &S->dk[0][0], FHA, &dxo[0][0], FD, true);
     }
+    for (int f = 0; f < NF; f++)
+        for (int o = 0; o < NO; o++)
+            for (int d = 0; d < ND; d++) S->dx[f][o][d] = dxo[o][f * ND + d];
+    /* + Wv^T dv of each token */
+    for (int r = 0; r < NF; r++)
+        mv<NO, ND, HA>(P->vt, &S->dv[r][0], NF * HA, &S->dx[r][0][0], ND, true);
     if (!FULL)
         for (int f = 1; f < NF; f++) memset((void *)S->dx[f][0], 0, sizeof S->dx[f][0]);
 }
 
 /* dW[j][c] += sum over orders and lanes of g[o][j] x_o[c] (a dual run: the tangent of
- * that sum), for W = Wq or Wk; J holds the tile's x_o per lane (joint_split_x). */
+ * that sum), for W = Wq or Wk; J holds the tile's x_o per lane (joint_weight_grads). */
 template <class T> static void joint_outer(REAL *dw, const T (*g)[FHA], jgrad_t *J) {
     constexpr bool dual = std::is_same<T, Dual>::value;
     for (int o = 0; o < NO; o++)
@@ -781,7 +793,7 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
     size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
     size_t jb = (JOINT && FULL) ? (sizeof(jgrad_t) + align - 1) / align * align : 0;
-    size_t wb = JOINT ? (2 * FHA_ * FD_ * sizeof(REAL) + align - 1) / align * align : 0;
+    size_t wb = JOINT ? ((2 * FHA_ * FD_ + 2 * HA_ * ND) * sizeof(REAL) + align - 1) / align * align : 0;
     char *mem = (char *)aligned_alloc(align, tb + gb + jb + wb);
     if (mem == NULL) return -INFINITY;
     tile_t<T> *S = (tile_t<T> *)mem;
@@ -791,14 +803,22 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     params_t Q = *P;
 #if JOINT
     /* Wq and Wk transposed, for the backward's Wq^T dq (a contiguous row per input) */
-    REAL *qt = (REAL *)(mem + tb + gb + jb), *kt = qt + FHA * FD;
+    REAL *qt = (REAL *)(mem + tb + gb + jb), *kt = qt + FHA * FD, *vt = kt + FHA * FD;
+    REAL *ot = vt + HA * ND;
     for (int j = 0; j < FHA; j++)
         for (int c = 0; c < FD; c++) {
             qt[c * FHA + j] = P->q[j * FD + c];
             kt[c * FHA + j] = P->k[j * FD + c];
         }
+    for (int j = 0; j < HA; j++)
+        for (int d = 0; d < ND; d++) {
+            vt[d * HA + j] = P->v[j * ND + d];
+            ot[j * ND + d] = P->o[d * HA + j];
+        }
     Q.qt = qt;
     Q.kt = kt;
+    Q.vt = vt;
+    Q.ot = ot;
     if (FULL) {
         J->dwq = dw + NL * ND * ND;
         J->dwk = J->dwq + FHA * FD;
@@ -877,7 +897,7 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *wq, const REAL *wk, const REAL *wv, const REAL *wo,             \
         const REAL *ob, const REAL *wc, const REAL *bc, const REAL *wp, double b
-#define PARAMS {w, wq, wk, wv, wo, NULL, NULL, ob, wc, bc, wp, (REAL)b}
+#define PARAMS {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, ob, wc, bc, wp, (REAL)b}
 #else
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,               \

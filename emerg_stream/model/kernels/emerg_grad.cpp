@@ -256,7 +256,7 @@ template <class T> struct tile_t {
     T xo[NO][FD];             /* x_o; in the backward, the gradient to it */
     T q[NO][FHA], k[NO][FHA]; /* queries and keys */
     T v[NT][HA];              /* values */
-    T a[NH][NT][NT];          /* attention weights, [head][query token][key token] */
+    T a[NH][NT][NT]; /* attention weights [head][query token][key token]; backward: ds */
     T mix[NT][HA];            /* attended values, before the output map */
     T z[NT][ND];              /* outputs before the relu; the backward's gradient to them */
     T dmix[NT][HA];
@@ -497,34 +497,45 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
         }
     for (int t = 0; t < NT; t += NO)
         mv<NO, HA, ND>(P->ot, &S->z[t][0], ND, &S->dmix[t][0], HA, false);
-    memset((void *)S->dk, 0, sizeof S->dk);
-    memset((void *)S->dv, 0, sizeof S->dv);
+    /* per head; each gradient summed in registers over the tokens it collects from */
     const REAL root = std::sqrt((REAL)NA);
-    for (int h = 0; h < NH; h++)
-        for (int t = 0; t < NT; t++) {
-            const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
+    for (int h = 0; h < NH; h++) {
+        T(*a)[NT] = S->a[h];
+        for (int u = 0; u < NT; u++) { /* dv_u = sum_t a[t][u] dmix_t */
+            T acc[NA] = {};
+            for (int t = 0; t < NT; t++) {
+                T av = a[t][u];
+                for (int i = 0; i < NA; i++) acc[i] += av * S->dmix[t][h * NA + i];
+            }
+            for (int i = 0; i < NA; i++) S->dv[u][h * NA + i] = acc[i];
+        }
+        for (int t = 0; t < NT; t++) { /* the scores' gradient ds (into a), and dq_t */
             const T *gt = &S->dmix[t][h * NA];
             T da[NT] = {}, dot{};
             for (int i = 0; i < NA; i++) {
                 T gi = gt[i];
                 for (int u = 0; u < NT; u++) da[u] += gi * S->v[u][h * NA + i];
             }
-            for (int u = 0; u < NT; u++) dot += S->a[h][t][u] * da[u];
+            for (int u = 0; u < NT; u++) dot += a[t][u] * da[u];
             T dq[NA] = {};
             for (int u = 0; u < NT; u++) {
-                T av = S->a[h][t][u];
-                T ds = av * (da[u] - dot) / root;
+                T ds = a[t][u] * (da[u] - dot) / root;
+                a[t][u] = ds;
                 const T *ku = &S->k[u / NF][(u % NF * NH + h) * NA];
-                T *dku = &S->dk[u / NF][(u % NF * NH + h) * NA];
-                T *dvu = &S->dv[u][h * NA];
-                for (int i = 0; i < NA; i++) {
-                    dq[i] += ds * ku[i];
-                    dku[i] += ds * qt[i];
-                    dvu[i] += av * gt[i];
-                }
+                for (int i = 0; i < NA; i++) dq[i] += ds * ku[i];
             }
             for (int i = 0; i < NA; i++) S->dq[t / NF][(t % NF * NH + h) * NA + i] = dq[i];
         }
+        for (int u = 0; u < NT; u++) { /* dk_u = sum_t ds[t][u] q_t */
+            T acc[NA] = {};
+            for (int t = 0; t < NT; t++) {
+                T ds = a[t][u];
+                const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
+                for (int i = 0; i < NA; i++) acc[i] += ds * qt[i];
+            }
+            for (int i = 0; i < NA; i++) S->dk[u / NF][(u % NF * NH + h) * NA + i] = acc[i];
+        }
+    }
     /* to x_o: Wq^T dq_o + Wk^T dk_o (warm-up: of order 0 only field 0's part) */
     T(*dxo)[FD] = S->xo; /* x_o is not needed any more (joint_split_x reads S->x) */
     if (FULL) {

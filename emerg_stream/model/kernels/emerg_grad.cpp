@@ -436,6 +436,20 @@ static void mv(const REAL *W, const T *x, int xs, T *y, int ys, bool add) {
     for (int i = BLOCKED; i < ROWS; i++) mv_rows<K, 1, COLS>(W, i, x, xs, y, ys, add);
 }
 
+/* out[p NF + s] = sum_i g[i] base[p sp + s ss + i] over every token u = (p, s): one
+ * order's NF sums at a time, in registers (a running sum per token kept in memory was
+ * a load and a store per multiply-add) */
+template <class T> static inline void token_dots(const T *g, const T *base, int sp, int ss, T *out) {
+    for (int p = 0; p < NO; p++) {
+        T acc[NF] = {};
+        for (int i = 0; i < NA; i++) {
+            T gi = g[i];
+            for (int s = 0; s < NF; s++) acc[s] += gi * base[p * sp + s * ss + i];
+        }
+        for (int s = 0; s < NF; s++) out[p * NF + s] = acc[s];
+    }
+}
+
 /* One multi-head self-attention over the NT tokens (o, r): query and key of token
  * (o, r), head h from the order's whole vector, q = Wq x_o at (r NH + h) NA; value
  * Wv h_r^(o); out_t = Wout concat_h sum_u softmax_u(q_t . k_u / sqrt(NA)) v_u + b;
@@ -451,12 +465,8 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
     const REAL root = std::sqrt((REAL)NA);
     for (int h = 0; h < NH; h++)
         for (int t = 0; t < NT; t++) {
-            const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
-            T sc[NT] = {};
-            for (int i = 0; i < NA; i++) {
-                T qi = qt[i];
-                for (int u = 0; u < NT; u++) sc[u] += qi * S->k[u / NF][(u % NF * NH + h) * NA + i];
-            }
+            T sc[NT];
+            token_dots(&S->q[t / NF][(t % NF * NH + h) * NA], &S->k[0][h * NA], FHA, NH * NA, sc);
             for (int u = 0; u < NT; u++) sc[u] = sc[u] / root;
             T mx = sc[0];
             for (int u = 1; u < NT; u++) mx = larger(mx, sc[u]);
@@ -510,29 +520,28 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
             for (int i = 0; i < NA; i++) S->dv[u][h * NA + i] = acc[i];
         }
         for (int t = 0; t < NT; t++) { /* the scores' gradient ds (into a), and dq_t */
-            const T *gt = &S->dmix[t][h * NA];
-            T da[NT] = {}, dot{};
-            for (int i = 0; i < NA; i++) {
-                T gi = gt[i];
-                for (int u = 0; u < NT; u++) da[u] += gi * S->v[u][h * NA + i];
-            }
+            T da[NT], dot{};
+            token_dots(&S->dmix[t][h * NA], &S->v[0][h * NA], NF * HA, HA, da);
             for (int u = 0; u < NT; u++) dot += a[t][u] * da[u];
             T dq[NA] = {};
-            for (int u = 0; u < NT; u++) {
-                T ds = a[t][u] * (da[u] - dot) / root;
-                a[t][u] = ds;
-                const T *ku = &S->k[u / NF][(u % NF * NH + h) * NA];
-                for (int i = 0; i < NA; i++) dq[i] += ds * ku[i];
-            }
+            for (int p = 0; p < NO; p++)
+                for (int s = 0; s < NF; s++) {
+                    const int u = p * NF + s;
+                    T ds = a[t][u] * (da[u] - dot) / root;
+                    a[t][u] = ds;
+                    const T *ku = &S->k[p][(s * NH + h) * NA];
+                    for (int i = 0; i < NA; i++) dq[i] += ds * ku[i];
+                }
             for (int i = 0; i < NA; i++) S->dq[t / NF][(t % NF * NH + h) * NA + i] = dq[i];
         }
         for (int u = 0; u < NT; u++) { /* dk_u = sum_t ds[t][u] q_t */
             T acc[NA] = {};
-            for (int t = 0; t < NT; t++) {
-                T ds = a[t][u];
-                const T *qt = &S->q[t / NF][(t % NF * NH + h) * NA];
-                for (int i = 0; i < NA; i++) acc[i] += ds * qt[i];
-            }
+            for (int o = 0; o < NO; o++)
+                for (int r = 0; r < NF; r++) {
+                    T ds = a[o * NF + r][u];
+                    const T *qt = &S->q[o][(r * NH + h) * NA];
+                    for (int i = 0; i < NA; i++) acc[i] += ds * qt[i];
+                }
             for (int i = 0; i < NA; i++) S->dk[u / NF][(u % NF * NH + h) * NA + i] = acc[i];
         }
     }

@@ -5,8 +5,9 @@ to φ = (graph, ID embedding); a meta-training step needs the gradient of the qu
 to everything (φ, the rows' embeddings, the shared weights) and the second-order term of
 the inner step. Autograd computes them from a few dozen tiny per-(row, field)
 operations; :func:`emerg_kernel` instead compiles one C++ library for the model's shape
-that runs the forward and the backward of a tile of 16 rows in registers and L2 (2.5x
-the ``torch.compile`` warm-up step on one core, docs/BENCHMARKS.md). The same templated
+and options that runs the forward and the backward of a tile of 16 rows in registers and
+L2 (2.5x the ``torch.compile`` warm-up step on one core; with the joint attention 3x
+autograd's warm-up, docs/BENCHMARKS.md). The same templated
 code run on dual numbers gives the exact Hessian-vector product. The refinement of the
 raw graph (min-max, TopK, powers) stays in torch: it is per item, not per row, and its
 derivatives are small autograd calls.
@@ -53,7 +54,8 @@ _DTYPES = {torch.float32: "float", torch.float64: "double"}
 #: The source's ACT switch per activation.
 _ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
 #: Rows per tile with joint attention (per-field attention: 16). Its tile holds H x (O F)^2
-#: attention weights and the O F tokens' queries, keys and values per row.
+#: attention weights and the O F tokens' queries, keys and values per row (~1 MB in float32
+#: on ML-1M's shape); still, 16 was 1.5x 8 and 6x 32 on its warm-up (docs/BENCHMARKS.md).
 JOINT_LANES = 16
 
 

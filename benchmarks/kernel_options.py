@@ -47,7 +47,7 @@ from emerg_stream.model import EmerG
 
 #: name -> model options on top of the ML-1M shape
 VARIANTS: dict[str, dict[str, Any]] = {
-    "field": {},
+    "field": {"attention": "field"},
     "joint": {"attention": "joint"},
     "joint+options": {
         "attention": "joint",

@@ -6,8 +6,8 @@ to everything (φ, the rows' embeddings, the shared weights) and the second-orde
 the inner step. Autograd computes them from a few dozen tiny per-(row, field)
 operations; :func:`emerg_kernel` instead compiles one C++ library for the model's shape
 and options that runs the forward and the backward of a tile of 16 rows in registers and
-L2 (2.5x the ``torch.compile`` warm-up step on one core; with the joint attention 3x
-autograd's warm-up, docs/BENCHMARKS.md). The same templated
+L2 (2.5x the ``torch.compile`` warm-up step on one core; with the joint attention
+2.6x autograd's warm-up, docs/BENCHMARKS.md). The same templated
 code run on dual numbers gives the exact Hessian-vector product. The refinement of the
 raw graph (min-max, TopK, powers) stays in torch: it is per item, not per row, and its
 derivatives are small autograd calls.

@@ -5,8 +5,9 @@ to φ = (graph, ID embedding); a meta-training step needs the gradient of the qu
 to everything (φ, the rows' embeddings, the shared weights) and the second-order term of
 the inner step. Autograd computes them from a few dozen tiny per-(row, field)
 operations; :func:`emerg_kernel` instead compiles one C++ library for the model's shape
-that runs the forward and the backward of a tile of 16 rows in registers and L2 (2.5x
-the ``torch.compile`` warm-up step on one core, docs/BENCHMARKS.md). The same templated
+and options that runs the forward and the backward of a tile of 16 rows in registers and
+L2 (2.5x the ``torch.compile`` warm-up step on one core; with the joint attention
+2.6x autograd's warm-up, docs/BENCHMARKS.md). The same templated
 code run on dual numbers gives the exact Hessian-vector product. The refinement of the
 raw graph (min-max, TopK, powers) stays in torch: it is per item, not per row, and its
 derivatives are small autograd calls.
@@ -40,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from emerg_stream.model.base import ItemModel
 from emerg_stream.model.emerg import EmerG
-from emerg_stream.model.interaction import OrderAttention
+from emerg_stream.model.interaction import JointAttention, OrderAttention
 
 #: Environment variable naming the folder of compiled kernels.
 KERNEL_CACHE_ENV = "EMERG_KERNEL_CACHE"
@@ -50,6 +51,12 @@ _FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi"
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 )
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
+#: The source's ACT switch per activation.
+_ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+#: Rows per tile with joint attention (per-field attention: 16). Its tile holds H x (O F)^2
+#: attention weights and the O F tokens' queries, keys and values per row (~1 MB in float32
+#: on ML-1M's shape); still, 16 was 1.5x 8 and 6x 32 on its warm-up (docs/BENCHMARKS.md).
+JOINT_LANES = 16
 
 
 class KernelUnavailableError(RuntimeError):
@@ -145,9 +152,7 @@ class KernelWeights:
     """EmerG's shared parameters in the kernel's order and float type.
 
     Args:
-        tensors: W_l stacked ``[L, D, D]``, M ``[H*D, D]``, N ``[D, H*D]``, the output
-            bias ``[D]``, the contribution weights ``[F, F*D]`` and bias ``[F]``, the
-            prediction weights ``[D]``; contiguous.
+        tensors: :func:`weight_tensors`' list but its last entry, contiguous.
         bias: The prediction bias.
     """
 
@@ -158,19 +163,30 @@ class KernelWeights:
 def weight_tensors(model: EmerG) -> list[Tensor]:
     """The shared parameters the kernel reads, in its order, as differentiable tensors.
 
-    W_l stacked, the folded attention maps (M, N), the output bias, the contribution
-    weights and bias, the prediction weights and the prediction bias (a 0-d tensor).
+    The kernel's entry points take them in this order (``WEIGHT_ARGS`` in the source)
+    and return their gradients flat in the same order:
+
+    1. W_l stacked ``[L, D, D]``;
+    2. the attention's maps: for per-field attention (:class:`OrderAttention`) the
+       folded M ``[H*D, D]`` and N ``[D, H*D]``; for joint attention
+       (:class:`JointAttention`, head size a) Wq ``[F*H*a, F*D]``, Wk ``[F*H*a, F*D]``,
+       Wv ``[H*a, D]`` and Wout ``[D, H*a]``, the Linear weights themselves;
+    3. the attention's output bias ``[D]``, the contribution weights ``[F, F*D]`` and
+       bias ``[F]``, the prediction weights ``[D]`` and the prediction bias (0-d).
+
     Gradients to these flow back to the model's parameters through the stacking and
     the folding.
     """
     attention = model.attention
-    if not isinstance(attention, OrderAttention):
-        raise KernelUnavailableError("the kernel computes per-field attention", machine=False)
-    m, n = attention.folded_weights()
+    if isinstance(attention, OrderAttention):
+        maps = list(attention.folded_weights())
+    elif isinstance(attention, JointAttention):
+        maps = [attention.q.weight, attention.k.weight, attention.v.weight, attention.out.weight]
+    else:  # pragma: no cover - EmerG builds one of the two
+        raise KernelUnavailableError(f"unknown attention {type(attention).__name__}", machine=False)
     return [
         torch.stack([cast(nn.Linear, w).weight for w in model.interaction.weights]),
-        m,
-        n,
+        *maps,
         attention.out.bias,
         model.predictor.contrib.weight,
         model.predictor.contrib.bias,
@@ -569,6 +585,9 @@ _KERNELS: dict[tuple[object, ...], EmerGKernel | KernelUnavailableError] = {}
 def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> EmerGKernel:
     """The kernel for ``model``'s shape and ``dtype``, built on first use (thread-safe).
 
+    Every EmerG option is compiled in (activation, linear last layer, per-field or
+    joint attention, FM term; see the source's switches).
+
     Raises:
         KernelUnavailableError: Not an EmerG, not on the CPU, not float32/float64, an
             activation the kernel does not know, no C++ compiler, or the build failed
@@ -585,19 +604,21 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
             f"the kernel handles float32 and float64, not {dtype}", machine=False
         )
     cfg = model.config
-    if cfg.activation not in ("relu", "identity"):
+    if cfg.activation not in _ACTIVATIONS:
         raise KernelUnavailableError(f"unknown activation {cfg.activation!r}", machine=False)
-    if not cfg.activate_last or cfg.attention != "field" or cfg.fm:
-        raise KernelUnavailableError(
-            "the kernel computes per-field attention with every layer activated and no FM term",
-            machine=False,
-        )
+    if cfg.attention not in ("field", "joint"):
+        raise KernelUnavailableError(f"unknown attention {cfg.attention!r}", machine=False)
+    joint = cfg.attention == "joint"
     defines = (
         f"-DNF={cfg.n_fields}",
         f"-DND={cfg.dim}",
         f"-DNL={cfg.layers}",
         f"-DNH={cfg.heads}",
-        f"-DRELU={int(cfg.activation == 'relu')}",
+        f"-DACT={_ACTIVATIONS[cfg.activation]}",
+        f"-DLAST={int(cfg.activate_last)}",
+        f"-DFM={int(cfg.fm)}",
+        f"-DJOINT={int(joint)}",
+        *((f"-DNA={cfg.head_dim}", f"-DLANES={JOINT_LANES}") if joint else ()),
         f"-DREAL={_DTYPES[dtype]}",
         f"-DREAL_IS_DOUBLE={int(dtype == torch.float64)}",
     )

@@ -27,6 +27,7 @@ from emerg_stream.model.cpu_kernel import (
     support_grad,
     weight_tensors,
 )
+from emerg_stream.model.interaction import fm_term
 
 CPU = torch.device("cpu")
 
@@ -74,13 +75,19 @@ def _phi(model: torch.nn.Module, n_items: int) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in phi.items()}
 
 
+def _logits(model, e, graphs):
+    """EmerG.forward_prepared's logits from the order-0 embeddings and refined graphs."""
+    logits = model.predictor(model.attention(model.interaction(e, graphs)))
+    return logits + fm_term(e) if model.config.fm else logits
+
+
 def _autograd(model, rows, phi, n_items):
     """Loss and gradients to the refined graphs and the ID embedding, by autograd."""
     graphs = model.graphs(phi["adj"]).detach().requires_grad_(True)
     id_emb = phi["id"].clone().requires_grad_(True)
     e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
     e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
-    logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
+    logits = _logits(model, e, graphs[rows.item])
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     counts = torch.bincount(rows.item, minlength=n_items).clamp_min(1).to(losses.dtype)
     inv = (1.0 / counts)[rows.item]
@@ -89,14 +96,49 @@ def _autograd(model, rows, phi, n_items):
     return loss.item(), d_graphs, d_id, e_rest, graphs.detach(), inv
 
 
+#: Shapes and options that flip every switch of the kernel's source between them.
 SHAPES = [
-    {},  # relu, L=2, H=3, F=5, D=16
+    {},  # relu, L=2, H=3, F=5, D=16, per-field attention
     {"activation": "identity", "layers": 1, "heads": 1, "dim": 4},
     {"layers": 3, "heads": 2, "dim": 8, "n_fields": 7, "n_item_fields": 4, "side_fields": (3,)},
+    # the authors' options: LeakyReLU, a linear last layer, and an FM term
+    {"activation": "leaky_relu", "activate_last": False, "fm": True, "layers": 3, "dim": 8},
+    # joint attention over all (order, field) tokens, head size a != D
+    {"attention": "joint", "head_dim": 4},
+    {
+        "attention": "joint",
+        "activation": "leaky_relu",
+        "activate_last": False,
+        "fm": True,
+        "layers": 1,
+        "heads": 2,
+        "head_dim": 3,
+        "dim": 8,
+    },
+    {
+        "attention": "joint",
+        "activation": "identity",
+        "layers": 3,
+        "heads": 1,
+        "head_dim": 6,
+        "dim": 4,
+        "n_fields": 7,
+        "n_item_fields": 4,
+        "side_fields": (3,),
+    },
+]
+SHAPE_IDS = [
+    "relu-L2-H3",
+    "identity-L1-H1",
+    "relu-L3-F7",
+    "leaky-linear-last-fm",
+    "joint-relu-L2-H3",
+    "joint-leaky-linear-last-fm-L1",
+    "joint-identity-L3-F7",
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     """Loss, ∂/∂graphs and ∂/∂id equal autograd's to 1e-12: a wrong term anywhere in the
     hand-written backward (attention, softmax, messages, predictor) shows up here."""
@@ -115,8 +157,15 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     assert k_graphs[n_items - 1].abs().max() == 0 and k_id[n_items - 1].abs().max() == 0
 
 
-def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler):
-    model = _model(torch.float32, dim=16, heads=3)
+#: The authors' options together, on the ML-1M-like head shape (float32 and whole-phase tests).
+JOINT_OPTIONS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
+OPTION_SETS = [{}, JOINT_OPTIONS, {**JOINT_OPTIONS, "fm": True}]
+OPTION_IDS = ["field-relu", "joint-leaky-linear-last", "joint-leaky-linear-last-fm"]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
+def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler, options):
+    model = _model(torch.float32, dim=16, heads=3, **options)
     n_items = 5
     rows = _rows(model, 70, n_items, seed=2)
     phi = _phi(model, n_items)
@@ -130,10 +179,14 @@ def test_the_kernel_gradient_is_autograd_s_in_float32(cxx_compiler):
     assert (k_id - d_id).abs().max().item() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("sgd", {}), ("adam", {}), ("sgd", OPTION_SETS[2]), ("adam", OPTION_SETS[2])],
+    ids=["sgd", "adam", "sgd-joint-options", "adam-joint-options"],
+)
+def test_kernel_warm_up_equals_the_per_item_autograd_path(cxx_compiler, optimizer, options):
     """Whole phases: chunks of 4 items, a scaled graph lr, an item without rows."""
-    model = _model()
+    model = _model(**options)
     n_items = 10
     rows = _rows(model, 80, n_items, seed=3)
     phi = _phi(model, n_items)
@@ -178,12 +231,19 @@ def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
     "option",
     [{"attention": "joint"}, {"fm": True}, {"activate_last": False}, {"activation": "leaky_relu"}],
 )
-def test_options_the_kernel_does_not_compute_run_on_autograd(cxx_compiler, option):
+def test_every_emerg_option_runs_on_the_kernel(cxx_compiler, option):
     model = _model(torch.float32, **option)
+    assert resolve_backend(model, "auto", torch.float32, CPU)[0] == "kernel"
+    assert resolve_meta_backend(model, "auto", torch.float32, CPU) is not None
+
+
+def test_an_activation_the_kernel_does_not_know_runs_on_autograd(cxx_compiler):
+    model = _model(torch.float32, activation="tanh")
     assert resolve_backend(model, "auto", torch.float32, CPU) == ("autograd", None)
     assert resolve_meta_backend(model, "auto", torch.float32, CPU) is None
-    with pytest.raises(KernelUnavailableError):
+    with pytest.raises(KernelUnavailableError, match="unknown activation") as err:
         resolve_backend(model, "kernel", torch.float32, CPU)
+    assert not err.value.machine
 
 
 def test_without_a_compiler_auto_falls_back_and_kernel_says_why(monkeypatch, tmp_path):
@@ -258,7 +318,7 @@ def _inputs(model, rows, phi, n_items):
     inv = (1.0 / counts)[rows.item]
     e_rest = model.prepare(rows.tokens, rows.weights).cache["e"]
     e = torch.cat([id_emb[rows.item].unsqueeze(1), e_rest], dim=1)
-    logits = model.predictor(model.attention(model.interaction(e, graphs[rows.item])))
+    logits = _logits(model, e, graphs[rows.item])
     losses = F.binary_cross_entropy_with_logits(logits, rows.labels, reduction="none")
     loss = (losses * inv).sum()
     leaves = [graphs, id_emb, *model.parameters()]
@@ -276,7 +336,7 @@ def _assert_close_lists(got, want, tol):
             assert g is not None and float((g - w).abs().max()) <= tol * scale
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     """∂loss/∂ every input and every shared parameter (through the stacked W_l, the
     folded attention maps, and the table through the tokens the kernel embeds) equal
@@ -295,7 +355,7 @@ def test_the_kernel_full_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     _assert_close_lists(got, want, 1e-12)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["relu-L2-H3", "identity-L1-H1", "relu-L3-F7"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_the_kernel_hessian_vector_product_is_autograd_s_double_backward(cxx_compiler, shape):
     """The gradient of ⟨∂loss/∂(graphs, id), v⟩ to every input and parameter, from the
     kernel's dual-number pass, equals autograd's double backward to 1e-12 in float64:
@@ -345,21 +405,32 @@ def _meta_grads(model, batch, cfg, kernel):
 
 
 @pytest.mark.parametrize(
-    ("variant", "graph_mode"),
+    ("variant", "graph_mode", "options"),
     [
-        (dict(), "hyper"),
-        (dict(second_order=False), "hyper"),
-        (dict(inner_update=False), "hyper"),
-        (dict(), "shared"),
-        (dict(), "random"),
+        (dict(), "hyper", {}),
+        (dict(second_order=False), "hyper", {}),
+        (dict(inner_update=False), "hyper", {}),
+        (dict(), "shared", {}),
+        (dict(), "random", {}),
+        (dict(), "hyper", OPTION_SETS[2]),
+        (dict(second_order=False), "hyper", OPTION_SETS[2]),
     ],
-    ids=["second-order", "first-order", "no-inner-step", "shared-graph", "random-graph"],
+    ids=[
+        "second-order",
+        "first-order",
+        "no-inner-step",
+        "shared-graph",
+        "random-graph",
+        "second-order-joint-options",
+        "first-order-joint-options",
+    ],
 )
-def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode):
+def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode, options):
     """meta_loss on the kernel and on autograd: the same loss and the same gradient to
     every meta parameter (generator included, through the refinement) to 1e-12 in
-    float64, for second order, first order, no inner step and the graph ablations."""
-    model = _model(graph_mode=graph_mode)
+    float64, for second order, first order, no inner step, the graph ablations and
+    the joint attention with the authors' options."""
+    model = _model(graph_mode=graph_mode, **options)
     cfg = TrainConfig(inner_lr=0.3, alpha=0.3, **variant)
     batch = _meta_batch(model)
     loss_a, want = _meta_grads(model, batch, cfg, None)
@@ -387,8 +458,9 @@ def test_the_second_order_term_is_in_the_kernel_meta_gradient(cxx_compiler):
     assert max(float((second[n] - first[n]).abs().max()) for n in second) > 1e-3
 
 
-def test_the_kernel_meta_gradient_in_float32(cxx_compiler):
-    model = _model(torch.float32)
+@pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
+def test_the_kernel_meta_gradient_in_float32(cxx_compiler, options):
+    model = _model(torch.float32, **options)
     cfg = TrainConfig(inner_lr=0.3, alpha=0.3)
     batch = _meta_batch(model)
     _, want = _meta_grads(model, batch, cfg, None)

@@ -1,9 +1,19 @@
 /* EmerG's per-row loss and its derivatives on the CPU: warm-up's gradient to phi, and
  * meta-training's full gradient and exact Hessian-vector product.
  *
- * emerg_stream/model/cpu_kernel.py compiles this file once per model shape and real
- * type (NF fields, ND embedding size, NL layers, NH heads, RELU, REAL) and calls its
- * three entry points through ctypes. Each is a function of autograd's (the forward of
+ * emerg_stream/model/cpu_kernel.py compiles this file once per model shape, options and
+ * real type and calls its three entry points through ctypes. The switches:
+ *
+ *   NF, ND, NL, NH  fields, embedding size, message-passing layers, heads
+ *   ACT             the message passing's activation: 0 identity, 1 relu, 2 leaky relu
+ *                   (slope 0.01, torch's default)
+ *   LAST            1: the last layer is activated too; 0: it is linear
+ *   JOINT           0: per-field attention over the orders (OrderAttention, its folded
+ *                   maps M, N); 1: one self-attention over all (order, field) tokens
+ *                   (JointAttention, head size NA), its own weights Wq, Wk, Wv, Wout
+ *   FM              1: the logit has the FM term sum_{r<s} <e_r, e_s> of h^(0)
+ *   LANES           rows per tile (16 unless given)
+ *   REAL            float or double (REAL_IS_DOUBLE) Each is a function of autograd's (the forward of
  * EmerG.forward_prepared, the rows' inv-weighted BCE, its backward); the tests hold
  * them equal in float64:
  *
@@ -26,13 +36,41 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
+#ifndef LANES
 #define LANES 16
+#endif
+#ifndef ACT
+#define ACT 1
+#endif
+#ifndef LAST
+#define LAST 1
+#endif
+#ifndef JOINT
+#define JOINT 0
+#endif
+#ifndef FM
+#define FM 0
+#endif
 #ifndef REAL_IS_DOUBLE
 #define REAL_IS_DOUBLE 0
 #endif
 #define NO (NL + 1)
 #define HD (NH * ND)
+#if JOINT
+#define HA (NH * NA)  /* a token's heads, concatenated */
+#define FD (NF * ND)  /* an order's whole vector x_o = vec(h^(o)) */
+#define FHA (NF * HA) /* an order's queries (or keys): token (o, r), head h at (r NH + h) NA */
+#define NT (NO * NF)  /* tokens, t = o NF + r */
+#define FHA_ FHA
+#define FD_ FD
+#define HA_ HA
+#else
+#define FHA_ 0
+#define FD_ 0
+#define HA_ 0
+#endif
 
 typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
 #if REAL_IS_DOUBLE
@@ -115,17 +153,7 @@ static inline void set_lane(vec &a, int lane, REAL v, REAL) { a[lane] = v; }
 static inline void set_lane(Dual &a, int lane, REAL v, REAL t) { a.v[lane] = v; a.t[lane] = t; }
 static inline vec constant(REAL c, const vec *) { return splat(c); }
 static inline Dual constant(REAL c, const Dual *) { return {splat(c), vec{}}; }
-/* relu, the mask of a positive value, and the max pick by value: a dual follows its value */
-static inline vec relu(vec a) { return vsel(a > 0, a, vec{}); }
-static inline Dual relu(Dual a) {
-    ivec m = a.v > 0;
-    return {vsel(m, a.v, vec{}), vsel(m, a.t, vec{})};
-}
-static inline vec where_positive(vec m, vec a) { return vsel(m > 0, a, vec{}); }
-static inline Dual where_positive(const Dual &m, Dual a) {
-    ivec k = m.v > 0;
-    return {vsel(k, a.v, vec{}), vsel(k, a.t, vec{})};
-}
+/* the max picks by value: a dual follows its value */
 static inline vec larger(vec a, vec b) { return vsel(a > b, a, b); }
 static inline Dual larger(Dual a, Dual b) {
     ivec m = a.v > b.v;
@@ -139,11 +167,53 @@ static inline Dual vsigmoid(Dual z) {
     vec s = vsigmoid(z.v);
     return {s, s * (1 - s) * z.t};
 }
+/* m > 0 ? a : b lane by lane (a dual m by its value) */
+static inline vec pick_positive(vec m, vec a, vec b) { return vsel(m > 0, a, b); }
+static inline Dual pick_positive(const Dual &m, Dual a, Dual b) {
+    ivec k = m.v > 0;
+    return {vsel(k, a.v, b.v), vsel(k, a.t, b.t)};
+}
 
+/* the message passing's activation of layer l (0-based) and its backward: d, the
+ * gradient to act(m), becomes the gradient to m */
+#define SLOPE ((REAL)0.01)
+static inline bool activated(int l) { return ACT != 0 && (LAST || l < NL - 1); }
+template <class T> static inline T activate(T m, int l) {
+    if (!activated(l)) return m;
+    return pick_positive(m, m, ACT == 2 ? SLOPE * m : T{});
+}
+template <class T> static inline T activate_grad(T m, T d, int l) {
+    if (!activated(l)) return d;
+    return pick_positive(m, d, ACT == 2 ? SLOPE * d : T{});
+}
+
+/* a lane's value and (dual) tangent */
+static inline void lane_parts(const vec &a, int lane, REAL *v, REAL *t) {
+    *v = a[lane];
+    (void)t;
+}
+static inline void lane_parts(const Dual &a, int lane, REAL *v, REAL *t) {
+    *v = a.v[lane];
+    *t = a.t[lane];
+}
+
+/* The shared weights, in the order of the entry points' arguments (and of
+ * cpu_kernel.weight_tensors); the flat weight gradient of a run is the same order. */
 typedef struct {
-    const REAL *w;  /* [NL][ND][ND] message maps W_l (out, in) */
-    const REAL *m;  /* [HD][ND] folded score maps M_h, stacked */
-    const REAL *n;  /* [ND][HD] folded value-output maps N_h */
+    const REAL *w; /* [NL][ND][ND] message maps W_l (out, in) */
+#if JOINT
+    const REAL *q;  /* [FHA][FD] Wq */
+    const REAL *k;  /* [FHA][FD] Wk */
+    const REAL *v;  /* [HA][ND] Wv */
+    const REAL *o;  /* [ND][HA] Wout */
+    const REAL *qt; /* [FD][FHA] Wq transposed (the run's copies) */
+    const REAL *kt; /* [FD][FHA] Wk transposed */
+    const REAL *vt; /* [ND][HA] Wv transposed */
+    const REAL *ot; /* [HA][ND] Wout transposed */
+#else
+    const REAL *m; /* [HD][ND] folded score maps M_h, stacked */
+    const REAL *n; /* [ND][HD] folded value-output maps N_h */
+#endif
     const REAL *ob; /* [ND] output bias */
     const REAL *wc; /* [NF][NF*ND] contribution weights */
     const REAL *bc; /* [NF] contribution bias */
@@ -152,37 +222,75 @@ typedef struct {
 } params_t;
 
 /* Gradients to the shared weights, per lane (summed over lanes once, at the end), in
- * the order of params_t; the flat output of a run is the same order. */
+ * the order of params_t; the flat output of a run is the same order. JOINT: Wq's and
+ * Wk's (FHA x FD each, too large per lane) go straight to the run's output instead,
+ * summed over the tile's lanes as they are made (joint_outer). */
 template <class T> struct wgrad_t {
     T w[NL][ND][ND];
+#if JOINT
+    T v[HA][ND];
+    T o[ND][HA];
+#else
     T m[HD][ND];
     T n[ND][HD];
+#endif
     T ob[ND];
     T wc[NF][NF * ND];
     T bc[NF];
     T wp[ND];
     T b;
 };
-#define N_WEIGHTS (NL * ND * ND + HD * ND + ND * HD + ND + NF * NF * ND + NF + ND + 1)
+#if JOINT
+#define N_ATTENTION (2 * FHA * FD + HA * ND + ND * HA)
+#else
+#define N_ATTENTION (HD * ND + ND * HD)
+#endif
+#define N_WEIGHTS (NL * ND * ND + N_ATTENTION + ND + NF * NF * ND + NF + ND + 1)
 
 template <class T> struct tile_t {
-    T x[NF][NO][ND];     /* h^(0..L) */
-    T p[NL][NF][ND];     /* W_l e */
-    T mg[NL][NF][ND];    /* messages before the activation */
-    T g[NL][NF][NF];     /* the rows' graphs */
+    T x[NF][NO][ND];  /* h^(0..L) */
+    T p[NL][NF][ND];  /* W_l e */
+    T mg[NL][NF][ND]; /* messages before the activation */
+    T g[NL][NF][NF];  /* the rows' graphs */
+#if JOINT
+    T xo[NO][FD];             /* x_o; in the backward, the gradient to it */
+    T q[NO][FHA], k[NO][FHA]; /* queries and keys */
+    T v[NT][HA];              /* values */
+    T a[NH][NT][NT]; /* attention weights [head][query token][key token]; backward: ds */
+    T mix[NT][HA];            /* attended values, before the output map */
+    T z[NT][ND];              /* outputs before the relu; the backward's gradient to them */
+    T dmix[NT][HA];
+    T dq[NO][FHA], dk[NO][FHA], dv[NT][HA];
+#else
     T u[NF][NO][HD];     /* score projections */
     T a[NF][NO][NO][NH]; /* attention weights */
     T gv[NF][HD];        /* attended values, before the output map */
+#endif
     T out[NF][ND];
     T dx[NF][NO][ND];
     T dgr[NL][NF][NF];
-    T de[NF][ND]; /* to the order-0 embeddings: field 0 is phi's ID embedding */
+    T de[NF][ND];   /* to the order-0 embeddings: field 0 is phi's ID embedding */
+    T dout[NF][ND]; /* to the attention outputs */
     /* FULL: the backward's products with the shared weights, kept for their gradients */
-    T dout[NF][ND];   /* to the attention outputs */
+#if !JOINT
     T du[NF][NO][HD]; /* to the score projections */
+#endif
     T dp[NL][NF][ND]; /* to W_l e */
     vec lab, inv, loss;
 };
+
+#if JOINT
+/* FULL: where Wq's and Wk's gradients go (the run's output), and the tile's x_o and
+ * gradients to q, k as plain numbers per lane: values, and tangents of a dual run */
+typedef struct {
+    REAL *dwq, *dwk;
+    REAL xv[NO][LANES][FD], xt[NO][LANES][FD];
+    REAL gv[NO][LANES][FHA], gt[NO][LANES][FHA];
+} jgrad_t;
+#else
+typedef struct {
+} jgrad_t;
+#endif
 
 template <class T> static void forward(const params_t *P, tile_t<T> *S) {
     for (int l = 0; l < NL; l++) {
@@ -198,12 +306,12 @@ template <class T> static void forward(const params_t *P, tile_t<T> *S) {
                 T acc{};
                 for (int s = 0; s < NF; s++) acc += S->g[l][r][s] * S->p[l][s][d];
                 S->mg[l][r][d] = acc;
-                T act = RELU ? relu(acc) : acc;
-                S->x[r][l + 1][d] = S->x[r][l][d] * act;
+                S->x[r][l + 1][d] = S->x[r][l][d] * activate(acc, l);
             }
     }
 }
 
+#if !JOINT
 template <class T> static void attention(const params_t *P, tile_t<T> *S, int f) {
     for (int o = 0; o < NO; o++)
         for (int j = 0; j < HD; j++) {
@@ -298,10 +406,227 @@ static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *
     }
 }
 
+#else /* JOINT */
+
+/* y[k ys + i] (+)= sum_c W[i cols + c] x[k xs + c] for i < rows and k < K: a matrix times
+ * K vectors. RB rows at a time, so that RB K sums are independent and the multiply-adds
+ * pipeline (one running sum waits out each add's latency: 4x slower, measured). */
+template <int K, int RB, int COLS, class T>
+static inline void mv_rows(const REAL *W, int i0, const T *x, int xs, T *y, int ys, bool add) {
+    T acc[RB][K] = {};
+    for (int c = 0; c < COLS; c++) {
+        T xc[K];
+        for (int k = 0; k < K; k++) xc[k] = x[k * xs + c];
+        for (int r = 0; r < RB; r++) {
+            REAL w = W[(i0 + r) * COLS + c];
+            for (int k = 0; k < K; k++) acc[r][k] += w * xc[k];
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int k = 0; k < K; k++) {
+            T *dst = &y[k * ys + i0 + r];
+            *dst = add ? *dst + acc[r][k] : acc[r][k];
+        }
+}
+template <int K, int ROWS, int COLS, class T>
+static void mv(const REAL *W, const T *x, int xs, T *y, int ys, bool add) {
+    constexpr int RB = sizeof(T) <= 64 ? 4 : sizeof(T) <= 128 ? 2 : 1; /* ~12 vector sums */
+    constexpr int BLOCKED = ROWS / RB * RB;
+    for (int i = 0; i < BLOCKED; i += RB) mv_rows<K, RB, COLS>(W, i, x, xs, y, ys, add);
+    for (int i = BLOCKED; i < ROWS; i++) mv_rows<K, 1, COLS>(W, i, x, xs, y, ys, add);
+}
+
+/* out[p NF + s] = sum_i g[i] base[p sp + s ss + i] over every token u = (p, s): one
+ * order's NF sums at a time, in registers (a running sum per token kept in memory was
+ * a load and a store per multiply-add) */
+template <class T> static inline void token_dots(const T *g, const T *base, int sp, int ss, T *out) {
+    for (int p = 0; p < NO; p++) {
+        T acc[NF] = {};
+        for (int i = 0; i < NA; i++) {
+            T gi = g[i];
+            for (int s = 0; s < NF; s++) acc[s] += gi * base[p * sp + s * ss + i];
+        }
+        for (int s = 0; s < NF; s++) out[p * NF + s] = acc[s];
+    }
+}
+
+/* One multi-head self-attention over the NT tokens (o, r): query and key of token
+ * (o, r), head h from the order's whole vector, q = Wq x_o at (r NH + h) NA; value
+ * Wv h_r^(o); out_t = Wout concat_h sum_u softmax_u(q_t . k_u / sqrt(NA)) v_u + b;
+ * the field's output out[r] = sum_o relu(out_(o, r)). */
+template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) {
+    for (int o = 0; o < NO; o++)
+        for (int f = 0; f < NF; f++)
+            for (int d = 0; d < ND; d++) S->xo[o][f * ND + d] = S->x[f][o][d];
+    mv<NO, FHA, FD>(P->q, &S->xo[0][0], FD, &S->q[0][0], FHA, false);
+    mv<NO, FHA, FD>(P->k, &S->xo[0][0], FD, &S->k[0][0], FHA, false);
+    for (int r = 0; r < NF; r++) /* field r's tokens (0, r) .. (NO-1, r) */
+        mv<NO, HA, ND>(P->v, &S->x[r][0][0], ND, &S->v[r][0], NF * HA, false);
+    const REAL root = std::sqrt((REAL)NA);
+    for (int h = 0; h < NH; h++)
+        for (int t = 0; t < NT; t++) {
+            T sc[NT];
+            token_dots(&S->q[t / NF][(t % NF * NH + h) * NA], &S->k[0][h * NA], FHA, NH * NA, sc);
+            for (int u = 0; u < NT; u++) sc[u] = sc[u] / root;
+            T mx = sc[0];
+            for (int u = 1; u < NT; u++) mx = larger(mx, sc[u]);
+            T den{};
+            for (int u = 0; u < NT; u++) { sc[u] = vexp_neg(sc[u] - mx); den += sc[u]; }
+            for (int u = 0; u < NT; u++) S->a[h][t][u] = sc[u] / den;
+            T acc[NA] = {};
+            for (int u = 0; u < NT; u++) {
+                T av = S->a[h][t][u];
+                for (int i = 0; i < NA; i++) acc[i] += av * S->v[u][h * NA + i];
+            }
+            for (int i = 0; i < NA; i++) S->mix[t][h * NA + i] = acc[i];
+        }
+    for (int t = 0; t < NT; t++)
+        for (int d = 0; d < ND; d++) S->z[t][d] = constant(P->ob[d], (const T *)nullptr);
+    mv<NO, ND, HA>(P->o, &S->mix[0][0], HA, &S->z[0][0], ND, true); /* NO tokens at a time */
+    for (int t = NO; t < NT; t += NO)
+        mv<NO, ND, HA>(P->o, &S->mix[t][0], HA, &S->z[t][0], ND, true);
+    for (int r = 0; r < NF; r++)
+        for (int d = 0; d < ND; d++) {
+            T acc{};
+            for (int o = 0; o < NO; o++) {
+                T z = S->z[o * NF + r][d];
+                acc += pick_positive(z, z, T{});
+            }
+            S->out[r][d] = acc;
+        }
+}
+
+/* From S->dout, the gradient to the outputs out[r], to S->dx (every order of every field;
+ * FULL, else order 0 of field 0 only: the others are constants in warm-up) and to
+ * S->dq, dk, dv, and S->z (then the gradient to the outputs before the relu). */
+template <class T, bool FULL> static void joint_attention_backward(const params_t *P, tile_t<T> *S) {
+    for (int t = 0; t < NT; t++)
+        for (int d = 0; d < ND; d++) {
+            T z = S->z[t][d];
+            S->z[t][d] = pick_positive(z, S->dout[t % NF][d], T{});
+        }
+    for (int t = 0; t < NT; t += NO)
+        mv<NO, HA, ND>(P->ot, &S->z[t][0], ND, &S->dmix[t][0], HA, false);
+    /* per head; each gradient summed in registers over the tokens it collects from */
+    const REAL root = std::sqrt((REAL)NA);
+    for (int h = 0; h < NH; h++) {
+        T(*a)[NT] = S->a[h];
+        for (int u = 0; u < NT; u++) { /* dv_u = sum_t a[t][u] dmix_t */
+            T acc[NA] = {};
+            for (int t = 0; t < NT; t++) {
+                T av = a[t][u];
+                for (int i = 0; i < NA; i++) acc[i] += av * S->dmix[t][h * NA + i];
+            }
+            for (int i = 0; i < NA; i++) S->dv[u][h * NA + i] = acc[i];
+        }
+        for (int t = 0; t < NT; t++) { /* the scores' gradient ds (into a), and dq_t */
+            T da[NT], dot{};
+            token_dots(&S->dmix[t][h * NA], &S->v[0][h * NA], NF * HA, HA, da);
+            for (int u = 0; u < NT; u++) dot += a[t][u] * da[u];
+            T dq[NA] = {};
+            for (int p = 0; p < NO; p++)
+                for (int s = 0; s < NF; s++) {
+                    const int u = p * NF + s;
+                    T ds = a[t][u] * (da[u] - dot) / root;
+                    a[t][u] = ds;
+                    const T *ku = &S->k[p][(s * NH + h) * NA];
+                    for (int i = 0; i < NA; i++) dq[i] += ds * ku[i];
+                }
+            for (int i = 0; i < NA; i++) S->dq[t / NF][(t % NF * NH + h) * NA + i] = dq[i];
+        }
+        for (int u = 0; u < NT; u++) { /* dk_u = sum_t ds[t][u] q_t */
+            T acc[NA] = {};
+            for (int o = 0; o < NO; o++)
+                for (int r = 0; r < NF; r++) {
+                    T ds = a[o * NF + r][u];
+                    const T *qt = &S->q[o][(r * NH + h) * NA];
+                    for (int i = 0; i < NA; i++) acc[i] += ds * qt[i];
+                }
+            for (int i = 0; i < NA; i++) S->dk[u / NF][(u % NF * NH + h) * NA + i] = acc[i];
+        }
+    }
+    /* to x_o: Wq^T dq_o + Wk^T dk_o (warm-up: of order 0 only field 0's part) */
+    T(*dxo)[FD] = S->xo; /* x_o is not needed any more (joint_split_x reads S->x) */
+    if (FULL) {
+        mv<NO, FD, FHA>(P->qt, &S->dq[0][0], FHA, &dxo[0][0], FD, false);
+        mv<NO, FD, FHA>(P->kt, &S->dk[0][0], FHA, &dxo[0][0], FD, true);
+    } else {
+        mv<NO - 1, FD, FHA>(P->qt, &S->dq[1][0], FHA, &dxo[1][0], FD, false);
+        mv<NO - 1, FD, FHA>(P->kt, &S->dk[1][0], FHA, &dxo[1][0], FD, true);
+        mv<1, ND, FHA>(P->qt, &S->dq[0][0], FHA, &dxo[0][0], FD, false);
+        mv<1, ND, FHA>(P->kt, &S->dk[0][0], FHA, &dxo[0][0], FD, true);
+    }
+    for (int f = 0; f < NF; f++)
+        for (int o = 0; o < NO; o++)
+            for (int d = 0; d < ND; d++) S->dx[f][o][d] = dxo[o][f * ND + d];
+    /* + Wv^T dv of each token */
+    for (int r = 0; r < NF; r++)
+        mv<NO, ND, HA>(P->vt, &S->dv[r][0], NF * HA, &S->dx[r][0][0], ND, true);
+    if (!FULL)
+        for (int f = 1; f < NF; f++) memset((void *)S->dx[f][0], 0, sizeof S->dx[f][0]);
+}
+
+/* dW[j][c] += sum over orders and lanes of g[o][j] x_o[c] (a dual run: the tangent of
+ * that sum), for W = Wq or Wk; J holds the tile's x_o per lane (joint_weight_grads). */
+template <class T> static void joint_outer(REAL *dw, const T (*g)[FHA], jgrad_t *J) {
+    constexpr bool dual = std::is_same<T, Dual>::value;
+    for (int o = 0; o < NO; o++)
+        for (int j = 0; j < FHA; j++)
+            for (int t = 0; t < LANES; t++) lane_parts(g[o][j], t, &J->gv[o][t][j], &J->gt[o][t][j]);
+    for (int j = 0; j < FHA; j++) {
+        REAL acc[FD] = {};
+        for (int o = 0; o < NO; o++)
+            for (int t = 0; t < LANES; t++) {
+                REAL s = J->gv[o][t][j];
+                for (int c = 0; c < FD; c++) acc[c] += s * (dual ? J->xt[o][t][c] : J->xv[o][t][c]);
+                if (dual) {
+                    REAL st = J->gt[o][t][j];
+                    for (int c = 0; c < FD; c++) acc[c] += st * J->xv[o][t][c];
+                }
+            }
+        REAL *row = dw + j * FD;
+        for (int c = 0; c < FD; c++) row[c] += acc[c];
+    }
+}
+
+template <class T> static void joint_weight_grads(tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
+    for (int d = 0; d < ND; d++) {
+        T acc{};
+        for (int t = 0; t < NT; t++) acc += S->z[t][d];
+        G->ob[d] += acc;
+        for (int j = 0; j < HA; j++) {
+            T a{};
+            for (int t = 0; t < NT; t++) a += S->z[t][d] * S->mix[t][j];
+            G->o[d][j] += a;
+        }
+    }
+    for (int j = 0; j < HA; j++) {
+        T acc[ND] = {};
+        for (int t = 0; t < NT; t++) {
+            T g = S->dv[t][j];
+            const T *x = S->x[t % NF][t / NF];
+            for (int d = 0; d < ND; d++) acc[d] += g * x[d];
+        }
+        for (int d = 0; d < ND; d++) G->v[j][d] += acc[d];
+    }
+    for (int o = 0; o < NO; o++)
+        for (int f = 0; f < NF; f++)
+            for (int d = 0; d < ND; d++)
+                for (int t = 0; t < LANES; t++)
+                    lane_parts(S->x[f][o][d], t, &J->xv[o][t][f * ND + d], &J->xt[o][t][f * ND + d]);
+    joint_outer(J->dwq, S->dq, J);
+    joint_outer(J->dwk, S->dk, J);
+}
+#endif /* JOINT */
+
 /* FULL: the tile's shared-weight gradients, each summed over fields (and orders) in
  * registers first, so that every per-lane accumulator is read and written once per
  * tile (accumulating inside the per-field loops made the backward twice as slow) */
-template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G) {
+template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
+#if JOINT
+    joint_weight_grads(S, G, J);
+#else
+    (void)J;
     for (int d = 0; d < ND; d++) {
         T dd[NF], acc{};
         for (int f = 0; f < NF; f++) { dd[f] = S->dout[f][d]; acc += dd[f]; }
@@ -321,6 +646,7 @@ template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G) {
             }
         for (int d = 0; d < ND; d++) G->m[j][d] += acc[d];
     }
+#endif
     for (int l = 0; l < NL; l++)
         for (int d = 0; d < ND; d++) {
             T acc[ND] = {};
@@ -332,9 +658,14 @@ template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G) {
         }
 }
 
-template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G) {
+template <class T, bool FULL>
+static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
     forward(P, S);
+#if JOINT
+    joint_attention(P, S);
+#else
     for (int f = 0; f < NF; f++) attention(P, S, f);
+#endif
     T logit = constant(P->b, (const T *)nullptr), c[NF], q[NF];
     for (int f = 0; f < NF; f++) {
         T z = constant(P->bc[f], (const T *)nullptr), qq{};
@@ -345,6 +676,20 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
         q[f] = qq;
         logit += c[f] * qq;
     }
+#if FM
+    /* + 0.5 (|sum_r e_r|^2 - sum_r |e_r|^2), as interaction.fm_term */
+    T esum[ND], fm_sq{}, fm_each{};
+    for (int d = 0; d < ND; d++) {
+        T acc{};
+        for (int f = 0; f < NF; f++) {
+            acc += S->x[f][0][d];
+            fm_each += S->x[f][0][d] * S->x[f][0][d];
+        }
+        esum[d] = acc;
+        fm_sq += acc * acc;
+    }
+    logit += (REAL)0.5 * (fm_sq - fm_each);
+#endif
     /* BCE with logits: max(z, 0) - z y + log(1 + e^{-|z|}); its derivative sigmoid(z) - y */
     vec lv = value(logit);
     vec ez = vexp_neg(vsel(lv > 0, -lv, lv));
@@ -364,15 +709,19 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
         }
     }
     for (int f = 0; f < NF; f++) {
-        T dout[ND];
+        T *dout = S->dout[f];
         for (int d = 0; d < ND; d++) {
             T acc = P->wp[d] * (dl * c[f]);
             for (int k = 0; k < NF; k++) acc += P->wc[k * NF * ND + f * ND + d] * dz[k];
             dout[d] = acc;
         }
-        if (FULL) memcpy((void *)S->dout[f], (const void *)dout, sizeof dout);
+#if !JOINT
         attention_backward<T, FULL>(P, S, f, dout);
+#endif
     }
+#if JOINT
+    joint_attention_backward<T, FULL>(P, S);
+#endif
     /* message passing, backward */
     T dh[NF][ND];
     for (int f = 0; f < NF; f++)
@@ -384,10 +733,8 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
         for (int f = 0; f < NF; f++)
             for (int d = 0; d < ND; d++) {
                 T mv = S->mg[l][f][d];
-                T act = RELU ? relu(mv) : mv;
-                T dr = dh[f][d] * S->x[f][l][d];
-                dm[f][d] = RELU ? where_positive(mv, dr) : dr;
-                dh[f][d] = S->dx[f][l][d] + dh[f][d] * act;
+                dm[f][d] = activate_grad(mv, dh[f][d] * S->x[f][l][d], l);
+                dh[f][d] = S->dx[f][l][d] + dh[f][d] * activate(mv, l);
             }
         for (int r = 0; r < NF; r++)
             for (int s = 0; s < NF; s++) {
@@ -413,7 +760,11 @@ template <class T, bool FULL> static void tile(const params_t *P, tile_t<T> *S, 
     }
     for (int f = 0; f < senders; f++)
         for (int d = 0; d < ND; d++) S->de[f][d] += dh[f][d];
-    if (FULL) weight_grads(S, G);
+#if FM
+    for (int f = 0; f < senders; f++)
+        for (int d = 0; d < ND; d++) S->de[f][d] += dl * (esum[d] - S->x[f][0][d]);
+#endif
+    if (FULL) weight_grads(S, G, J);
 }
 
 /* The rows' fields 1..NF-1 (everything but the id): either their embeddings e_rest
@@ -461,11 +812,39 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     size_t align = 64;
     size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
     size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
-    char *mem = (char *)aligned_alloc(align, tb + gb);
+    size_t jb = (JOINT && FULL) ? (sizeof(jgrad_t) + align - 1) / align * align : 0;
+    size_t wb = JOINT ? ((2 * FHA_ * FD_ + 2 * HA_ * ND) * sizeof(REAL) + align - 1) / align * align : 0;
+    char *mem = (char *)aligned_alloc(align, tb + gb + jb + wb);
     if (mem == NULL) return -INFINITY;
     tile_t<T> *S = (tile_t<T> *)mem;
     wgrad_t<T> *G = FULL ? (wgrad_t<T> *)(mem + tb) : NULL;
     if (FULL) memset((void *)G, 0, sizeof *G);
+    jgrad_t *J = (JOINT && FULL) ? (jgrad_t *)(mem + tb + gb) : NULL;
+    params_t Q = *P;
+#if JOINT
+    /* Wq and Wk transposed, for the backward's Wq^T dq (a contiguous row per input) */
+    REAL *qt = (REAL *)(mem + tb + gb + jb), *kt = qt + FHA * FD, *vt = kt + FHA * FD;
+    REAL *ot = vt + HA * ND;
+    for (int j = 0; j < FHA; j++)
+        for (int c = 0; c < FD; c++) {
+            qt[c * FHA + j] = P->q[j * FD + c];
+            kt[c * FHA + j] = P->k[j * FD + c];
+        }
+    for (int j = 0; j < HA; j++)
+        for (int d = 0; d < ND; d++) {
+            vt[d * HA + j] = P->v[j * ND + d];
+            ot[j * ND + d] = P->o[d * HA + j];
+        }
+    Q.qt = qt;
+    Q.kt = kt;
+    Q.vt = vt;
+    Q.ot = ot;
+    if (FULL) {
+        J->dwq = dw + NL * ND * ND;
+        J->dwk = J->dwq + FHA * FD;
+    }
+#endif
+    P = &Q;
     const bool scatter = FULL && F->e_rest == NULL && dtable != NULL;
     double total = 0;
     for (int64_t start = 0; start < nrows; start += LANES) {
@@ -494,7 +873,7 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
                         set_lane(S->g[l][r][s], t, gr[k], tgr ? tgr[k] : 0);
                     }
         }
-        tile<T, FULL>(P, S, G);
+        tile<T, FULL>(P, S, G, J);
         for (int t = 0; t < valid; t++) {
             total += S->loss[t];
             REAL *dgi = dgraphs + it[t] * NL * NF * NF;
@@ -518,11 +897,13 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
         }
     }
     if (FULL) {
+        /* JOINT: the per-lane gradients skip Wq's and Wk's (already in dw) */
         const T *acc = (const T *)G;
-        for (int i = 0; i < N_WEIGHTS; i++) {
+        const int skip_at = NL * ND * ND, skip = JOINT ? 2 * FHA_ * FD_ : 0;
+        for (int i = 0; i < N_WEIGHTS - skip; i++) {
             REAL sum = 0;
             for (int t = 0; t < LANES; t++) sum += result(acc[i], t);
-            dw[i] += sum;
+            dw[i < skip_at ? i : i + skip] += sum;
         }
     }
     free(mem);
@@ -532,9 +913,17 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
 #define FIELDS_ARGS                                                                            \
     const REAL *e_rest, const int64_t *tokens, const REAL *tweights, const REAL *table,         \
         int64_t ntok
+#if JOINT
+#define WEIGHT_ARGS                                                                            \
+    const REAL *w, const REAL *wq, const REAL *wk, const REAL *wv, const REAL *wo,             \
+        const REAL *ob, const REAL *wc, const REAL *bc, const REAL *wp, double b
+#define PARAMS {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, ob, wc, bc, wp, (REAL)b}
+#else
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,               \
         const REAL *bc, const REAL *wp, double b
+#define PARAMS {w, m, n, ob, wc, bc, wp, (REAL)b}
+#endif
 
 extern "C" {
 
@@ -542,7 +931,7 @@ extern "C" {
 double emerg_phi_grad(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *labels,
                       const REAL *inv, const REAL *graphs, const REAL *id, WEIGHT_ARGS,
                       REAL *dgraphs, REAL *did) {
-    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    params_t P = PARAMS;
     fields_t F = {e_rest, tokens, tweights, table, ntok};
     return run<vec, false>(nrows, &F, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
                            did, NULL, NULL);
@@ -552,7 +941,7 @@ double emerg_phi_grad(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REA
 double emerg_full_grad(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *labels,
                        const REAL *inv, const REAL *graphs, const REAL *id, WEIGHT_ARGS,
                        REAL *dgraphs, REAL *did, REAL *dtable, REAL *dw) {
-    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    params_t P = PARAMS;
     fields_t F = {e_rest, tokens, tweights, table, ntok};
     return run<vec, true>(nrows, &F, item, labels, inv, graphs, id, NULL, NULL, &P, dgraphs,
                           did, dtable, dw);
@@ -564,7 +953,7 @@ double emerg_hvp(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *la
                  const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
                  const REAL *t_id, WEIGHT_ARGS, REAL *dgraphs, REAL *did, REAL *dtable,
                  REAL *dw) {
-    params_t P = {w, m, n, ob, wc, bc, wp, (REAL)b};
+    params_t P = PARAMS;
     fields_t F = {e_rest, tokens, tweights, table, ntok};
     return run<Dual, true>(nrows, &F, item, labels, inv, graphs, id, t_graphs, t_id, &P,
                            dgraphs, did, dtable, dw);

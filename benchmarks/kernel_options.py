@@ -1,0 +1,221 @@
+"""The CPU kernel on EmerG's options: warm-up and meta-training, kernel vs autograd.
+
+On the ML-1M shape, per-field attention (the default) and the joint attention of the
+authors' code (with its LeakyReLU, linear last layer and the FM term as a third case),
+each on the compiled kernel and on autograd, timed interleaved in one run:
+
+1. Warm-up: ``warm_up`` of new items (K support rows each, 5 SGD steps), item-phases/s.
+2. Meta-training: one second-order meta-step (``meta_loss`` + backward) of 32 tasks with
+   64 support and 64 query rows each, tasks/s.
+
+Beside the speeds, each kernel case's result against its autograd twin: the largest
+difference of the warmed-up φ, and of the meta-gradient relative to its largest entry.
+
+    python benchmarks/kernel_options.py --threads 1
+    python benchmarks/kernel_options.py --threads 1 --quick
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    base_parser,
+    command_line,
+    emit,
+    fmt,
+    interleaved,
+    machine_info,
+    markdown_table,
+    ml1m_config,
+    setup,
+    synthetic_items,
+)
+from emerg_stream.meta.evaluate import cold_start
+from emerg_stream.meta.rows import Rows
+from emerg_stream.meta.train import TrainConfig, meta_loss, resolve_meta_backend
+from emerg_stream.meta.warmup import WarmupConfig, warm_up
+from emerg_stream.model import EmerG
+
+#: name -> model options on top of the ML-1M shape
+VARIANTS: dict[str, dict[str, Any]] = {
+    "field": {"attention": "field"},
+    "joint": {"attention": "joint"},
+    "joint+options": {
+        "attention": "joint",
+        "activation": "leaky_relu",
+        "activate_last": False,
+        "fm": True,
+    },
+}
+BACKENDS = ("kernel", "autograd")
+Tensors = list[torch.Tensor]
+
+
+def build(options: dict[str, Any]) -> EmerG:
+    """An EmerG of ML-1M's shape with ``options``, its table spread (speed only)."""
+    torch.manual_seed(0)
+    model = EmerG(replace(ml1m_config(), **options))
+    with torch.no_grad():
+        model.embedding.table.weight.normal_(0.0, 0.1)
+        model.embedding.table.weight[0].zero_()
+    return model.eval()
+
+
+def warmup_cases(
+    n_items: int, k: int, device: torch.device
+) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:
+    """One warm-up phase per (variant, backend), on the same items and rows."""
+    items, rows = synthetic_items(n_items, k)
+    cfg = WarmupConfig(steps=5, lr=0.1)
+    cases: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
+    for name, options in VARIANTS.items():
+        model = build(options)
+        phi = cold_start(model, items, salt=0, device=device)
+        for backend in BACKENDS:
+
+            def case(
+                m: EmerG = model, p: dict[str, torch.Tensor] = phi, b: str = backend
+            ) -> dict[str, torch.Tensor]:
+                return warm_up(m, p, rows, cfg, backend=b)  # type: ignore[arg-type]
+
+            cases[f"{name} {backend}"] = case
+    return cases
+
+
+def meta_cases(n_tasks: int, k: int, device: torch.device) -> dict[str, Callable[[], Tensors]]:
+    """One meta-step per (variant, backend): its meta-gradient."""
+    items, rows = synthetic_items(n_tasks, 2 * k)
+    pos = torch.arange(len(rows.item)) % (2 * k)
+    sup = rows.select((pos < k).nonzero().squeeze(1))
+    qry = rows.select((pos >= k).nonzero().squeeze(1))
+    cfg = TrainConfig()
+    cases: dict[str, Callable[[], Tensors]] = {}
+    for name, options in VARIANTS.items():
+        model = build(options).train()
+        noise = torch.randn(n_tasks, model.noise_dim, generator=torch.Generator().manual_seed(1))
+        for backend in BACKENDS:
+            kernel = resolve_meta_backend(model, backend, torch.float32, device)  # type: ignore[arg-type]
+
+            def case(m: EmerG = model, kern: Any = kernel, z: torch.Tensor = noise) -> Tensors:
+                return meta_step(m, kern, items.tokens, items.weights, z, sup, qry, cfg)
+
+            cases[f"{name} {backend}"] = case
+    return cases
+
+
+def meta_step(
+    model: EmerG,
+    kernel: Any,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    noise: torch.Tensor,
+    sup: Rows,
+    qry: Rows,
+    cfg: TrainConfig,
+) -> Tensors:
+    """meta_loss and its backward; the meta-gradient."""
+    model.zero_grad(set_to_none=True)
+    phi0 = model.cold_params(tokens, weights, noise)
+    meta_loss(model, sup, qry, phi0, len(tokens), cfg, kernel).backward()  # type: ignore[no-untyped-call]
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Both benchmarks; the result dict (see the module docstring)."""
+    p = base_parser(__doc__ or "")
+    p.add_argument("--items", type=int, default=512, help="warm-up: new items")
+    p.add_argument("--k", type=int, default=20, help="warm-up: support rows per item")
+    args = p.parse_args(argv)
+    device = setup(args)
+    if device.type != "cpu":
+        raise SystemExit("the kernel runs on the CPU: use --device cpu")
+    n_items = 64 if args.quick else args.items
+    reps = args.reps or (1 if args.quick else 3)
+    res: dict[str, Any] = {
+        "command": command_line("kernel_options.py", argv),
+        "machine": machine_info(device),
+        "warmup": {"items": n_items, "k": args.k, "steps": 5},
+        "meta": {"tasks": 32, "rows": "64 support + 64 query"},
+    }
+    samples, outs = interleaved(warmup_cases(n_items, args.k, device), device, reps)
+    res["warmup"]["cases"] = {
+        name: {
+            **s.to_dict(),
+            "items_per_cpu_s": n_items / s.cpu_s,
+            "items_per_s": n_items / s.wall_s,
+        }
+        for name, s in samples.items()
+    }
+    res["warmup"]["max_phi_diff"] = {
+        v: max(
+            float((outs[f"{v} kernel"][k] - outs[f"{v} autograd"][k]).abs().max())
+            for k in ("adj", "id")
+        )
+        for v in VARIANTS
+    }
+    n_tasks = 32
+    samples, grads = interleaved(
+        meta_cases(n_tasks, 16 if args.quick else 64, device), device, reps
+    )
+    res["meta"]["cases"] = {
+        name: {
+            **s.to_dict(),
+            "tasks_per_cpu_s": n_tasks / s.cpu_s,
+            "tasks_per_s": n_tasks / s.wall_s,
+        }
+        for name, s in samples.items()
+    }
+    rel = {}
+    for v in VARIANTS:
+        got, want = grads[f"{v} kernel"], grads[f"{v} autograd"]
+        scale = max(float(w.abs().max()) for w in want)
+        rel[v] = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) / scale
+    res["meta"]["max_rel_grad_diff"] = rel
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The report's tables."""
+    m = res["machine"]
+    out = [
+        f"`{res['command']}` on {m['cpu_model']}, {m['torch_threads']} torch thread(s), "
+        f"load average {m['load_avg_1m_at_start']} at start\n",
+        f"Warm-up: {res['warmup']['items']} items x K={res['warmup']['k']}, 5 steps "
+        "(medians; per CPU second: process time, insensitive to being descheduled)\n",
+    ]
+    w = res["warmup"]
+    rows = [
+        (name, fmt(c["items_per_s"]), fmt(c["items_per_cpu_s"])) for name, c in w["cases"].items()
+    ]
+    out.append(markdown_table(["case", "item-phases/s", "per CPU second"], rows))
+    out.append(
+        "max |φ kernel − φ autograd|: "
+        + ", ".join(f"{v} {d:.1e}" for v, d in w["max_phi_diff"].items())
+        + "\n"
+    )
+    mt = res["meta"]
+    out.append(f"Meta-step: {mt['tasks']} tasks, {mt['rows']} rows, second order\n")
+    rows = [
+        (name, fmt(c["tasks_per_s"]), fmt(c["tasks_per_cpu_s"])) for name, c in mt["cases"].items()
+    ]
+    out.append(markdown_table(["case", "tasks/s", "per CPU second"], rows))
+    out.append(
+        "max |meta-grad kernel − autograd| / max |autograd|: "
+        + ", ".join(f"{v} {d:.1e}" for v, d in mt["max_rel_grad_diff"].items())
+        + "\n"
+    )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    result = run()
+    emit(result, markdown(result))

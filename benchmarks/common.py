@@ -262,11 +262,11 @@ def log_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 # -------------------------------------------------------------------------- inputs
 
 
-def ml1m_config(attention: str = "field") -> ModelConfig:
+def ml1m_config(attention: str = "joint") -> ModelConfig:
     """EmerG with ML-1M's shape: F=9 (4 item fields), d=16, L=2, H=3, vocab ~10k.
 
-    ``attention`` is the per-field reading by default: the one the CPU kernel computes,
-    whose speed these benchmarks track (the model's default is ``joint``).
+    ``attention``: the model's default reading (``joint``) unless told; rounds 1-5 of
+    docs/BENCHMARKS.md measured the per-field reading (``field``), the default then.
     """
     return ModelConfig(
         kind="emerg",
@@ -281,10 +281,15 @@ def ml1m_config(attention: str = "field") -> ModelConfig:
     )
 
 
-def build_emerg(device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> EmerG:
+def build_emerg(
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    attention: str = "joint",
+) -> EmerG:
     """A randomly initialised EmerG of ML-1M's shape (random weights: speed only)."""
     torch.manual_seed(seed)
-    model = EmerG(ml1m_config())
+    model = EmerG(ml1m_config(attention))
     # the default init leaves the table near zero; spread it so activations are typical
     with torch.no_grad():
         model.embedding.table.weight.normal_(0.0, 0.1)

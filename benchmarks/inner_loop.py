@@ -642,7 +642,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if device.type == "cpu":
             extras["profile"] = profile_step(model, phi, rows)
         fix_n = args.fix_items or (20 if args.quick else 1000)
-        extras["attention_fix"] = attention_fix(model, fix_n, device, reps)
+        # the per-field attention's evaluation-order fix needs that reading's model
+        field = build_emerg(device, attention="field")
+        extras["attention_fix"] = attention_fix(field, fix_n, device, reps)
         extras["cache_fix"] = cache_fix(model, fix_n, device, reps, compiled)
         extras["warmup_chunking"] = chunk_compare(
             model, args.chunk_items or (300 if args.quick else 2000), device, max(1, reps - 2)

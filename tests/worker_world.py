@@ -168,14 +168,11 @@ def make_world(
     return World(k, items, interactions, new_ids, old_ids, table)
 
 
-def build_checkpoint(
-    world: World, path: Path, *, seed: int = 0, attention: str | None = None
-) -> Path:
+def build_checkpoint(world: World, path: Path, *, seed: int = 0) -> Path:
     """A tiny, untrained EmerG checkpoint whose old items are the world's ``o*`` items.
 
     The spec is fitted on the old items' rows plus a few synthetic training rows, so
-    some new items' values are out of vocabulary. ``attention``: the model's default
-    unless given (``field`` is the reading the CPU kernel computes).
+    some new items' values are out of vocabulary.
     """
     mask = np.isin(np.asarray(world.table.column("item").to_pylist()), world.old_ids)
     train = world.table.filter(pa.array(mask))
@@ -192,7 +189,6 @@ def build_checkpoint(
         heads=2,
         head_dim=4,
         hyper_hidden=16,
-        **({"attention": attention} if attention else {}),  # type: ignore[arg-type]
     )
     model = build_model(config)
     with torch.no_grad():  # a less uniform random graph generator than the default init

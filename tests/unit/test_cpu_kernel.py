@@ -40,7 +40,7 @@ def _model(dtype: torch.dtype = torch.float64, **kw: object) -> torch.nn.Module:
         n_item_fields=3,
         side_fields=(1, 2),
         vocab_size=60,
-        attention="field",  # the reading the kernel computes
+        attention="field",  # the shapes below name "joint" where they test it
     )
     shape.update(kw)
     model = build_model(ModelConfig(**shape))  # type: ignore[arg-type]

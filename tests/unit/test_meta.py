@@ -106,10 +106,7 @@ def test_warm_up_in_chunks_equals_the_per_item_path(backend, request):
     independent and each keeps its own rows (autograd and the CPU kernel alike)."""
     if backend == "kernel":
         request.getfixturevalue("cxx_compiler")
-    # the kernel computes the per-field attention; autograd runs the default (joint)
-    model, phi, support = _f64_warm_up_inputs(
-        **({"attention": "field"} if backend == "kernel" else {})
-    )
+    model, phi, support = _f64_warm_up_inputs()
     cfg = WarmupConfig(steps=4, lr=0.05, optimizer="adam")
     chunked = warm_up(model, phi, support, cfg, chunk=5, backend=backend)
     reference = warm_up_reference(model, phi, support, cfg)

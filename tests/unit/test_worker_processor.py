@@ -185,16 +185,9 @@ def test_the_worker_publishes_the_offline_params_on_every_device(
     check_params_equal_offline(decoded(out, TOPICS.item_params, PARAMS), offline, world)
 
 
-@pytest.fixture(scope="module")
-def field_checkpoint(world, tmp_path_factory) -> Path:
-    """A checkpoint of the per-field attention, the reading the CPU kernel computes."""
-    return ww.build_checkpoint(world, tmp_path_factory.mktemp("ck") / "field", attention="field")
-
-
-def test_the_handler_runs_the_kernel_by_default(field_checkpoint):
+def test_the_handler_runs_the_kernel_by_default(handler):
     """The stream's default backend is the CPU kernel wherever it builds (this machine
-    has a C++ compiler), for a model the kernel computes; autograd for the others."""
-    handler = TorchWarmupHandler.from_checkpoint(field_checkpoint, "cpu")
+    has a C++ compiler: the published-params tests above ran it against autograd)."""
     assert handler.warmup_backend == "auto"
     kind, kernel = resolve_backend(handler.model, "auto", torch.float32, torch.device("cpu"))
     if shutil.which(os.environ.get("CXX", "c++")):
@@ -204,7 +197,7 @@ def test_the_handler_runs_the_kernel_by_default(field_checkpoint):
 
 
 def test_a_kernel_that_cannot_build_stops_the_handler_or_falls_back(
-    field_checkpoint, monkeypatch, tmp_path
+    checkpoint, monkeypatch, tmp_path
 ):
     """``warmup_backend=kernel`` without a compiler is a start-up error naming the cause;
     ``auto`` starts on autograd."""
@@ -212,8 +205,8 @@ def test_a_kernel_that_cannot_build_stops_the_handler_or_falls_back(
     monkeypatch.setenv("EMERG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_KERNELS", {})
     with pytest.raises(ModelError, match=r"no C\+\+ compiler"):
-        TorchWarmupHandler.from_checkpoint(field_checkpoint, "cpu", warmup_backend="kernel")
-    fallback = TorchWarmupHandler.from_checkpoint(field_checkpoint, "cpu")
+        TorchWarmupHandler.from_checkpoint(checkpoint, "cpu", warmup_backend="kernel")
+    fallback = TorchWarmupHandler.from_checkpoint(checkpoint, "cpu")
     kind, _ = resolve_backend(fallback.model, "auto", torch.float32, torch.device("cpu"))
     assert kind == "autograd"
 

@@ -54,7 +54,7 @@ from emerg_stream.data.synthetic import NAME, TRUE_P, draw_world, parse_name, ro
 from emerg_stream.meta.evaluate import PHASES
 from emerg_stream.meta.metrics import phase_metrics
 from emerg_stream.meta.pipeline import METHODS, QUICK_WARMUP_GRID, WARMUP_GRID
-from emerg_stream.meta.reproduce import PHASE_LABELS, reproduce
+from emerg_stream.meta.reproduce import PHASE_LABELS, reproduce, selection_config
 from emerg_stream.meta.train import TrainConfig
 
 #: Generator parameters of ``--quick`` (a few seconds per method).
@@ -253,7 +253,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = "cpu" if args.device == "auto" else args.device
     methods = [x.strip() for x in args.methods.split(",") if x.strip()]
     params = ",".join(x for x in (QUICK_PARAMS if args.quick else "", args.params) if x)
-    cfg = TrainConfig()
+    cfg = selection_config()
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=1, meta_epochs=1)
     with tempfile.TemporaryDirectory(prefix="capability-") as tmp:

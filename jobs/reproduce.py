@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrain-epochs",
         type=int,
         default=None,
-        help="max pretraining epochs that selection tries (default 4)",
+        help="max pretraining epochs that selection tries (default 8)",
     )
     parser.add_argument(
         "--meta-epochs",

@@ -41,6 +41,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
 from confluent_kafka import (
@@ -102,7 +103,9 @@ class TransactionalCheckpoint:
     ) -> None:
         self.txn_id = txn_id
         self.request_timeout_s = request_timeout_s
-        full = dict(conf)
+        # librdkafka's info chatter (level 6: e.g. "Purging 1 unserved events" when the
+        # refusal probe's producer closes) would land on stderr beside the one error line
+        full: dict[str, Any] = {"log_level": 4, **conf}
         full.update(
             {
                 "transactional.id": txn_id,

@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import shutil
@@ -46,13 +45,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self
 
 import structlog
 
 from emerg_stream.errors import ConfigError, TransientError
 from emerg_stream.stream.broker import HOST, _pdeathsig_hook, free_port
+from emerg_stream.stream.child import ChildServer
 from emerg_stream.stream.kafka_dist import (
     KAFKA_VERSION,
     fetch_kafka,
@@ -113,7 +112,7 @@ logger.cleaner.level = INFO
 """
 
 
-class ApacheKafka:
+class ApacheKafka(ChildServer):
     """Apache Kafka in a child JVM, KRaft combined mode, on 127.0.0.1 (module docstring).
 
     Use as a context manager. The child gets SIGTERM when this process dies (Linux), and
@@ -156,9 +155,7 @@ class ApacheKafka:
         self.run_dir: Path | None = None
         self.ports: dict[str, int] = {}
         self._passwords: dict[str, str] = {}
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._paused = False
+        super().__init__()
         #: Seconds the last :meth:`start` took, by phase (``fetch``, ``tls``,
         #: ``format``, ``boot``, ``acls``, ``total``).
         self.timings: dict[str, float] = {}
@@ -179,18 +176,6 @@ class ApacheKafka:
     def ca_path(self) -> Path:
         """PEM file of the CA that signed the broker's certificate."""
         return self._dir() / "tls" / "ca.pem"
-
-    @property
-    def pid(self) -> int:
-        """Process id of the JVM (only while running)."""
-        if self._proc is None:
-            raise ConfigError("the Kafka broker is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the JVM is alive (a paused one is running)."""
-        return self._proc is not None and self._proc.poll() is None
 
     def env_file(self, user: str) -> Path:
         """``<run>/<user>.env``: ``EMERG_KAFKA__*`` lines to reach the SASL_SSL listener."""
@@ -277,11 +262,6 @@ class ApacheKafka:
         self._signal(signal.SIGSTOP)
         self._paused = True
 
-    def resume(self) -> None:
-        """Unfreeze a paused JVM (SIGCONT)."""
-        self._signal(signal.SIGCONT)
-        self._paused = False
-
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the node's output (stdout and stderr)."""
         if self._log is None:
@@ -291,17 +271,6 @@ class ApacheKafka:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = self.bootstrap if self.running else "stopped"
@@ -511,40 +480,14 @@ class ApacheKafka:
         except Exception as exc:  # re-raised as our error type
             raise TransientError(self._failure(f"could not create the ACLs: {exc}")) from exc
 
-    def _check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise TransientError(self._failure(f"exited with code {self._proc.returncode}"))
+    _noun = "the Kafka broker"
 
-    def _failure(self, what: str) -> str:
-        tail = self.log_tail()
-        return f"Apache Kafka {self.version} {what}" + (f"; its log ends:\n{tail}" if tail else "")
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if not self.running or self._proc is None:
-            raise ConfigError("the Kafka broker is not running")
-        os.kill(self._proc.pid, sig)
+    @property
+    def _what(self) -> str:
+        return f"Apache Kafka {self.version}"
 
     def _terminate(self) -> int | None:
-        proc, self._proc = self._proc, None
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                if self._paused:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    code = proc.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("kafka_killed", pid=proc.pid, after_s=self.stop_timeout_s)
-                    proc.kill()
-                    code = proc.wait()
-            else:
-                code = proc.returncode
-        self._paused = False
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        code = self._end_child(signal.SIGTERM, "kafka_killed")
         if self.run_dir is not None and self._run_dir_arg is None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir = None

@@ -36,12 +36,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 import structlog
 
 from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.stream.child import ChildServer
 
 __all__ = ["HOST", "EmbeddedBroker", "find_tansu_binary", "free_port"]
 
@@ -132,7 +132,7 @@ def _pdeathsig_hook() -> Callable[[], None] | None:
     return hook
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(ChildServer):
     """A Tansu broker in a child process, listening on ``127.0.0.1:<port>``.
 
     Use as a context manager; :attr:`bootstrap` is the address for clients. The child
@@ -176,10 +176,8 @@ class EmbeddedBroker:
         self.stop_timeout_s = stop_timeout_s
         self._binary = binary
         self.cluster_id = cluster_id or f"emerg-embedded-{uuid.uuid4().hex[:12]}"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
         self._port: int | None = None
-        self._paused = False
+        super().__init__()
 
     # -- public API ------------------------------------------------------------------
 
@@ -194,18 +192,6 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         """``127.0.0.1:<port>``, the ``bootstrap.servers`` for clients."""
         return f"{HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        """Process id of the broker (only while running)."""
-        if self._proc is None:
-            raise ConfigError("the embedded broker is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the child process is alive (a paused broker is running)."""
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> Self:
         """Start the broker and wait until it answers.
@@ -276,11 +262,6 @@ class EmbeddedBroker:
                 return
             time.sleep(0.005)
 
-    def resume(self) -> None:
-        """Unfreeze a paused broker (SIGCONT)."""
-        self._signal(signal.SIGCONT)
-        self._paused = False
-
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the broker wrote (stdout and stderr), colours removed."""
         if self._log is None:
@@ -290,17 +271,6 @@ class EmbeddedBroker:
         except OSError:
             return ""
         return "\n".join(_ANSI.sub("", text).splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = f"{HOST}:{self._port}" if self._port else "stopped"
@@ -378,40 +348,17 @@ class EmbeddedBroker:
                 )
             return
 
-    def _check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise TransientError(self._failure(f"exited with code {self._proc.returncode}"))
+    _noun = "the embedded broker"
 
-    def _failure(self, what: str) -> str:
-        tail = self.log_tail()
-        return f"embedded Tansu broker {what}" + (f"; its log ends:\n{tail}" if tail else "")
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if not self.running or self._proc is None:
-            raise ConfigError("the embedded broker is not running")
-        os.kill(self._proc.pid, sig)
+    @property
+    def _what(self) -> str:
+        return "embedded Tansu broker"
 
     def _terminate(self) -> int | None:
-        proc, self._proc, self._port = self._proc, None, None
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                if self._paused:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot exit
-                proc.send_signal(signal.SIGINT)
-                try:
-                    code = proc.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("broker_killed", pid=proc.pid, after_s=self.stop_timeout_s)
-                    proc.kill()
-                    code = proc.wait()
-            else:
-                code = proc.returncode
-        self._paused = False
-        if self._log is not None:
-            self._log.close()
+        self._port = None
+        log_path = self._log.name if self._log is not None else None
+        code = self._end_child(signal.SIGINT, "broker_killed")
+        if log_path is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self._log.name)
-            self._log = None
+                os.unlink(log_path)
         return code

@@ -460,12 +460,10 @@ def _secure_env(kafka: ApacheKafka, user: str, ca: Path | None = None) -> dict[s
     return env
 
 
-@kafka_only
-def test_a_principal_without_write_on_params_is_refused_in_one_line(
-    apache_kafka, checkpoint, kafka_conf, unique_name, tmp_path
-):
-    topics = make_topics(kafka_conf, unique_name)
-    env = _secure_env(apache_kafka, "emerg-ranker")
+def _refused(apache_kafka, checkpoint, topics, unique_name, tmp_path, env):
+    """Run a worker on the SASL_SSL listener with ``env``; it must fail with one line.
+
+    Returns (exit code, the whole log, the error line)."""
     log = tmp_path / "w.log"
     proc = worker_proc(
         checkpoint, apache_kafka.sasl_bootstrap, topics, unique_name("g"), tmp_path / "s", log, env
@@ -474,6 +472,16 @@ def test_a_principal_without_write_on_params_is_refused_in_one_line(
     text = log.read_text()
     line = one_error_line(text)
     assert code != 0
+    return code, text, line
+
+
+@kafka_only
+def test_a_principal_without_write_on_params_is_refused_in_one_line(
+    apache_kafka, checkpoint, kafka_conf, unique_name, tmp_path
+):
+    topics = make_topics(kafka_conf, unique_name)
+    env = _secure_env(apache_kafka, "emerg-ranker")
+    code, text, line = _refused(apache_kafka, checkpoint, topics, unique_name, tmp_path, env)
     assert "emerg-ranker" in line and "WRITE" in line and topics.item_params in line
     assert env["EMERG_KAFKA__SASL_PASSWORD"] not in text
     print(f"\n[acl] exit {code}: {line}")
@@ -491,14 +499,7 @@ def test_a_wrong_ca_is_refused_in_one_line(
         check=True, capture_output=True,
     )  # fmt: skip
     env = _secure_env(apache_kafka, "emerg-worker", ca=other_ca)
-    log = tmp_path / "w.log"
-    proc = worker_proc(
-        checkpoint, apache_kafka.sasl_bootstrap, topics, unique_name("g"), tmp_path / "s", log, env
-    )
-    code = proc.wait(90)
-    text = log.read_text()
-    line = one_error_line(text)
-    assert code != 0
+    code, text, line = _refused(apache_kafka, checkpoint, topics, unique_name, tmp_path, env)
     assert "TLS" in line and "SSL_CA_LOCATION" in line and apache_kafka.sasl_bootstrap in line
     assert env["EMERG_KAFKA__SASL_PASSWORD"] not in text
     print(f"\n[tls] exit {code}: {line}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -164,16 +164,29 @@ def split_log(log: InteractionLog, n: int | None = None, k: int | None = None) -
     )
 
 
+#: How :func:`holdout_validation` picks its pseudo-new items.
+HoldoutPick = Literal["random", "fewest_rows"]
+
+
 def holdout_validation(
-    split: Split, frac: float = 0.2, seed: int = 0, max_test_rows: int | None = None
+    split: Split,
+    frac: float = 0.2,
+    seed: int = 0,
+    max_test_rows: int | None = None,
+    pick: HoldoutPick = "random",
 ) -> Split:
     """A validation split made from old items only, for model selection.
 
-    ``round(frac * #old items)`` old items, drawn with ``numpy.random.default_rng(seed)``
-    from the sorted list of old item ids (so the draw depends only on the ids, not on
-    row order), become pseudo-new items: their time-sorted rows go to warm_a / warm_b /
-    warm_c by K-chunks, the rest to test. The other old items stay ``old``. The real new
-    items of ``split`` are never read.
+    ``round(frac * #old items)`` old items become pseudo-new items: their time-sorted
+    rows go to warm_a / warm_b / warm_c by K-chunks, the rest to test. The other old
+    items stay ``old``. The real new items of ``split`` are never read.
+
+    Which old items: drawn from the sorted old item ids with
+    ``numpy.random.default_rng(seed)`` (so the choice depends only on the ids, not on row
+    order). ``pick="random"`` draws them at random; ``pick="fewest_rows"`` holds out the
+    items with the fewest rows, ties broken by a random permutation. Old items have more
+    than N rows and new items at most N, so the least-rated old items are the ones most
+    like new items (popularity-matched pseudo-new items).
 
     Args:
         split: The public split.
@@ -182,6 +195,7 @@ def holdout_validation(
         max_test_rows: Keep at most this many test rows per pseudo-new item (the first
             ones in time). ``split.n - 3 * split.k`` makes pseudo-new items look like
             real new items, which never have more; ``None`` keeps every row.
+        pick: ``random`` or ``fewest_rows`` (above).
 
     Returns:
         The validation split (same n, k, schema, sources; name ``<name>.holdout``).
@@ -191,12 +205,21 @@ def holdout_validation(
     """
     if not 0.0 < frac < 1.0:
         raise ConfigError(f"holdout frac must be in (0, 1), got {frac}")
+    if pick not in ("random", "fewest_rows"):
+        raise ConfigError(f"holdout pick must be 'random' or 'fewest_rows', got {pick!r}")
     old = split.old
     ids = old.column(split.schema.item_id).combine_chunks()
-    unique = np.sort(np.asarray(pc.unique(ids).to_pylist(), dtype=object))
+    counted = pc.value_counts(ids)
+    names = np.asarray(counted.field("values").to_pylist(), dtype=object)
+    by_id = np.argsort(names.astype(str), kind="stable")
+    unique, counts = names[by_id], counted.field("counts").to_numpy()[by_id]
     n_hold = round(frac * len(unique))
     rng = np.random.default_rng(seed)
-    held = unique[rng.choice(len(unique), size=n_hold, replace=False)]
+    if pick == "random":
+        held = unique[rng.choice(len(unique), size=n_hold, replace=False)]
+    else:
+        order = rng.permutation(len(unique))
+        held = unique[order[np.argsort(counts[order], kind="stable")][:n_hold]]
     is_held = np.asarray(pc.is_in(ids, value_set=pa.array(held.tolist(), pa.string())))
     keep = old.filter(pa.array(~is_held))
     pseudo = old.filter(pa.array(is_held))

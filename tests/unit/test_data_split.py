@@ -255,3 +255,31 @@ def test_holdout_caps_test_rows_per_pseudo_new_item(make_log) -> None:
     assert capped.test.num_rows == 3
     # the kept test rows are the earliest ones after the warm-up rows
     assert sorted(capped.test.column("ts").to_pylist()) == [6, 7, 8]
+
+
+def test_holdout_fewest_rows_holds_out_the_least_rated_old_items(make_log) -> None:
+    # old items o0..o9 with 12..21 rows (N=9): the 3 least-rated are o0, o1, o2
+    rows = [(f"o{i}", f"u{j}", j, j % 2) for i in range(10) for j in range(12 + i)]
+    split = split_log(make_log(rows, n=9, k=2))
+    val = holdout_validation(split, frac=0.3, seed=0, pick="fewest_rows")
+    assert item_set(val.warm_a) == {"o0", "o1", "o2"}
+    assert item_set(holdout_validation(split, frac=0.3, seed=5, pick="fewest_rows").warm_a) == {
+        "o0",
+        "o1",
+        "o2",
+    }
+    # random picks differ from the fewest-rows ones for some seed
+    drawn = {frozenset(item_set(holdout_validation(split, 0.3, s).warm_a)) for s in range(6)}
+    assert drawn != {frozenset({"o0", "o1", "o2"})}
+
+
+def test_holdout_fewest_rows_breaks_ties_by_seed(make_log) -> None:
+    rows = [(f"o{i}", f"u{j}", j, j % 2) for i in range(10) for j in range(12)]
+    split = split_log(make_log(rows, n=9, k=2))
+    picks = {
+        frozenset(item_set(holdout_validation(split, 0.3, s, pick="fewest_rows").warm_a))
+        for s in range(6)
+    }
+    assert len(picks) > 1 and all(len(p) == 3 for p in picks)
+    with pytest.raises(ConfigError, match="pick"):
+        holdout_validation(split, pick="most_rows")  # type: ignore[arg-type]

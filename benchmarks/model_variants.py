@@ -2,7 +2,8 @@
 
 For each named variant (a method plus model-config overrides) and each seed, this runs
 model selection exactly as ``reproduce`` does (``meta.pipeline.select_protocol``: 20 %
-of the old items held out as pseudo-new items, epochs chosen after every epoch with
+of the old items held out as pseudo-new items (the least-rated ones; ``--holdout
+random`` for a random draw), epochs chosen after every epoch with
 each method's best warm-up of ``EPOCH_WARMUP_GRID``, then the warm-up from
 ``WARMUP_GRID``) and reports the pseudo-new items' metrics at the chosen settings:
 pooled, within-item and between-item AUC per phase. The real new items' test rows are
@@ -28,14 +29,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import base_parser, emit, machine_info, markdown_table, setup
-from emerg_stream.data import holdout_validation, load_dataset, split_log
+from emerg_stream.data import load_dataset, split_log
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.evaluate import PHASES
 from emerg_stream.meta.pipeline import (
     EPOCH_WARMUP_GRID,
+    SELECTION_HOLDOUT,
     WARMUP_GRID,
     prepare,
     select_protocol,
+    selection_split,
 )
 from emerg_stream.meta.reproduce import selection_config
 
@@ -63,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="emerg-field,emerg-joint,deepfm,metae")
     p.add_argument("--max-pretrain-epochs", type=int, default=None)
     p.add_argument("--max-meta-epochs", type=int, default=None)
+    p.add_argument(
+        "--holdout",
+        choices=["fewest_rows", "random"],
+        default=None,
+        help="how pseudo-new items are picked (default: the project's, SELECTION_HOLDOUT)",
+    )
     args = p.parse_args(argv)
     device = setup(args)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, pretrain_epochs=1, meta_epochs=1)
     ilog = load_dataset(args.dataset, args.data_dir)
     split = split_log(ilog)
-    val_split = holdout_validation(split, frac=0.2, seed=0, max_test_rows=split.n - 3 * split.k)
+    val_split = selection_split(split, args.holdout)
     spec = FeatureSpec.fit(val_split.schema, val_split.old)
     val = prepare(val_split, spec)
     grid = WARMUP_GRID[:2] if args.quick else WARMUP_GRID
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "dataset": ilog.name,
         "seeds": seeds,
         "max_epochs": [cfg.pretrain_epochs, cfg.meta_epochs],
+        "holdout": args.holdout or SELECTION_HOLDOUT,
         "machine": machine_info(device),
         "runs": runs,
     }

@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 import torch
 
-from emerg_stream.data import holdout_validation, load_dataset, split_log, write_split
+from emerg_stream.data import load_dataset, split_log, write_split
 from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
@@ -29,10 +29,10 @@ from emerg_stream.meta.pipeline import (
     METHODS,
     WARMUP_GRID,
     Prepared,
-    Protocol,
     final_config,
     prepare,
-    select_protocol,
+    select_reading,
+    selection_split,
     train_model,
 )
 from emerg_stream.meta.train import TrainConfig
@@ -167,9 +167,8 @@ def reproduce(
     spec = FeatureSpec.fit(split.schema, split.old)
     (out / "feature_spec.json").write_text(json.dumps(spec.to_dict()) + "\n")
     # Selection sees neither the new items nor the pseudo-new items' ids: its own spec is
-    # fitted on the remaining old items, and pseudo-new items keep at most N - 3K test
-    # rows each, as real new items do.
-    val_split = holdout_validation(split, frac=0.2, seed=0, max_test_rows=split.n - 3 * split.k)
+    # fitted on the remaining old items (pseudo-new items: meta.pipeline.selection_split).
+    val_split = selection_split(split)
     val_spec = FeatureSpec.fit(val_split.schema, val_split.old)
     val: Prepared = prepare(val_split, val_spec)
     data: Prepared = prepare(split, spec)
@@ -193,16 +192,15 @@ def reproduce(
     }
     for method in methods:
         t0 = time.perf_counter()
-        m_ov = model_ov if method == "emerg" else {}
         m_cfg = replace(cfg, **train_ov) if method == "emerg" else cfg
-        protocol: Protocol = select_protocol(
+        protocol, m_ov = select_reading(
             method,
             val_spec,
             val,
             m_cfg,
             device=dev,
             progress=progress,
-            model_overrides=m_ov,
+            model_overrides=model_ov if method == "emerg" else {},
             grid=warmup_grid,
             epoch_grid=epoch_grid,
         )
@@ -239,6 +237,7 @@ def reproduce(
                 save_phis(out / f"phis-{method}.npz", data.new.items.ids, phis)
         results["methods"][method] = {
             "protocol": protocol.to_dict(),
+            "model_overrides": m_ov,
             "seeds": {str(s): m for s, m in per_seed.items()},
             "summary": summarize(per_seed),
             "wall_time_s": round(time.perf_counter() - t0, 1),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from emerg_stream.cli import main
+from emerg_stream.meta.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,17 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
                 seeds = [res["seeds"][s][phase][metric] for s in ("0", "1")]
                 assert res["summary"][phase][f"{metric}_mean"] == pytest.approx(np.mean(seeds))
         assert res["protocol"]["warmup"]["steps"] >= 1
+    # EmerG's reading of eq. (9) was chosen on pseudo-new items: both readings scored,
+    # the better one trained (and recorded in the checkpoint's model config)
+    emerg = results["methods"]["emerg"]
+    readings = emerg["protocol"]["validation"]["readings"]
+    assert set(readings) == {"joint", "field"}
+    assert emerg["model_overrides"] == {"attention": max(readings, key=readings.get)}
+    assert emerg["protocol"]["validation"]["score"] == max(readings.values())
+    chosen = load_checkpoint(run / "checkpoints" / "emerg-seed1").model.config.attention
+    assert emerg["model_overrides"] == {"attention": chosen}
+    assert "model_overrides" in results["methods"]["deepfm"]
+    assert "readings" not in results["methods"]["deepfm"]["protocol"]["validation"]
     # the signal is learnable: after warm-up EmerG ranks clearly better than chance
     assert results["methods"]["emerg"]["summary"]["warm_c"]["auc_mean"] > 0.6
 

@@ -79,11 +79,12 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
     # the better one trained (and recorded in the checkpoint's model config)
     emerg = results["methods"]["emerg"]
     readings = emerg["protocol"]["validation"]["readings"]
-    assert set(readings) == {"joint", "field"}
-    assert emerg["model_overrides"] == {"attention": max(readings, key=readings.get)}
+    assert set(readings) == {"joint", "joint+fm", "field", "field+fm"}
+    best = max(readings, key=readings.get)
+    assert emerg["model_overrides"] == {"attention": best.split("+")[0], "fm": "+fm" in best}
     assert emerg["protocol"]["validation"]["score"] == max(readings.values())
-    chosen = load_checkpoint(run / "checkpoints" / "emerg-seed1").model.config.attention
-    assert emerg["model_overrides"] == {"attention": chosen}
+    config = load_checkpoint(run / "checkpoints" / "emerg-seed1").model.config
+    assert emerg["model_overrides"] == {"attention": config.attention, "fm": config.fm}
     assert "model_overrides" in results["methods"]["deepfm"]
     assert "readings" not in results["methods"]["deepfm"]["protocol"]["validation"]
     # the signal is learnable: after warm-up EmerG ranks clearly better than chance

@@ -55,7 +55,7 @@ from emerg_stream.config import TopicSettings
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemParams
 from emerg_stream.serving.handler import TorchWarmupHandler
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.worker import Worker
 
 TARGET_P99_MS = 500.0

@@ -318,7 +318,7 @@ def reader(conf: dict[str, str], fetch_wait_ms: int | None = None) -> Any:
     """
     from confluent_kafka import Consumer
 
-    from emerg_stream.stream.replay import reader_conf
+    from emerg_stream.stream.reader import reader_conf
 
     extra = {} if fetch_wait_ms is None else {"fetch.wait.max.ms": str(fetch_wait_ms)}
     return Consumer({**reader_conf(conf), **extra})

@@ -57,7 +57,7 @@ from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.decode import Rejected
 from emerg_stream.stream.envelope import Inbound
 from emerg_stream.stream.processor import WarmupProcessor
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.worker import Worker
 
 TARGET = 0.7

@@ -65,7 +65,7 @@ def dump_predictions(out: Path, args: argparse.Namespace) -> Path:
     from emerg_stream.errors import SchemaError
     from emerg_stream.io.avro import AvroSerde
     from emerg_stream.io.records import Prediction
-    from emerg_stream.stream.replay import read_to_end
+    from emerg_stream.stream.reader import read_to_end
 
     overrides = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else None
     settings = load_settings(Settings, overrides)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.io.avro import AvroSerde
     from emerg_stream.io.records import ItemParams
     from emerg_stream.stream.lag import group_lag, last_marks, split_lag
-    from emerg_stream.stream.replay import read_to_end
+    from emerg_stream.stream.reader import read_to_end
 
     overrides: dict[str, Any] = {}
     if args.group:

@@ -43,6 +43,7 @@ from benchmarks.common import (
     setup,
     synthetic_items,
 )
+from emerg_stream.meta.cpu_kernel import EmerGKernel
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.train import (
     TaskTable,
@@ -53,7 +54,6 @@ from emerg_stream.meta.train import (
     resolve_meta_backend,
 )
 from emerg_stream.model import ItemModel, build_model
-from emerg_stream.model.cpu_kernel import EmerGKernel
 
 TARGET = 10.0  # batched vs per-task speed-up, time per task
 

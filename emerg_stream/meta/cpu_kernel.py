@@ -18,6 +18,10 @@ a cache directory (``$EMERG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/emerg-stream/
 else ``~/.cache/emerg-stream/kernels``); later processes load the cached library. Where no
 compiler is found or the build fails, :class:`KernelUnavailableError` says why and
 ``backend="auto"`` (warm-up, meta-training) falls back to autograd.
+
+It lives in ``meta/`` beside its two drivers (:mod:`emerg_stream.meta.warmup`,
+:mod:`emerg_stream.meta.train`): it computes their losses and gradients, reading the
+modules of :mod:`emerg_stream.model` but adding none.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def _compiler() -> str:
 
 def _build(defines: tuple[str, ...]) -> Path:
     """Compile the kernel for ``defines`` into the cache (once) and return the library."""
-    source = resources.files("emerg_stream.model").joinpath("kernels", _SOURCE).read_bytes()
+    source = resources.files("emerg_stream.meta").joinpath("kernels").joinpath(_SOURCE).read_bytes()
     cxx = _compiler()
     try:
         version = subprocess.run(  # noqa: S603 - the operator's compiler ($CXX)

@@ -133,6 +133,18 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def header(script: str, argv: Sequence[str] | None, device: torch.device) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON: its name, its command line, the machine.
+
+    Call it where the machine should be recorded (its load average is read then).
+    """
+    return {
+        "benchmark": script.removesuffix(".py"),
+        "command": command_line(script, argv),
+        "machine": machine_info(device),
+    }
+
+
 # -------------------------------------------------------------------------- timing
 
 

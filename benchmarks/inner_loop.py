@@ -35,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     base_parser,
     build_emerg,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
     log_slope,
-    machine_info,
     markdown_table,
     matmul_flops,
     sample_items,
@@ -573,7 +572,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mid_reps, big_reps = max(1, min(reps, 3)), max(1, min(reps, 2))
     model = build_emerg(device)
     model64 = build_emerg(device, dtype=torch.float64)
-    machine = machine_info(device)
+    head = header("inner_loop.py", argv, device)
     compile_s = None
     build_s: dict[str, float] = {}
     c_items, c_rows = synthetic_items(8, K, seed=99)
@@ -668,9 +667,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         candidates[f"{pr['processes']} processes, {pr['backend']}"] = pr["split"]["items_per_s"]
     best_name = max(candidates, key=lambda k: candidates[k])
     result: dict[str, Any] = {
-        "benchmark": "inner_loop",
-        "command": command_line("inner_loop.py", argv),
-        "machine": machine,
+        **head,
         "rows_per_item": K,
         "results": results,
         "growth_loglog_slope": growth,
@@ -692,9 +689,7 @@ def run_only(
 ) -> dict[str, Any]:
     """``--only``: one comparison, its JSON and a line of markdown."""
     result: dict[str, Any] = {
-        "benchmark": "inner_loop",
-        "command": command_line("inner_loop.py", argv),
-        "machine": machine_info(device),
+        **header("inner_loop.py", argv, device),
     }
     if args.only == "processes":
         n = args.procs_items or (100 if args.quick else 1000)

@@ -53,10 +53,9 @@ import torch
 from benchmarks import stream_inputs as si
 from benchmarks.common import (
     base_parser,
-    command_line,
     emit,
     fmt,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -470,9 +469,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"load avg 1m at end {os.getloadavg()[0]:.2f}\n"
     )
     result = {
-        "benchmark": "state",
-        "command": command_line("state.py", argv),
-        "machine": machine_info(torch.device("cpu")),
+        **header("state.py", argv, torch.device("cpu")),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "items": n,
         "k": k,

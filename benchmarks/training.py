@@ -34,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     base_parser,
     build_emerg,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
-    machine_info,
     markdown_table,
     setup,
     synthetic_items,
@@ -306,11 +305,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = p.parse_args(argv)
     device = setup(args)
-    machine = machine_info(device)
+    head = header("training.py", argv, device)
     base: dict[str, Any] = {
-        "benchmark": "training",
-        "command": command_line("training.py", argv),
-        "machine": machine,
+        **head,
     }
     if args.synthetic:
         data, model = synthetic_old(30 if args.quick else 300, 40)

@@ -42,7 +42,7 @@ from benchmarks.common import (
     setup,
     synthetic_items,
 )
-from emerg_stream.meta.cpu_kernel import EmerGKernel
+from emerg_stream.meta.kernel import EmerGKernel
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.train import (
     TaskTable,

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emerg_stream.meta.cpu_kernel import (
+from emerg_stream.meta.kernel import (
     EmerGKernel,
     KernelRows,
     KernelUnavailableError,
@@ -85,7 +85,7 @@ EpochCallback = Callable[[str, int], None]
 
 #: Where meta-training's per-row derivatives come from: ``autograd`` (any model, any
 #: device), ``kernel`` (EmerG on the CPU: the compiled kernel of
-#: :mod:`emerg_stream.meta.cpu_kernel`, seconds to build on first use) or ``auto``
+#: :mod:`emerg_stream.meta.kernel`, seconds to build on first use) or ``auto``
 #: (``kernel`` where it serves, else ``autograd``, with a warning where the machine is
 #: the reason).
 MetaBackend = Literal["auto", "autograd", "kernel"]

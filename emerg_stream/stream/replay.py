@@ -335,52 +335,24 @@ def replay(
     conf.update({"enable.idempotence": "true", "acks": "all"})
     conf.setdefault("linger.ms", "20")
     producer = Producer(conf)
-    item_serde = AvroSerde(ItemEvent, topic=items_topic)
-    inter_serde = AvroSerde(Interaction, topic=interactions_topic)
     counts = ReplayCounts(test_rows_left_out=plan.n_test)
     errors: list[str] = []
-
-    def delivered(kind: str) -> Callable[[KafkaError | None, Message], None]:
-        def callback(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                counts.failed += 1
-                if len(errors) < 3:
-                    errors.append(f"{msg.topic()}: {err.str()}")
-                return
-            if kind == "item":
-                counts.items += 1
-            else:
-                counts.interactions += 1
-            topic, part, off = msg.topic(), msg.partition(), msg.offset()
-            if topic is not None and part is not None and off is not None:
-                key = (topic, part)
-                counts.end_offsets[key] = max(counts.end_offsets.get(key, 0), off + 1)
-
-        return callback
-
-    on_item, on_interaction = delivered("item"), delivered("interaction")
+    items_out = (
+        items_topic,
+        AvroSerde(ItemEvent, topic=items_topic),
+        _on_delivery(counts, errors, "item"),
+    )
+    clicks_out = (
+        interactions_topic,
+        AvroSerde(Interaction, topic=interactions_topic),
+        _on_delivery(counts, errors, "interaction"),
+    )
     bar = _progress(total, progress, ilog.name)
-    first_t: int | None = None
-    wall0 = time.monotonic()
     # Flushed outside any except/finally block: confluent-kafka's flush fails with a
     # SystemError when it runs while a KeyboardInterrupt is being handled.
     failure: BaseException | None = None
     try:
-        for kind, key, record in replay_records(plan, time_unit=time_unit, limit=limit):
-            if stop is not None and stop.is_set():
-                log.info("replay_stopped", sent=bar.n)
-                break
-            if speed is not None:
-                first_t = record["event_time"] if first_t is None else first_t
-                due = wall0 + (record["event_time"] - first_t) / 1000.0 / speed
-                _sleep_until(due, producer, stop)
-            if kind == "item":
-                value = item_serde.encode(record)
-                _produce(producer, items_topic, key, value, on_item)
-            else:
-                value = inter_serde.encode(cast(Interaction, record))
-                _produce(producer, interactions_topic, key, value, on_interaction)
-                bar.update(1)
+        _send(plan, producer, items_out, clicks_out, time_unit, limit, speed, stop, bar)
     except BaseException as exc:  # re-raised below, after the flush (Ctrl-C included)
         failure = exc
     bar.close()
@@ -389,9 +361,75 @@ def replay(
         log.info("replay_interrupted", sent=bar.n, unacknowledged=left, error=repr(failure))
         raise failure
     counts.seconds = round(time.perf_counter() - t0, 3)
+    _check_done(ilog.name, counts, left, errors, flush_timeout_s)
+    return counts
+
+
+#: Where one kind of record goes: topic, serializer, delivery callback.
+_Out = tuple[str, AvroSerde[Any], Callable[[KafkaError | None, Message], None]]
+
+
+def _on_delivery(
+    counts: ReplayCounts, errors: list[str], kind: str
+) -> Callable[[KafkaError | None, Message], None]:
+    """A delivery callback counting ``kind``'s records into ``counts`` (first 3 errors kept)."""
+
+    def callback(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            counts.failed += 1
+            if len(errors) < 3:
+                errors.append(f"{msg.topic()}: {err.str()}")
+            return
+        if kind == "item":
+            counts.items += 1
+        else:
+            counts.interactions += 1
+        topic, part, off = msg.topic(), msg.partition(), msg.offset()
+        if topic is not None and part is not None and off is not None:
+            key = (topic, part)
+            counts.end_offsets[key] = max(counts.end_offsets.get(key, 0), off + 1)
+
+    return callback
+
+
+def _send(
+    plan: ReplayPlan,
+    producer: Producer,
+    items_out: _Out,
+    clicks_out: _Out,
+    time_unit: TimeUnit,
+    limit: int | None,
+    speed: float | None,
+    stop: threading.Event | None,
+    bar: Any,
+) -> None:
+    """Produce the plan's records in order, paced by ``speed``, until done or ``stop``."""
+    first_t: int | None = None
+    wall0 = time.monotonic()
+    for kind, key, record in replay_records(plan, time_unit=time_unit, limit=limit):
+        if stop is not None and stop.is_set():
+            log.info("replay_stopped", sent=bar.n)
+            break
+        if speed is not None:
+            first_t = record["event_time"] if first_t is None else first_t
+            due = wall0 + (record["event_time"] - first_t) / 1000.0 / speed
+            _sleep_until(due, producer, stop)
+        if kind == "item":
+            topic, serde, callback = items_out
+            _produce(producer, topic, key, serde.encode(record), callback)
+        else:
+            topic, serde, callback = clicks_out
+            _produce(producer, topic, key, serde.encode(cast(Interaction, record)), callback)
+            bar.update(1)
+
+
+def _check_done(
+    name: str, counts: ReplayCounts, left: int, errors: list[str], flush_timeout_s: float
+) -> None:
+    """Log the counts; raise when records failed or were not acknowledged."""
     log.info(
         "replay_done",
-        dataset=ilog.name,
+        dataset=name,
         items=counts.items,
         interactions=counts.interactions,
         test_rows_left_out=counts.test_rows_left_out,
@@ -400,11 +438,10 @@ def replay(
     )
     if left or counts.failed:
         raise TransientError(
-            f"replay of {ilog.name}: {counts.failed} records failed and {left} were not "
+            f"replay of {name}: {counts.failed} records failed and {left} were not "
             f"acknowledged within {flush_timeout_s}s (first errors: {errors}); re-running "
             "the replay is safe, the worker drops duplicates by event id"
         )
-    return counts
 
 
 def _produce(

@@ -13,6 +13,11 @@ item counted. Read-only: it never joins the group or commits.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emerg_stream.stream.lag import PartitionLag, SplitLag
 
 HELP = "Show the worker group's lag per partition and the number of items per phase."
 #: No torch here: the command line does not import it to set its threads.
@@ -28,14 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from collections import Counter
     from typing import Any
 
     from emerg_stream.config import WorkerSettings, load_settings
-    from emerg_stream.io.avro import AvroSerde
-    from emerg_stream.io.records import ItemParams
     from emerg_stream.stream.lag import group_lag, last_marks, split_lag
-    from emerg_stream.stream.reader import read_to_end
 
     overrides: dict[str, Any] = {}
     if args.group:
@@ -52,19 +53,7 @@ def run(args: argparse.Namespace) -> int:
     marks = last_marks(conf, topics.changelog, timeout_s=args.timeout)
     roles = {topics.items: "items", topics.interactions: "interactions"}
     split = [split_lag(x, marks.get(x.partition), roles[x.topic]) for x in lags]
-    serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topics.item_params)
-    latest: dict[str, tuple[int, str]] = {}
-    for msg in read_to_end(conf, topics.item_params, timeout_s=args.timeout):
-        key, value = msg.key(), msg.value()
-        if value is None:
-            if key is not None:
-                latest.pop(key.decode(), None)  # a tombstone deletes the item
-            continue
-        rec = serde.decode(value)
-        seen = latest.get(rec["item_id"])
-        if seen is None or rec["version"] >= seen[0]:
-            latest[rec["item_id"]] = (rec["version"], rec["phase"])
-    phases = Counter(phase for _, phase in latest.values())
+    n_items, phases = _item_phases(conf, topics.item_params, args.timeout)
 
     if args.json:
         out = {
@@ -86,12 +75,46 @@ def run(args: argparse.Namespace) -> int:
             "total_lag": sum(x.lag for x in lags),
             "total_behind": sum(s.behind for s in split),
             "total_held": sum(s.held for s in split),
-            "items": len(latest),
+            "items": n_items,
             "phases": dict(sorted(phases.items())),
         }
         print(json.dumps(out, indent=1))
         return 0
-    print(f"group {settings.group_id}")
+    _print_table(settings.group_id, topics.item_params, lags, split, n_items, phases)
+    return 0
+
+
+def _item_phases(conf: dict[str, str], topic: str, timeout_s: float) -> tuple[int, Counter[str]]:
+    """Items in the params topic (newest version each, tombstones applied) and their phases."""
+    from emerg_stream.io.avro import AvroSerde
+    from emerg_stream.io.records import ItemParams
+    from emerg_stream.stream.reader import read_to_end
+
+    serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topic)
+    latest: dict[str, tuple[int, str]] = {}
+    for msg in read_to_end(conf, topic, timeout_s=timeout_s):
+        key, value = msg.key(), msg.value()
+        if value is None:
+            if key is not None:
+                latest.pop(key.decode(), None)  # a tombstone deletes the item
+            continue
+        rec = serde.decode(value)
+        seen = latest.get(rec["item_id"])
+        if seen is None or rec["version"] >= seen[0]:
+            latest[rec["item_id"]] = (rec["version"], rec["phase"])
+    return len(latest), Counter(phase for _, phase in latest.values())
+
+
+def _print_table(
+    group: str,
+    topic: str,
+    lags: list[PartitionLag],
+    split: list[SplitLag],
+    n_items: int,
+    phases: Counter[str],
+) -> None:
+    """The human-readable status: lag per partition, then items per phase."""
+    print(f"group {group}")
     head = f"{'topic':<32} {'partition':>9} {'committed':>10} {'end':>10} {'lag':>8}"
     print(f"{head} {'behind':>8} {'held':>8}  held by")
     for x, s in zip(lags, split, strict=True):
@@ -110,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
         f"total lag {sum(x.lag for x in lags)}: behind {sum(s.behind for s in split)}, "
         f"held by pending orphans {sum(s.held for s in split)}"
     )
-    print(f"items {len(latest)} in {topics.item_params}")
+    print(f"items {n_items} in {topic}")
     for phase, n in sorted(phases.items()):
         print(f"  {phase:<10} {n:>8}")
-    return 0

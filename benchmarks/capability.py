@@ -43,9 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     base_parser,
-    command_line,
     emit,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -273,9 +272,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarize(per_data_seed, methods)
     generator = parse_name(dataset_name(0, params))
     result: dict[str, Any] = {
-        "benchmark": "capability",
-        "command": command_line("capability.py", argv),
-        "machine": machine_info(_torch_device(device)),
+        **header("capability.py", argv, _torch_device(device)),
         "generator": asdict(generator) if generator else None,
         "data_seeds": list(range(args.data_seeds)),
         "model_seeds": args.seeds,

@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     base_parser,
     build_emerg,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
     log_slope,
-    machine_info,
     markdown_table,
     setup,
     synthetic_items,
@@ -183,7 +182,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = args.sizes or ([100, 1000] if args.quick else [1000, 10_000, 100_000])
     reps = args.reps or (3 if args.quick else 7)
     model = build_emerg(device)
-    machine = machine_info(device)
+    head = header("cold_start.py", argv, device)
     results = [
         bench_size(model, n, device, reps, args.ref_full_max, args.ref_sample) for n in sizes
     ]
@@ -192,9 +191,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         extras["chunking"] = chunk_compare(model, max(sizes), CHUNK, device, reps)
     worst = min(results, key=lambda r: r["batched_items_per_s"])
     result: dict[str, Any] = {
-        "benchmark": "cold_start",
-        "command": command_line("cold_start.py", argv),
-        "machine": machine,
+        **head,
         "results": results,
         "growth_loglog_slope": log_slope(
             [r["items"] for r in results], [r["batched"]["wall_s_median"] for r in results]

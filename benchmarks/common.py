@@ -47,6 +47,7 @@ N_ITEM_FIELDS = 4
 SIDE_FIELDS = (1, 2, 3)
 TOKENS = 8  # T: the widest field (title words)
 VOCAB = 1 + sum(f[1] for f in ML1M_FIELDS)  # row 0 is padding
+K = 20  # support rows per item of the warm-up benchmarks
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -131,6 +132,18 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     return info
+
+
+def header(script: str, argv: Sequence[str] | None, device: torch.device) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON: its name, its command line, the machine.
+
+    Call it where the machine should be recorded (its load average is read then).
+    """
+    return {
+        "benchmark": script.removesuffix(".py"),
+        "command": command_line(script, argv),
+        "machine": machine_info(device),
+    }
 
 
 # -------------------------------------------------------------------------- timing
@@ -362,3 +375,24 @@ def sample_items(items: ItemSet, rows: Rows, idx: torch.Tensor) -> tuple[ItemSet
         ItemSet([items.ids[int(i)] for i in idx], items.tokens[idx], items.weights[idx]),
         Rows(sub.tokens, sub.weights, sub.labels, remap[sub.item]),
     )
+
+
+# ------------------------------------------------------------------ φ comparisons
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest entry-wise difference over all φ tensors."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def items_over(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> int:
+    """Items whose φ differ by more than ``tol`` in some entry."""
+    worst = torch.stack(
+        [(a[k].double() - b[k].double()).abs().flatten(1).max(dim=1).values for k in a]
+    )
+    return int((worst.max(dim=0).values > tol).sum())
+
+
+def rate(n: float, seconds: float) -> float:
+    """``n`` per second (infinite for a zero time)."""
+    return n / seconds if seconds > 0 else float("inf")

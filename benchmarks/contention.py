@@ -53,9 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     REPO_ROOT,
     base_parser,
-    command_line,
     emit,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -409,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = p.parse_args(argv)
     device = setup(args)
-    info = machine_info(device)  # the load average at the start
+    head = header("contention.py", argv, device)  # the load average at the start
+    info = head["machine"]
     reps = args.reps or 1
     extra = list(args.job_arg)
     if args.quick:
@@ -437,9 +437,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarise(cells)
     info["load_avg_1m_at_end"] = load1()
     result = {
-        "benchmark": "contention",
-        "command": command_line("contention.py", argv),
-        "machine": info,
+        **head,
         "dataset": args.dataset,
         "job_args": [*JOB, *extra],
         "reps": reps,

@@ -26,12 +26,11 @@ from benchmarks.common import (
     REPO_ROOT,
     base_parser,
     build_emerg,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
     log_slope,
-    machine_info,
     markdown_table,
     sample_items,
     setup,
@@ -186,7 +185,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = args.sizes or ([100, 1000] if args.quick else [1000, 10_000, 100_000])
     reps = args.reps or 3
     model = build_emerg(device)
-    machine = machine_info(device)
+    head = header("growth.py", argv, device)
     points: list[dict[str, Any]] = []
     for n in sizes:
         points += measure(
@@ -207,9 +206,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for s in SERIES
     }
     result: dict[str, Any] = {
-        "benchmark": "growth",
-        "command": command_line("growth.py", argv),
-        "machine": machine,
+        **head,
         "rows_per_item": K,
         "points": points,
         "loglog_slope": slopes,

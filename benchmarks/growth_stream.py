@@ -35,11 +35,10 @@ from benchmarks import stream_inputs as si
 from benchmarks.common import (
     REPO_ROOT,
     base_parser,
-    command_line,
     emit,
     fmt,
+    header,
     log_slope,
-    machine_info,
     markdown_table,
     setup,
 )
@@ -235,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot(sizes, rows, args.png)
         table += f"plot: {args.png}\n"
     result = {
-        "benchmark": "growth_stream",
-        "command": command_line("growth_stream.py", argv),
-        "machine": machine_info(torch.device("cpu")),
+        **header("growth_stream.py", argv, torch.device("cpu")),
         "clicks_per_item": clicks,
         "sizes": sizes,
         "rows": [

@@ -19,10 +19,7 @@ the OrderAttention evaluation-order fix and of the per-phase embedding cache + c
 from __future__ import annotations
 
 import argparse
-import inspect
-import math
 import sys
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,99 +30,48 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    K,
     base_parser,
     build_emerg,
-    command_line,
     emit,
-    fmt,
+    header,
     interleaved,
+    items_over,
     log_slope,
-    machine_info,
     markdown_table,
     matmul_flops,
+    max_abs_diff,
+    rate,
     sample_items,
     setup,
     synthetic_items,
     time_once,
 )
-from emerg_stream.meta import warmup as warmup_module
+from benchmarks.inner_loop_fixes import (
+    attention_fix,
+    cache_fix,
+    chunk_compare,
+    compiled_chunks,
+    processes_compare,
+    threads_compare,
+)
+from benchmarks.inner_loop_report import markdown
 from emerg_stream.meta.evaluate import cold_start
 from emerg_stream.meta.losses import per_item_mean_loss
 from emerg_stream.meta.rows import Rows
 from emerg_stream.meta.warmup import (
-    Backend,
     WarmupConfig,
     resolve_backend,
     warm_up,
     warm_up_reference,
 )
-from emerg_stream.model import EmerG, Phi, Prepared
-from emerg_stream.model.interaction import OrderAttention
-from emerg_stream.threads import resolve_threads
+from emerg_stream.model import EmerG, Phi
 
-K = 20  # support rows per item
 TARGET = 2000.0  # item-phase updates / s, default config, on the 2 CPU cores
 CONFIGS: dict[str, WarmupConfig] = {
     "sgd x5 (default)": WarmupConfig(),
     "adam x11": WarmupConfig(steps=11, optimizer="adam"),
 }
-
-
-def unfolded_attention(att: OrderAttention, h: Tensor) -> Tensor:
-    """OrderAttention as evaluated before the fix: q, k, v per order, out per order, mean.
-
-    Same function of the same parameters; kept here to measure the before/after.
-    """
-    b, o, f, _ = h.shape
-    x = h.transpose(1, 2)
-    q, k, v = att.qkv(x).view(b, f, o, 3, att.heads, att.head_dim).unbind(dim=3)
-    scores = torch.einsum("bfohe,bfphe->bfhop", q, k) / math.sqrt(att.head_dim)
-    mixed = torch.einsum("bfhop,bfphe->bfohe", scores.softmax(dim=-1), v).reshape(b, f, o, -1)
-    out: Tensor = att.out(mixed).mean(dim=2)
-    return out
-
-
-class EmbeddingsPerStep:
-    """EmerG as warm-up ran it before the per-phase cache: embeddings at every step.
-
-    Inside the ``with`` block ``prepare`` caches nothing and ``forward_prepared``
-    recomputes fields 1..F-1's embeddings from the tokens (the same function), as
-    ``warm_up`` did before ``EmerG.prepare``; kept here to measure the before/after.
-    """
-
-    def __init__(self, model: EmerG) -> None:
-        self.model = model
-
-    def __enter__(self) -> EmbeddingsPerStep:
-        model = self.model
-
-        def prepare(tokens: Tensor, weights: Tensor) -> Prepared:
-            return Prepared(tokens, weights)
-
-        def forward_prepared(prepared: Prepared, phi: Phi, row_index: Tensor | None) -> Tensor:
-            fresh = EmerG.prepare(model, prepared.tokens, prepared.weights)
-            return EmerG.forward_prepared(model, fresh, phi, row_index)
-
-        model.prepare = prepare  # type: ignore[method-assign]
-        model.forward_prepared = forward_prepared  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        del self.model.prepare
-        del self.model.forward_prepared
-
-
-def max_abs_diff(a: Phi, b: Phi) -> float:
-    """Largest entry-wise difference over all φ tensors."""
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-def items_over(a: Phi, b: Phi, tol: float) -> int:
-    """Items whose φ differ by more than ``tol`` in some entry."""
-    worst = torch.stack(
-        [(a[k].double() - b[k].double()).abs().flatten(1).max(dim=1).values for k in a]
-    )
-    return int((worst.max(dim=0).values > tol).sum())
 
 
 def step_flops(model: EmerG, phi: Phi, rows: Rows) -> float:
@@ -188,10 +134,6 @@ def profile_step(model: EmerG, phi: Phi, rows: Rows, top: int = 12) -> list[dict
     ]
 
 
-def _rate(n: float, seconds: float) -> float:
-    return n / seconds if seconds > 0 else float("inf")
-
-
 def bench_size(
     model: EmerG,
     model64: EmerG,
@@ -246,8 +188,8 @@ def bench_size(
             on_sub = {k: v[idx.to(v.device)] for k, v in results[alt].items()}
             alts[alt] = {
                 **c.to_dict(),
-                "items_per_s": _rate(n, c.wall_s),
-                "items_per_cpu_s": _rate(n, c.cpu_s),
+                "items_per_s": rate(n, c.wall_s),
+                "items_per_cpu_s": rate(n, c.cpu_s),
                 "batched_speedup_over_it": c.wall_s / b_wall,
                 "max_abs_diff_f32": max_abs_diff(on_sub, results["per_item"]),
                 "max_abs_diff_f64": max_abs_diff(
@@ -267,9 +209,9 @@ def bench_size(
                 "per_item": r.to_dict(),
                 "per_item_items_timed": len(idx),
                 "per_item_extrapolated": sampled,
-                "batched_items_per_s": _rate(n, b.wall_s),
-                "batched_items_per_cpu_s": _rate(n, b.cpu_s),
-                "per_item_items_per_s": _rate(n, per_item_wall),
+                "batched_items_per_s": rate(n, b.wall_s),
+                "batched_items_per_cpu_s": rate(n, b.cpu_s),
+                "per_item_items_per_s": rate(n, per_item_wall),
                 "per_item_wall_s_full": per_item_wall,
                 "speedup": per_item_wall / b.wall_s,
                 "max_abs_diff_f32": diff32,
@@ -288,245 +230,6 @@ def bench_size(
             flush=True,
         )
     return out
-
-
-def attention_fix(model: EmerG, n: int, device: torch.device, reps: int) -> dict[str, Any]:
-    """Warm-up with OrderAttention before (unfolded) and after (folded) the fix."""
-    items, rows = synthetic_items(n, K, seed=7)
-    phi = cold_start(model, items, salt=0, device=device)
-    rows_d = rows.to(device)
-    cfg = WarmupConfig()
-    att = model.attention
-
-    def run(unfolded: bool) -> Phi:
-        if unfolded:
-            att.forward = types.MethodType(unfolded_attention, att)  # type: ignore[method-assign]
-        try:  # autograd: the fix is to the torch forward that autograd differentiates
-            return warm_up(model, phi, rows_d, cfg, backend="autograd")
-        finally:
-            if unfolded:
-                del att.forward
-
-    samples, results = interleaved(
-        {"before": lambda: run(True), "after": lambda: run(False)}, device, reps
-    )
-    before, after = samples["before"], samples["after"]
-    return {
-        "items": n,
-        "config": "sgd x5 (default)",
-        "before": before.to_dict(),
-        "after": after.to_dict(),
-        "before_items_per_s": _rate(n, before.wall_s),
-        "after_items_per_s": _rate(n, after.wall_s),
-        "speedup_wall": before.wall_s / after.wall_s,
-        "speedup_cpu": before.cpu_s / after.cpu_s,
-        "max_abs_diff": max_abs_diff(results["before"], results["after"]),
-    }
-
-
-def cache_fix(
-    model: EmerG, n: int, device: torch.device, reps: int, compiled: bool
-) -> dict[str, Any]:
-    """Default-config warm-up through the rounds of fixes, autograd to kernel.
-
-    before = autograd with embeddings recomputed at every step (:class:`EmbeddingsPerStep`)
-    in chunks of 256 items (the first default); cache = the per-phase cache, chunks of
-    256; after = autograd with the cache and chunks of 64; compiled = that through
-    ``torch.compile`` (when ``compiled``); kernel = the compiled CPU kernel (the default
-    now, where it builds).
-    """
-    items, rows = synthetic_items(n, K, seed=10)
-    phi = cold_start(model, items, salt=0, device=device)
-    rows_d = rows.to(device)
-    cfg = WarmupConfig()
-
-    def before() -> Phi:
-        with EmbeddingsPerStep(model):
-            return warm_up(model, phi, rows_d, cfg, chunk=256, backend="autograd")
-
-    cases: dict[str, Callable[[], Any]] = {
-        "before": before,
-        "cache": lambda: warm_up(model, phi, rows_d, cfg, chunk=256, backend="autograd"),
-        "after": lambda: warm_up(model, phi, rows_d, cfg, backend="autograd"),
-    }
-    if compiled:
-        cases["compiled"] = lambda: warm_up(model, phi, rows_d, cfg, backend="compile")
-    if resolve_backend(model, "auto", torch.float32, device)[0] == "kernel":
-        cases["kernel"] = lambda: warm_up(model, phi, rows_d, cfg, backend="kernel")
-    samples, results = interleaved(cases, device, reps)
-    base = samples["before"]
-    return {
-        "items": n,
-        "config": "sgd x5 (default)",
-        "cases": {
-            k: {
-                **v.to_dict(),
-                "items_per_s": _rate(n, v.wall_s),
-                "speedup_wall": base.wall_s / v.wall_s,
-                "speedup_cpu": base.cpu_s / v.cpu_s,
-                "max_abs_diff_vs_before": max_abs_diff(results["before"], results[k]),
-            }
-            for k, v in samples.items()
-        },
-    }
-
-
-def chunk_compare(model: EmerG, n: int, device: torch.device, reps: int) -> dict[str, Any] | None:
-    """Autograd warm_up in one piece (before the chunking fix) vs in chunks (after)."""
-    if "chunk" not in inspect.signature(warm_up).parameters:
-        return None
-    items, rows = synthetic_items(n, K, seed=9)
-    phi = cold_start(model, items, salt=0, device=device)
-    rows_d = rows.to(device)
-    cfg = WarmupConfig()
-    samples, results = interleaved(
-        {
-            "whole": lambda: warm_up(model, phi, rows_d, cfg, chunk=n, backend="autograd"),
-            "chunked": lambda: warm_up(model, phi, rows_d, cfg, backend="autograd"),
-        },
-        device,
-        reps,
-        warmup=0,
-    )
-    whole, chunked = samples["whole"], samples["chunked"]
-    return {
-        "items": n,
-        "chunk": getattr(warmup_module, "CPU_CHUNK_ITEMS", None),
-        "whole": whole.to_dict(),
-        "chunked": chunked.to_dict(),
-        "whole_items_per_s": _rate(n, whole.wall_s),
-        "chunked_items_per_s": _rate(n, chunked.wall_s),
-        "speedup_wall": whole.wall_s / chunked.wall_s,
-        "speedup_cpu": whole.cpu_s / chunked.cpu_s,
-        "max_abs_diff": max_abs_diff(results["whole"], results["chunked"]),
-    }
-
-
-def compiled_chunks(
-    model: EmerG, n: int, device: torch.device, reps: int, chunks: Sequence[int] = (16, 32, 64, 128)
-) -> dict[str, Any]:
-    """``warm_up(backend="compile")`` at several chunk sizes, interleaved (one compilation)."""
-    items, rows = synthetic_items(n, K, seed=9)
-    phi = cold_start(model, items, salt=0, device=device)
-    rows_d = rows.to(device)
-    cfg = WarmupConfig()
-
-    def case(c: int) -> Callable[[], Phi]:
-        return lambda: warm_up(model, phi, rows_d, cfg, chunk=c, backend="compile")
-
-    samples, results = interleaved({str(c): case(c) for c in chunks}, device, reps)
-    first = results[str(chunks[0])]
-    return {
-        "items": n,
-        "default": getattr(warmup_module, "CPU_CHUNK_ITEMS", None),
-        "items_per_s": {c: _rate(n, samples[str(c)].wall_s) for c in chunks},
-        "samples": {c: samples[str(c)].to_dict() for c in chunks},
-        "max_abs_diff": max(max_abs_diff(first, results[str(c)]) for c in chunks),
-    }
-
-
-def threads_compare(model: EmerG, n: int, device: torch.device, reps: int) -> dict[str, Any] | None:
-    """Autograd warm-up with 1 torch thread vs the current count, interleaved (torch
-    threads do not reach the kernel, which runs on the calling thread)."""
-    current = torch.get_num_threads()
-    full = resolve_threads().threads
-    if full <= 1 or device.type != "cpu":
-        return None
-    items, rows = synthetic_items(n, K, seed=8)
-    phi = cold_start(model, items, salt=0, device=device)
-    cfg = WarmupConfig()
-
-    def run(threads: int) -> Phi:
-        torch.set_num_threads(threads)
-        try:
-            return warm_up(model, phi, rows, cfg, backend="autograd")
-        finally:
-            torch.set_num_threads(current)
-
-    samples, _ = interleaved({"1": lambda: run(1), str(full): lambda: run(full)}, device, reps)
-    return {
-        "items": n,
-        "threads": {
-            k: {**s.to_dict(), "items_per_s": _rate(n, s.wall_s)} for k, s in samples.items()
-        },
-        "speedup_all_vs_1": samples["1"].wall_s / samples[str(full)].wall_s,
-    }
-
-
-_PROC_STATE: tuple[EmerG, Phi, Rows] | None = None
-_PROC_BACKEND: Backend = "auto"
-
-
-def _proc_init(n_items: int, seed: int, lo: int, hi: int, backend: Backend = "auto") -> None:
-    """Worker process: one torch thread, the same model, its share of the items."""
-    global _PROC_STATE, _PROC_BACKEND
-    _PROC_BACKEND = backend
-    torch.set_num_threads(1)
-    cpu = torch.device("cpu")
-    model = build_emerg(cpu)
-    items, rows = synthetic_items(n_items, K, seed=seed)
-    sub_items, sub_rows = sample_items(items, rows, torch.arange(lo, hi))
-    _PROC_STATE = (model, cold_start(model, sub_items, salt=0, device=cpu), sub_rows)
-
-
-def _proc_warm_up(_: int) -> int:
-    if _PROC_STATE is None:
-        raise RuntimeError("worker not initialised")
-    model, phi, rows = _PROC_STATE
-    return len(warm_up(model, phi, rows, WarmupConfig(), backend=_PROC_BACKEND)["id"])
-
-
-def processes_compare(n: int, reps: int, backend: Backend = "auto") -> dict[str, Any] | None:
-    """One process (1 thread) vs the items split over one 1-thread process per core.
-
-    Every process runs ``warm_up(backend=backend)`` and builds (or compiles) what that
-    backend needs once, before the timing.
-    """
-    import multiprocessing as mp
-
-    cores = resolve_threads().threads
-    if not cores or cores < 2 or n < cores:
-        return None
-    seed = 12
-    cuts = [n * i // cores for i in range(cores + 1)]
-    ctx = mp.get_context("spawn")
-    pools = [
-        ctx.Pool(1, initializer=_proc_init, initargs=(n, seed, cuts[i], cuts[i + 1], backend))
-        for i in range(cores)
-    ]
-    try:
-        for pool in pools:  # wait until every worker has built its inputs
-            pool.apply(_proc_warm_up, (0,))
-        cpu = torch.device("cpu")
-        model = build_emerg(cpu)
-        items, rows = synthetic_items(n, K, seed=seed)
-        phi = cold_start(model, items, salt=0, device=cpu)
-        threads = torch.get_num_threads()
-
-        def one() -> Phi:
-            torch.set_num_threads(1)
-            try:
-                return warm_up(model, phi, rows, WarmupConfig(), backend=backend)
-            finally:
-                torch.set_num_threads(threads)
-
-        def split() -> int:
-            jobs = [pool.apply_async(_proc_warm_up, (0,)) for pool in pools]
-            return sum(j.get() for j in jobs)
-
-        samples, _ = interleaved({"1 process": one, f"{cores} processes": split}, cpu, reps)
-    finally:
-        for pool in pools:
-            pool.terminate()
-    a, b = samples["1 process"], samples[f"{cores} processes"]
-    return {
-        "items": n,
-        "backend": resolve_backend(model, backend, torch.float32, cpu)[0],
-        "processes": cores,
-        "one": {**a.to_dict(), "items_per_s": _rate(n, a.wall_s)},
-        "split": {**b.to_dict(), "items_per_s": _rate(n, b.wall_s)},
-        "speedup": a.wall_s / b.wall_s,
-    }
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -573,7 +276,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mid_reps, big_reps = max(1, min(reps, 3)), max(1, min(reps, 2))
     model = build_emerg(device)
     model64 = build_emerg(device, dtype=torch.float64)
-    machine = machine_info(device)
+    head = header("inner_loop.py", argv, device)
     compile_s = None
     build_s: dict[str, float] = {}
     c_items, c_rows = synthetic_items(8, K, seed=99)
@@ -668,9 +371,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         candidates[f"{pr['processes']} processes, {pr['backend']}"] = pr["split"]["items_per_s"]
     best_name = max(candidates, key=lambda k: candidates[k])
     result: dict[str, Any] = {
-        "benchmark": "inner_loop",
-        "command": command_line("inner_loop.py", argv),
-        "machine": machine,
+        **head,
         "rows_per_item": K,
         "results": results,
         "growth_loglog_slope": growth,
@@ -692,9 +393,7 @@ def run_only(
 ) -> dict[str, Any]:
     """``--only``: one comparison, its JSON and a line of markdown."""
     result: dict[str, Any] = {
-        "benchmark": "inner_loop",
-        "command": command_line("inner_loop.py", argv),
-        "machine": machine_info(device),
+        **header("inner_loop.py", argv, device),
     }
     if args.only == "processes":
         n = args.procs_items or (100 if args.quick else 1000)
@@ -725,180 +424,6 @@ def run_only(
         )
     emit(result, md, args.json)
     return result
-
-
-def markdown(res: dict[str, Any]) -> str:
-    """The report's tables."""
-    m = res["machine"]
-    out = [
-        f"Warm-up throughput ({m['device_name']}, {m['cpus_usable']} CPUs, torch "
-        f"{m['torch']}, {m['torch_threads']} threads, load {m.get('load_avg_1m_at_start')}); "
-        f"K={res['rows_per_item']} rows per item. Wall-clock medians. Batched = `warm_up`'s "
-        f"default backend ({res['results'][0]['batched_backend']}); per-item = autograd, one "
-        "item at a time.\n",
-        markdown_table(
-            [
-                "items",
-                "config",
-                "batched s",
-                "batched items/s",
-                "per-item s",
-                "per-item items/s",
-                "speed-up",
-                "max|Δ| f32",
-                "max|Δ| f64 (items)",
-            ],
-            [
-                [
-                    f"{r['items']:,}",
-                    r["config"],
-                    fmt(r["batched"]["wall_s_median"]),
-                    fmt(r["batched_items_per_s"]),
-                    fmt(r["per_item_wall_s_full"])
-                    + (
-                        f" (extrap. from {r['per_item_items_timed']})"
-                        if r["per_item_extrapolated"]
-                        else ""
-                    ),
-                    fmt(r["per_item_items_per_s"]),
-                    f"{r['speedup']:.1f}x",
-                    f"{r['max_abs_diff_f32']:.1e}"
-                    + (f" ({r['items_over_1e-4_f32']} items > 1e-4)" if not r["f32_ok"] else ""),
-                    f"{r['max_abs_diff_f64']:.1e} ({r['f64_items']})",
-                ]
-                for r in res["results"]
-            ],
-        ),
-        "Growth of batched time with items (log-log slope, 1 = linear): "
-        + ", ".join(f"{k}: {fmt(v)}" for k, v in res["growth_loglog_slope"].items())
-        + "\n",
-        f"Target >= {res['target_items_per_s']:,.0f} item-phase updates/s (default config): "
-        f"**{'met' if res['target_met'] else 'missed'}** "
-        f"(best {res['best_default_items_per_s']:,.0f}/s: {res['best_default_how']}; "
-        + ", ".join(f"{k} {v:,.0f}/s" for k, v in res["default_items_per_s_by_setup"].items())
-        + ").\n",
-    ]
-    alt_rows = [(r, a, v) for r in res["results"] for a, v in r["alternatives"].items()]
-    if alt_rows:
-        out.append(
-            "The other backends, timed in the same interleaved runs (built once before the "
-            "timing: "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in res["first_call_s"].items())
-            + " for a first 8-item call):\n"
-        )
-        out.append(
-            markdown_table(
-                [
-                    "items",
-                    "config",
-                    "backend",
-                    "s",
-                    "items/s",
-                    "batched is … faster",
-                    "max|Δ| f32",
-                    "max|Δ| f64",
-                ],
-                [
-                    [
-                        f"{r['items']:,}",
-                        r["config"],
-                        a,
-                        fmt(v["wall_s_median"]),
-                        fmt(v["items_per_s"]),
-                        f"{v['batched_speedup_over_it']:.2f}x",
-                        f"{v['max_abs_diff_f32']:.1e}",
-                        f"{v['max_abs_diff_f64']:.1e}",
-                    ]
-                    for r, a, v in alt_rows
-                ],
-            )
-        )
-    if "flops" in res:
-        fl = res["flops"]
-        out.append(
-            f"FLOPs per row-step (forward + backward to φ, {fl['counted']}): "
-            f"{fl['matmul_flops_per_row_step']:,.0f}. Measured mm FLOP/s: "
-            + ", ".join(f"{k}: {v / 1e9:.1f} G" for k, v in fl["machine_mm_flop_s"].items())
-            + "\n"
-        )
-        out.append(
-            markdown_table(
-                ["config", "items", "achieved GFLOP/s", "/ same-shape mm", "/ 1024³ mm"],
-                [
-                    [
-                        a["config"],
-                        f"{a['items']:,}",
-                        f"{a['achieved_flop_s'] / 1e9:.2f}",
-                        f"{a['vs_comparable_mm']:.1%}",
-                        f"{a['vs_square_mm']:.1%}",
-                    ]
-                    for a in fl["achieved"]
-                ],
-            )
-        )
-    if "memory" in res:
-        mem = res["memory"]
-        out.append(
-            f"Autograd keeps {mem['saved_for_backward_bytes_per_item'] / 1e6:.2f} MB per item "
-            f"for the backward of one step ({mem['items']} items measured).\n"
-        )
-    if "attention_fix" in res:
-        fx = res["attention_fix"]
-        out.append(
-            f"OrderAttention fix, {fx['items']:,} items, default config: before "
-            f"{fx['before_items_per_s']:,.0f}/s, after {fx['after_items_per_s']:,.0f}/s, "
-            f"**{fx['speedup_wall']:.2f}x** wall ({fx['speedup_cpu']:.2f}x CPU time), "
-            f"max|Δφ| {fx['max_abs_diff']:.1e}.\n"
-        )
-    if res.get("cache_fix"):
-        cf = res["cache_fix"]
-        out.append(
-            f"Rounds of fixes, {cf['items']:,} items, default config (before = autograd, "
-            "embeddings every step, chunks of 256; cache = the per-phase cache, chunks of 256; "
-            "after = cache, chunks of 64; compiled = that through torch.compile; kernel = "
-            "the CPU kernel): "
-            + ", ".join(
-                f"{k} {v['items_per_s']:,.0f}/s (**{v['speedup_wall']:.2f}x** wall, "
-                f"{v['speedup_cpu']:.2f}x CPU, max|Δφ| {v['max_abs_diff_vs_before']:.1e})"
-                for k, v in cf["cases"].items()
-            )
-            + ".\n"
-        )
-    if res.get("warmup_chunking"):
-        wc = res["warmup_chunking"]
-        out.append(
-            f"warm_up chunking fix, {wc['items']:,} items, default config: one piece "
-            f"{wc['whole_items_per_s']:,.0f}/s, chunks of {wc['chunk']} "
-            f"{wc['chunked_items_per_s']:,.0f}/s, **{wc['speedup_wall']:.2f}x** wall "
-            f"({wc['speedup_cpu']:.2f}x CPU time), max|Δφ| {wc['max_abs_diff']:.1e}.\n"
-        )
-    if res.get("threads"):
-        th = res["threads"]
-        out.append(
-            f"Threads ({th['items']:,} items): "
-            + ", ".join(f"{k}: {v['items_per_s']:,.0f}/s" for k, v in th["threads"].items())
-            + f"; all vs 1: {th['speedup_all_vs_1']:.2f}x.\n"
-        )
-    for pr in (res.get("processes"),):
-        if not pr:
-            continue
-        out.append(
-            f"Processes ({pr['backend']}) "
-            f"({pr['items']:,} items, 1 torch thread each): 1 process "
-            f"{pr['one']['items_per_s']:,.0f}/s, items split over {pr['processes']} processes "
-            f"{pr['split']['items_per_s']:,.0f}/s: **{pr['speedup']:.2f}x**.\n"
-        )
-    if "profile" in res:
-        out.append(
-            markdown_table(
-                ["op (one warm-up step)", "shapes", "calls", "self CPU ms", "share"],
-                [
-                    [p["op"], p["shapes"], p["calls"], p["self_cpu_ms"], f"{p['share']:.0%}"]
-                    for p in res["profile"]
-                ],
-            )
-        )
-    return "\n".join(out)
 
 
 if __name__ == "__main__":

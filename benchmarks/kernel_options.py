@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     base_parser,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
-    machine_info,
     markdown_table,
     ml1m_config,
     setup,
@@ -141,8 +140,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_items = 64 if args.quick else args.items
     reps = args.reps or (1 if args.quick else 3)
     res: dict[str, Any] = {
-        "command": command_line("kernel_options.py", argv),
-        "machine": machine_info(device),
+        **header("kernel_options.py", argv, device),
         "warmup": {"items": n_items, "k": args.k, "steps": 5},
         "meta": {"tasks": 32, "rows": "64 support + 64 query"},
     }

@@ -43,10 +43,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from benchmarks import stream_inputs as si
 from benchmarks.common import (
     base_parser,
-    command_line,
     emit,
     fmt,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -55,7 +54,7 @@ from emerg_stream.config import TopicSettings
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemParams
 from emerg_stream.serving.handler import TorchWarmupHandler
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.worker import Worker
 
 TARGET_P99_MS = 500.0
@@ -432,9 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{'met' if p99 is not None and p99 <= TARGET_P99_MS else 'missed'}\n"
     )
     result = {
-        "benchmark": "latency",
-        "command": command_line("latency.py", argv),
-        "machine": machine_info(torch.device("cpu")),
+        **header("latency.py", argv, torch.device("cpu")),
         "source": events.source,
         "sustainable_events_per_s": sustainable,
         "rate_events_per_s": rate,

@@ -35,10 +35,9 @@ from benchmarks import stream_inputs as si
 from benchmarks.common import (
     REPO_ROOT,
     base_parser,
-    command_line,
     emit,
     fmt,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -161,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.partitions} partitions, load average {load:.2f} at start\n"
     )
     result = {
-        "benchmark": "members",
-        "command": command_line("members.py", argv),
-        "machine": machine_info(torch.device("cpu")),
+        **header("members.py", argv, torch.device("cpu")),
         "events": n,
         "source": events.source,
         "partitions": args.partitions,

@@ -33,7 +33,7 @@ from benchmarks import (
     stream_throughput,
     training,
 )
-from benchmarks.common import base_parser, command_line, emit, machine_info, markdown_table, setup
+from benchmarks.common import base_parser, emit, header, markdown_table, setup
 
 #: Model-side benchmarks (BENCHMARKS.md) and stream benchmarks (BENCHMARKS_STREAM.md).
 MODEL = ("inner_loop", "cold_start", "training", "growth")
@@ -88,9 +88,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results[name] = fn(fn_args)
     summary = targets(results) + stream_targets(results)
     out = {
-        "benchmark": "run_all",
-        "command": command_line("run_all.py", argv),
-        "machine": machine_info(device),
+        **header("run_all.py", argv, device),
         "targets": summary,
         "results": results,
     }

@@ -42,10 +42,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from benchmarks import stream_inputs as si
 from benchmarks.common import (
     base_parser,
-    command_line,
     emit,
     fmt,
-    machine_info,
+    header,
     markdown_table,
     setup,
 )
@@ -57,7 +56,7 @@ from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.decode import Rejected
 from emerg_stream.stream.envelope import Inbound
 from emerg_stream.stream.processor import WarmupProcessor
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.worker import Worker
 
 TARGET = 0.7
@@ -279,9 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"pre-produce {produce_s:.1f}s; torch threads {torch.get_num_threads()}\n"
     )
     result = {
-        "benchmark": "stream_throughput",
-        "command": command_line("stream_throughput.py", argv),
-        "machine": machine_info(torch.device("cpu")),
+        **header("stream_throughput.py", argv, torch.device("cpu")),
         "events": n,
         "items": events.n_items,
         "interactions": events.n_interactions,

@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     base_parser,
     build_emerg,
-    command_line,
     emit,
     fmt,
+    header,
     interleaved,
-    machine_info,
     markdown_table,
     setup,
     synthetic_items,
 )
+from emerg_stream.meta.kernel import EmerGKernel
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.train import (
     TaskTable,
@@ -53,7 +53,6 @@ from emerg_stream.meta.train import (
     resolve_meta_backend,
 )
 from emerg_stream.model import ItemModel, build_model
-from emerg_stream.model.cpu_kernel import EmerGKernel
 
 TARGET = 10.0  # batched vs per-task speed-up, time per task
 
@@ -306,11 +305,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = p.parse_args(argv)
     device = setup(args)
-    machine = machine_info(device)
+    head = header("training.py", argv, device)
     base: dict[str, Any] = {
-        "benchmark": "training",
-        "command": command_line("training.py", argv),
-        "machine": machine,
+        **head,
     }
     if args.synthetic:
         data, model = synthetic_old(30 if args.quick else 300, 40)

@@ -1,6 +1,9 @@
-"""The ``emerg-stream`` command: one sub-command per job in ``jobs/``.
+"""The ``emerg-stream`` command: one sub-command per job in :mod:`emerg_stream.jobs`.
 
-Each job module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+:data:`COMMANDS` is the one registry of sub-commands: name -> module inside this package
+(nothing is imported from outside it; the top-level ``jobs/`` folder of the repository
+holds one thin script per job that calls :func:`main` with the job's name). Each job
+module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``, and imports its heavy dependencies inside ``run`` so that
 ``emerg-stream --help`` stays fast. Before a job runs,
 :func:`emerg_stream.threads.configure_threads` decides and applies its compute threads
@@ -19,25 +22,25 @@ import structlog
 
 from emerg_stream.errors import EmergError
 
-#: sub-command -> module path (under ``jobs``). Order is the order of ``--help``.
+#: sub-command -> module of :mod:`emerg_stream.jobs`. Order is the order of ``--help``.
 COMMANDS: dict[str, str] = {
-    "reproduce": "jobs.reproduce",
-    "train": "jobs.train",
-    "evaluate": "jobs.evaluate",
-    "explain": "jobs.explain",
-    "split": "jobs.split",
-    "broker": "jobs.broker",
-    "topics": "jobs.topics",
-    "replay": "jobs.replay",
-    "worker": "jobs.worker",
-    "ranker": "jobs.ranker",
-    "evaluate-stream": "jobs.evaluate_stream",
-    "demo": "jobs.demo",
-    "data": "jobs.data",
-    "config": "jobs.config",
-    "report": "jobs.report",
-    "dlq": "jobs.dlq",
-    "status": "jobs.status",
+    "reproduce": "emerg_stream.jobs.reproduce",
+    "train": "emerg_stream.jobs.train",
+    "evaluate": "emerg_stream.jobs.evaluate",
+    "explain": "emerg_stream.jobs.explain",
+    "split": "emerg_stream.jobs.split",
+    "broker": "emerg_stream.jobs.broker",
+    "topics": "emerg_stream.jobs.topics",
+    "replay": "emerg_stream.jobs.replay",
+    "worker": "emerg_stream.jobs.worker",
+    "ranker": "emerg_stream.jobs.ranker",
+    "evaluate-stream": "emerg_stream.jobs.evaluate_stream",
+    "demo": "emerg_stream.jobs.demo",
+    "data": "emerg_stream.jobs.data",
+    "config": "emerg_stream.jobs.config",
+    "report": "emerg_stream.jobs.report",
+    "dlq": "emerg_stream.jobs.dlq",
+    "status": "emerg_stream.jobs.status",
 }
 
 

@@ -66,7 +66,7 @@ def other_variables() -> list[tuple[str, str]]:
     from emerg_stream.data.datasets import DATA_DIR_ENV
     from emerg_stream.data.fetch import DATA_URL_ENV, DEFAULT_BASE_URL
     from emerg_stream.io.schemas import SCHEMA_DIR_ENV
-    from emerg_stream.model.cpu_kernel import KERNEL_CACHE_ENV
+    from emerg_stream.meta.kernel import KERNEL_CACHE_ENV
     from emerg_stream.stream.faults import FAULT_ENV
     from emerg_stream.threads import THREADS_ENV
 

@@ -236,7 +236,7 @@ def wait_for_group(
 
 def count_records(consumer_conf: Mapping[str, str], topic: str) -> int:
     """Records in a topic (read to its end)."""
-    from emerg_stream.stream.replay import read_to_end
+    from emerg_stream.stream.reader import read_to_end
 
     return sum(1 for _ in read_to_end(consumer_conf, topic, timeout_s=60))
 

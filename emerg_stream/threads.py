@@ -25,7 +25,7 @@ loaded later and for child processes), to torch's intra-op and inter-op threads,
 numpy's BLAS through threadpoolctl when it is installed. The OpenMP wait policy is set to
 ``PASSIVE`` unless the user chose one (measured: docs/BENCHMARKS.md); it takes effect only
 when this runs before torch is imported, as the command line does. The CPU kernel of
-warm-up and meta-training (:mod:`emerg_stream.model.cpu_kernel`) runs on the calling
+warm-up and meta-training (:mod:`emerg_stream.meta.kernel`) runs on the calling
 thread and has no thread setting of its own.
 
 This module does not import torch at import time (the stream package uses it).

@@ -1,48 +1,17 @@
-"""``emerg-stream evaluate``: the phased evaluation of a saved checkpoint."""
+"""Thin entry point of ``emerg-stream evaluate``: ``python jobs/evaluate.py ARGS``.
 
-from __future__ import annotations
+The job itself is :mod:`emerg_stream.jobs.evaluate`.
+"""
 
-import argparse
-from pathlib import Path
+import sys
 
-HELP = "evaluate a checkpoint on new items: pooled, within- and between-item AUC and F1 per phase"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the job's flags."""
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--dataset", required=True, help="preset or dataset YAML")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+from emerg_stream import cli
 
 
-def run(args: argparse.Namespace) -> int:
-    """Print the per-phase table."""
-    from emerg_stream.data import load_dataset, split_log
-    from emerg_stream.features import FeatureSpec
-    from emerg_stream.meta.checkpoint import load_checkpoint
-    from emerg_stream.meta.evaluate import PHASES, run_phases
-    from emerg_stream.meta.metrics import PHASE_METRICS
-    from emerg_stream.meta.pipeline import prepare
-    from emerg_stream.meta.reproduce import PHASE_LABELS, resolve_device
-    from emerg_stream.meta.warmup import WarmupConfig
+def main() -> int:
+    """Run ``emerg-stream evaluate`` with this script's arguments."""
+    return cli.main(["evaluate", *sys.argv[1:]])
 
-    device = resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device=device)
-    spec = FeatureSpec.from_dict(ck.feature_spec)
-    split = split_log(load_dataset(args.dataset, args.data_dir))
-    data = prepare(split, spec)
-    w = dict(ck.meta.get("warmup", {}))
-    if "betas" in w:
-        w["betas"] = tuple(w["betas"])
-    metrics, _ = run_phases(
-        ck.model, data.new, WarmupConfig(**w), salt=int(ck.meta.get("noise_salt", 0)), device=device
-    )
-    print("| phase | " + " | ".join(PHASE_METRICS.values()) + " |")
-    print("|---" * (1 + len(PHASE_METRICS)) + "|")
-    for p in PHASES:
-        cells = " | ".join(f"{100 * metrics[p][m]:.2f}" for m in PHASE_METRICS)
-        print(f"| {PHASE_LABELS[p]} | {cells} |")
-    n_items, n_test = len(data.new.items), len(data.new.test)
-    print(f"model_version {ck.model_version}, {n_items} new items, {n_test} test rows")
-    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

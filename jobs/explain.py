@@ -1,28 +1,17 @@
-"""``emerg-stream explain``: an item's feature graphs as heatmaps, cold and after each phase."""
+"""Thin entry point of ``emerg-stream explain``: ``python jobs/explain.py ARGS``.
 
-from __future__ import annotations
+The job itself is :mod:`emerg_stream.jobs.explain`.
+"""
 
-import argparse
-from pathlib import Path
+import sys
 
-HELP = "render an item's adjacency matrices (cold, A, B, C) as heatmaps to PNG"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the job's flags."""
-    parser.add_argument("--run", required=True, type=Path, help="a reproduce run directory")
-    parser.add_argument("--item", required=True, help="item id (a new item of the run)")
-    parser.add_argument("--method", default="emerg")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="PNG path (default RUN/explain-<item>.png)"
-    )
+from emerg_stream import cli
 
 
-def run(args: argparse.Namespace) -> int:
-    """Write the PNG and print its path."""
-    from emerg_stream.meta.explain import render_item_graphs
+def main() -> int:
+    """Run ``emerg-stream explain`` with this script's arguments."""
+    return cli.main(["explain", *sys.argv[1:]])
 
-    out = args.out or args.run / f"explain-{args.item}.png"
-    render_item_graphs(args.run, args.item, out, method=args.method)
-    print(out)
-    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

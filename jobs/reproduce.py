@@ -1,92 +1,17 @@
-"""``emerg-stream reproduce``: the whole offline protocol, several methods and seeds."""
+"""Thin entry point of ``emerg-stream reproduce``: ``python jobs/reproduce.py ARGS``.
 
-from __future__ import annotations
+The job itself is :mod:`emerg_stream.jobs.reproduce`.
+"""
 
-import argparse
-from pathlib import Path
+import sys
 
-HELP = "run split, model selection, training and phased evaluation; write results.json/.md"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the job's flags."""
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        help="preset (ml-100k, ml-1m, ml-1m-u2999, synthetic-pairs[:k=v,...]) or a dataset YAML",
-    )
-    parser.add_argument(
-        "--methods", default="emerg,deepfm,metae", help="comma-separated: emerg,deepfm,metae"
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="dataset folder (default: $EMERG_DATA_DIR)"
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        default=None,
-        help="max pretraining epochs that selection tries (default 8)",
-    )
-    parser.add_argument(
-        "--meta-epochs",
-        type=int,
-        default=None,
-        help="max meta-training epochs that selection tries (default 11)",
-    )
-    parser.add_argument(
-        "--ablation",
-        default="none",
-        choices=[
-            "none",
-            "random-graph",
-            "shared-graph",
-            "no-sparsify",
-            "no-mask",
-            "no-meta",
-            "no-inner-update",
-            "field-attention",
-        ],
-        help="an EmerG ablation of the paper (baselines are unaffected)",
-    )
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per pretraining step")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+from emerg_stream import cli
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the protocol and print the markdown table."""
-    from dataclasses import replace
+def main() -> int:
+    """Run ``emerg-stream reproduce`` with this script's arguments."""
+    return cli.main(["reproduce", *sys.argv[1:]])
 
-    from emerg_stream.errors import ConfigError
-    from emerg_stream.meta.pipeline import METHODS
-    from emerg_stream.meta.reproduce import markdown_table, reproduce, selection_config
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
-    if args.seeds < 1:
-        raise ConfigError("--seeds must be at least 1")
-    cfg = selection_config()
-    if args.pretrain_epochs is not None:
-        cfg = replace(cfg, pretrain_epochs=args.pretrain_epochs)
-    if args.meta_epochs is not None:
-        cfg = replace(cfg, meta_epochs=args.meta_epochs)
-    if args.batch_size is not None:
-        cfg = replace(cfg, batch_size=args.batch_size)
-    results = reproduce(
-        args.dataset,
-        args.out,
-        methods=methods,
-        seeds=args.seeds,
-        data_dir=args.data_dir,
-        device=args.device,
-        cfg=cfg,
-        progress=not args.no_progress,
-        ablation=args.ablation,
-    )
-    print(markdown_table(results), end="")
-    print(f"results: {args.out / 'results.json'} ({results['wall_time_s']} s)")
-    return 0
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# the one AUC (:mod:`emerg_stream.auc`), part of this module's metrics too
+from emerg_stream.auc import roc_auc as roc_auc
+
 #: The metrics of one phase, in table order: key of :func:`phase_metrics` -> column name.
 #: Every table and plot of per-phase metrics (``reproduce``'s results.json and markdown,
 #: the report, the stream evaluation) derives its columns from this.
@@ -13,33 +16,6 @@ PHASE_METRICS: dict[str, str] = {
     "auc_between": "between-item AUC",
     "f1": "F1",
 }
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied scores averaged).
-
-    Args:
-        labels: ``[N]`` 0/1.
-        scores: ``[N]`` any real scores.
-
-    Returns:
-        AUC in [0, 1]; NaN when only one class is present or a score is not finite (a
-        diverged model ranks nothing).
-    """
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0 or not np.isfinite(s).all():
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    _, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = start + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def f1_at_mean(labels: np.ndarray, scores: np.ndarray) -> float:

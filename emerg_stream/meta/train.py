@@ -29,10 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emerg_stream.meta.losses import per_item_mean_loss, row_weights
-from emerg_stream.meta.rows import ItemSet, Rows, to_device
-from emerg_stream.model.base import ItemModel, Phi
-from emerg_stream.model.cpu_kernel import (
+from emerg_stream.meta.kernel import (
     EmerGKernel,
     KernelRows,
     KernelUnavailableError,
@@ -41,6 +38,9 @@ from emerg_stream.model.cpu_kernel import (
     support_grad,
     weight_tensors,
 )
+from emerg_stream.meta.losses import per_item_mean_loss, row_weights
+from emerg_stream.meta.rows import ItemSet, Rows, to_device
+from emerg_stream.model.base import ItemModel, Phi
 from emerg_stream.model.emerg import EmerG
 
 log = structlog.get_logger(__name__)
@@ -85,7 +85,7 @@ EpochCallback = Callable[[str, int], None]
 
 #: Where meta-training's per-row derivatives come from: ``autograd`` (any model, any
 #: device), ``kernel`` (EmerG on the CPU: the compiled kernel of
-#: :mod:`emerg_stream.model.cpu_kernel`, seconds to build on first use) or ``auto``
+#: :mod:`emerg_stream.meta.kernel`, seconds to build on first use) or ``auto``
 #: (``kernel`` where it serves, else ``autograd``, with a warning where the machine is
 #: the reason).
 MetaBackend = Literal["auto", "autograd", "kernel"]

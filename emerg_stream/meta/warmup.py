@@ -7,7 +7,7 @@ exists so tests can prove the batched path equal to it.
 
 Where the gradient comes from is the ``backend`` (:data:`Backend`): autograd (any model,
 any device), autograd through ``torch.compile``, or, for EmerG on the CPU, the compiled
-kernel of :mod:`emerg_stream.model.cpu_kernel`. ``auto`` takes the kernel where it
+kernel of :mod:`emerg_stream.meta.kernel`. ``auto`` takes the kernel where it
 serves and autograd elsewhere; all of them compute the same function.
 """
 
@@ -23,10 +23,10 @@ import structlog
 import torch
 from torch import Tensor
 
+from emerg_stream.meta.kernel import EmerGKernel, KernelUnavailableError, emerg_kernel
 from emerg_stream.meta.losses import per_item_mean_loss, row_weights
 from emerg_stream.meta.rows import Rows
 from emerg_stream.model.base import ItemModel, Phi, Prepared
-from emerg_stream.model.cpu_kernel import EmerGKernel, KernelUnavailableError, emerg_kernel
 from emerg_stream.model.emerg import EmerG
 
 log = structlog.get_logger(__name__)

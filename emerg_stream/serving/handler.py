@@ -24,9 +24,9 @@ from emerg_stream.errors import ConfigError, ModelError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.meta.evaluate import cold_start
+from emerg_stream.meta.kernel import KernelUnavailableError
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.warmup import Backend, WarmupConfig, resolve_backend, warm_up
-from emerg_stream.model.cpu_kernel import KernelUnavailableError
 from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
 from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays
 

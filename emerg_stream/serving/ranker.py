@@ -58,7 +58,7 @@ from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemEvent, ItemParams
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.model.base import Phi, item_noise
-from emerg_stream.stream.replay import assign_from_beginning, read_assigned_to_end, reader_conf
+from emerg_stream.stream.reader import assign_from_beginning, read_assigned_to_end, reader_conf
 
 __all__ = [
     "RankerClient",

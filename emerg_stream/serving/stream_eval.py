@@ -44,7 +44,7 @@ from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.meta.warmup import WarmupConfig
 from emerg_stream.model.base import Phi
 from emerg_stream.serving.ranker import check_params, params_to_phi
-from emerg_stream.stream.replay import read_to_end
+from emerg_stream.stream.reader import read_to_end
 
 __all__ = [
     "PublishedParams",

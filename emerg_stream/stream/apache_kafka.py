@@ -43,15 +43,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import structlog
 
 from emerg_stream.errors import ConfigError, TransientError
 from emerg_stream.stream.broker import HOST, _pdeathsig_hook, free_port
 from emerg_stream.stream.child import ChildServer
+from emerg_stream.stream.kafka_acl import PRINCIPALS, Principal, acl_bindings
 from emerg_stream.stream.kafka_dist import (
     KAFKA_VERSION,
     fetch_kafka,
@@ -59,9 +59,6 @@ from emerg_stream.stream.kafka_dist import (
     kafka_cache_dir,
     make_tls,
 )
-
-if TYPE_CHECKING:
-    from confluent_kafka.admin import AclBinding  # type: ignore[attr-defined]
 
 __all__ = [
     "KAFKA_VERSION",
@@ -74,28 +71,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Principal:
-    """A SCRAM user of the test broker and what its ACLs allow.
-
-    Args:
-        name: User name (principal ``User:<name>``).
-        role: ``worker`` (read/write/create), ``ranker`` (read-only) or ``admin`` (super
-            user).
-    """
-
-    name: str
-    role: str
-
-
-#: The SCRAM-SHA-512 users created at format time.
-PRINCIPALS: tuple[Principal, ...] = (
-    Principal("emerg-worker", "worker"),
-    Principal("emerg-ranker", "ranker"),
-    Principal("emerg-admin", "admin"),
-)
 
 
 _LOG4J2 = """status = warn
@@ -473,7 +448,7 @@ class ApacheKafka(ChildServer):
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": "0"})
-        futures = admin.create_acls(_acl_bindings())
+        futures = admin.create_acls(acl_bindings())
         try:
             for f in futures.values():
                 f.result(timeout=30)
@@ -507,47 +482,3 @@ def _kafka_uuid() -> str:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cid.startswith("-"):
             return cid
-
-
-def _acl_bindings() -> list[AclBinding]:
-    """The ACLs of :data:`PRINCIPALS` (the admin is a super user and needs none)."""
-    from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in __all__
-        AclBinding,
-        AclOperation,
-        AclPermissionType,
-        ResourcePatternType,
-        ResourceType,
-    )
-
-    grants: dict[str, list[tuple[ResourceType, str, AclOperation]]] = {
-        "worker": [
-            (ResourceType.TOPIC, "*", AclOperation.ALL),
-            (ResourceType.GROUP, "*", AclOperation.ALL),
-            (ResourceType.TRANSACTIONAL_ID, "*", AclOperation.ALL),
-            (ResourceType.BROKER, "kafka-cluster", AclOperation.IDEMPOTENT_WRITE),
-            (ResourceType.BROKER, "kafka-cluster", AclOperation.CREATE),
-            (ResourceType.BROKER, "kafka-cluster", AclOperation.DESCRIBE),
-        ],
-        "ranker": [
-            (ResourceType.TOPIC, "*", AclOperation.READ),
-            (ResourceType.TOPIC, "*", AclOperation.DESCRIBE),
-            (ResourceType.TOPIC, "*", AclOperation.DESCRIBE_CONFIGS),
-            (ResourceType.GROUP, "*", AclOperation.READ),
-            (ResourceType.GROUP, "*", AclOperation.DESCRIBE),
-        ],
-    }
-    out: list[AclBinding] = []
-    for p in PRINCIPALS:
-        for rtype, name, op in grants.get(p.role, []):
-            out.append(
-                AclBinding(
-                    rtype,
-                    name,
-                    ResourcePatternType.LITERAL,
-                    f"User:{p.name}",
-                    "*",
-                    op,
-                    AclPermissionType.ALLOW,
-                )
-            )
-    return out

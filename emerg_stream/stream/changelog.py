@@ -11,7 +11,7 @@ partition), and an item is decoded the first time the worker looks it up (see
 :class:`~emerg_stream.state.ItemMap`), so a restore costs about the read of the changelog
 and items never touched again cost only their raw bytes.
 
-The end is found as in :func:`emerg_stream.stream.replay.read_assigned_to_end` (robust to
+The end is found as in :func:`emerg_stream.stream.reader.read_assigned_to_end` (robust to
 Tansu's short ``ListOffsets`` answers), but by a loop of its own that never waits for a
 full batch: ``consume(n, timeout)`` returns only when ``n`` records arrived or the
 timeout ran out, so the generic reader spends its whole 0.5 s timeout on the last,
@@ -32,7 +32,7 @@ from emerg_stream.errors import SchemaError, TransientError
 from emerg_stream.state import ItemMap
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.checkpointing import MARK_KEY, SUSPECT_KEY, PartitionMark, SuspectNote
-from emerg_stream.stream.replay import read_assigned_to_end
+from emerg_stream.stream.reader import read_assigned_to_end
 
 __all__ = ["ChangelogFold", "Restored", "restore_partitions"]
 

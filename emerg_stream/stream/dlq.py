@@ -21,7 +21,7 @@ from emerg_stream.errors import TransientError
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import DeadLetter
 from emerg_stream.stream.envelope import Inbound, Outbound
-from emerg_stream.stream.replay import read_to_end
+from emerg_stream.stream.reader import read_to_end
 
 __all__ = [
     "BAD_EVENT_TIME",

@@ -3,7 +3,7 @@
 **Tansu's ``ListOffsets`` quirk**: the embedded broker answers ``ListOffsets`` with the
 base offset of the last record *batch* plus one, short of the true end whenever that
 batch holds several records; its *fetch* responses carry the true high watermark (see
-:func:`emerg_stream.stream.replay.read_assigned_to_end`). Hence:
+:func:`emerg_stream.stream.reader.read_assigned_to_end`). Hence:
 
 - :func:`assigned_lag` (the worker, once per batch) uses the high watermark cached from
   the last fetch response and the consumer's position: two local calls, no request. A
@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from emerg_stream.errors import TransientError
 from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
-from emerg_stream.stream.replay import read_to_end, reader_conf
+from emerg_stream.stream.reader import read_to_end, reader_conf
 
 __all__ = [
     "PartitionLag",
@@ -94,7 +94,7 @@ def true_ends(
 ) -> dict[int, tuple[int, int]]:
     """Partition -> (low, true end), robust to Tansu's short ``ListOffsets`` answers.
 
-    Assigns ``consumer`` (a :func:`~emerg_stream.stream.replay.reader_conf` consumer) to
+    Assigns ``consumer`` (a :func:`~emerg_stream.stream.reader.reader_conf` consumer) to
     each non-empty partition at its listed end minus one and reads until a fetch
     response told each end (or the deadline: the listed end stays, a lower bound).
 

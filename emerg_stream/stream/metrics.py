@@ -11,6 +11,7 @@ several workers can live in one process (tests).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from emerg_stream.auc import roc_auc
 
 __all__ = [
     "APPLIED",
@@ -152,22 +155,12 @@ class SlidingAUC:
         self._filled = min(self.window, self._filled + s.size)
 
     def value(self) -> float | None:
-        """AUC of the window (ties count one half); ``None`` without both labels."""
-        s, y = self._scores[: self._filled], self._labels[: self._filled]
-        n_pos = int(y.sum())
-        n_neg = y.size - n_pos
-        if n_pos == 0 or n_neg == 0:
-            return None
-        order = np.argsort(s, kind="mergesort")
-        ranks = np.empty(s.size, dtype=np.float64)
-        sorted_s = s[order]
-        # average 1-based ranks over ties
-        starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-        ends = np.r_[starts[1:], s.size]
-        avg = (starts + ends + 1) / 2.0
-        ranks[order] = np.repeat(avg, ends - starts)
-        u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-        return float(u / (n_pos * n_neg))
+        """AUC of the window (:func:`~emerg_stream.auc.roc_auc`, ties count one half).
+
+        ``None`` without both labels, or while a non-finite score is in the window.
+        """
+        auc = roc_auc(self._labels[: self._filled], self._scores[: self._filled])
+        return None if math.isnan(auc) else auc
 
 
 class WorkerMetrics:

@@ -1,4 +1,4 @@
-"""Replay a historical log into the stream, and read a topic back from beginning to end.
+"""Replay a historical log into the stream: the log's rows become item and click records.
 
 **Log -> topics** (:func:`replay`). The log is cut with the public split
 (:func:`~emerg_stream.data.split.split_log`, same N and K as the offline protocol) only
@@ -29,9 +29,7 @@ offline protocol exactly:
 Feature values travel in the records' ``categorical`` / ``multi`` / ``numeric`` maps,
 keyed by column name; a null value is left out of its map (unknown).
 
-**Topic -> records** (:func:`read_to_end`): assign every partition of a topic from its
-beginning, read up to its end when the read started, stop. Bounded by that end and by
-a deadline; used by the stream evaluation and the ranker's catch-up.
+Reading a topic back is :mod:`emerg_stream.stream.reader`.
 """
 
 from __future__ import annotations
@@ -39,8 +37,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -50,13 +47,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
-    KafkaException,
     Message,
     Producer,
-    TopicPartition,
 )
 
 from emerg_stream.data.log import ColumnSpec, InteractionLog
@@ -71,12 +64,8 @@ __all__ = [
     "TIME_UNITS_MS",
     "ReplayCounts",
     "ReplayPlan",
-    "assign_from_beginning",
     "event_id",
     "plan_replay",
-    "read_assigned_to_end",
-    "read_to_end",
-    "reader_conf",
     "replay",
     "replay_records",
 ]
@@ -346,52 +335,24 @@ def replay(
     conf.update({"enable.idempotence": "true", "acks": "all"})
     conf.setdefault("linger.ms", "20")
     producer = Producer(conf)
-    item_serde = AvroSerde(ItemEvent, topic=items_topic)
-    inter_serde = AvroSerde(Interaction, topic=interactions_topic)
     counts = ReplayCounts(test_rows_left_out=plan.n_test)
     errors: list[str] = []
-
-    def delivered(kind: str) -> Callable[[KafkaError | None, Message], None]:
-        def callback(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                counts.failed += 1
-                if len(errors) < 3:
-                    errors.append(f"{msg.topic()}: {err.str()}")
-                return
-            if kind == "item":
-                counts.items += 1
-            else:
-                counts.interactions += 1
-            topic, part, off = msg.topic(), msg.partition(), msg.offset()
-            if topic is not None and part is not None and off is not None:
-                key = (topic, part)
-                counts.end_offsets[key] = max(counts.end_offsets.get(key, 0), off + 1)
-
-        return callback
-
-    on_item, on_interaction = delivered("item"), delivered("interaction")
+    items_out = (
+        items_topic,
+        AvroSerde(ItemEvent, topic=items_topic),
+        _on_delivery(counts, errors, "item"),
+    )
+    clicks_out = (
+        interactions_topic,
+        AvroSerde(Interaction, topic=interactions_topic),
+        _on_delivery(counts, errors, "interaction"),
+    )
     bar = _progress(total, progress, ilog.name)
-    first_t: int | None = None
-    wall0 = time.monotonic()
     # Flushed outside any except/finally block: confluent-kafka's flush fails with a
     # SystemError when it runs while a KeyboardInterrupt is being handled.
     failure: BaseException | None = None
     try:
-        for kind, key, record in replay_records(plan, time_unit=time_unit, limit=limit):
-            if stop is not None and stop.is_set():
-                log.info("replay_stopped", sent=bar.n)
-                break
-            if speed is not None:
-                first_t = record["event_time"] if first_t is None else first_t
-                due = wall0 + (record["event_time"] - first_t) / 1000.0 / speed
-                _sleep_until(due, producer, stop)
-            if kind == "item":
-                value = item_serde.encode(record)
-                _produce(producer, items_topic, key, value, on_item)
-            else:
-                value = inter_serde.encode(cast(Interaction, record))
-                _produce(producer, interactions_topic, key, value, on_interaction)
-                bar.update(1)
+        _send(plan, producer, items_out, clicks_out, time_unit, limit, speed, stop, bar)
     except BaseException as exc:  # re-raised below, after the flush (Ctrl-C included)
         failure = exc
     bar.close()
@@ -400,9 +361,75 @@ def replay(
         log.info("replay_interrupted", sent=bar.n, unacknowledged=left, error=repr(failure))
         raise failure
     counts.seconds = round(time.perf_counter() - t0, 3)
+    _check_done(ilog.name, counts, left, errors, flush_timeout_s)
+    return counts
+
+
+#: Where one kind of record goes: topic, serializer, delivery callback.
+_Out = tuple[str, AvroSerde[Any], Callable[[KafkaError | None, Message], None]]
+
+
+def _on_delivery(
+    counts: ReplayCounts, errors: list[str], kind: str
+) -> Callable[[KafkaError | None, Message], None]:
+    """A delivery callback counting ``kind``'s records into ``counts`` (first 3 errors kept)."""
+
+    def callback(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            counts.failed += 1
+            if len(errors) < 3:
+                errors.append(f"{msg.topic()}: {err.str()}")
+            return
+        if kind == "item":
+            counts.items += 1
+        else:
+            counts.interactions += 1
+        topic, part, off = msg.topic(), msg.partition(), msg.offset()
+        if topic is not None and part is not None and off is not None:
+            key = (topic, part)
+            counts.end_offsets[key] = max(counts.end_offsets.get(key, 0), off + 1)
+
+    return callback
+
+
+def _send(
+    plan: ReplayPlan,
+    producer: Producer,
+    items_out: _Out,
+    clicks_out: _Out,
+    time_unit: TimeUnit,
+    limit: int | None,
+    speed: float | None,
+    stop: threading.Event | None,
+    bar: Any,
+) -> None:
+    """Produce the plan's records in order, paced by ``speed``, until done or ``stop``."""
+    first_t: int | None = None
+    wall0 = time.monotonic()
+    for kind, key, record in replay_records(plan, time_unit=time_unit, limit=limit):
+        if stop is not None and stop.is_set():
+            log.info("replay_stopped", sent=bar.n)
+            break
+        if speed is not None:
+            first_t = record["event_time"] if first_t is None else first_t
+            due = wall0 + (record["event_time"] - first_t) / 1000.0 / speed
+            _sleep_until(due, producer, stop)
+        if kind == "item":
+            topic, serde, callback = items_out
+            _produce(producer, topic, key, serde.encode(record), callback)
+        else:
+            topic, serde, callback = clicks_out
+            _produce(producer, topic, key, serde.encode(cast(Interaction, record)), callback)
+            bar.update(1)
+
+
+def _check_done(
+    name: str, counts: ReplayCounts, left: int, errors: list[str], flush_timeout_s: float
+) -> None:
+    """Log the counts; raise when records failed or were not acknowledged."""
     log.info(
         "replay_done",
-        dataset=ilog.name,
+        dataset=name,
         items=counts.items,
         interactions=counts.interactions,
         test_rows_left_out=counts.test_rows_left_out,
@@ -411,11 +438,10 @@ def replay(
     )
     if left or counts.failed:
         raise TransientError(
-            f"replay of {ilog.name}: {counts.failed} records failed and {left} were not "
+            f"replay of {name}: {counts.failed} records failed and {left} were not "
             f"acknowledged within {flush_timeout_s}s (first errors: {errors}); re-running "
             "the replay is safe, the worker drops duplicates by event id"
         )
-    return counts
 
 
 def _produce(
@@ -461,169 +487,3 @@ def _progress(total: int, enabled: bool, name: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"replay {name}", unit="ev", smoothing=0.1)
-
-
-# --- reading a topic back ------------------------------------------------------------
-
-
-def read_to_end(
-    consumer_conf: Mapping[str, str],
-    topic: str,
-    *,
-    timeout_s: float = 60.0,
-) -> Iterator[Message]:
-    """Every record of ``topic`` from the beginning up to (at least) its end at the start.
-
-    Assigns all partitions (no group membership, no commits) and stops when every
-    partition reached its end (see :func:`read_assigned_to_end`). Records with errors
-    raise. Tombstones are yielded (``value()`` is ``None``).
-
-    Args:
-        consumer_conf: librdkafka settings; a ``group.id`` is made up if absent (it is
-            never joined or committed to).
-        topic: The topic.
-        timeout_s: Deadline for the whole read.
-
-    Yields:
-        The records, in offset order within each partition.
-
-    Raises:
-        ConfigError: The topic does not exist.
-        TransientError: The end was not reached before the deadline, or the broker failed.
-    """
-    consumer = Consumer(reader_conf(consumer_conf))
-    try:
-        ends = assign_from_beginning(consumer, [topic], timeout_s=timeout_s)
-        yield from read_assigned_to_end(consumer, ends, timeout_s=timeout_s)
-    finally:
-        consumer.close()
-
-
-def reader_conf(consumer_conf: Mapping[str, str]) -> dict[str, str]:
-    """Consumer settings of a reader that assigns partitions itself and never commits."""
-    conf = dict(consumer_conf)
-    conf.setdefault("group.id", f"emerg-reader-{uuid.uuid4().hex[:12]}")
-    conf.update({"enable.auto.commit": "false", "enable.partition.eof": "false"})
-    # librdkafka's default, explicit: with exactly_once workers, records of open or
-    # aborted transactions are never read (the end read is the last stable offset)
-    conf.setdefault("isolation.level", "read_committed")
-    conf.setdefault("auto.offset.reset", "earliest")
-    return conf
-
-
-def assign_from_beginning(
-    consumer: Consumer, topics: Sequence[str], *, timeout_s: float = 30.0
-) -> dict[tuple[str, int], int]:
-    """Assign every partition of ``topics`` from its first offset (no group membership).
-
-    Args:
-        consumer: A consumer made with :func:`reader_conf` settings.
-        topics: Topics to read.
-        timeout_s: Deadline of each metadata / offsets request.
-
-    Returns:
-        ``(topic, partition)`` -> listed high watermark (a lower bound of the end on
-        Tansu; 0 for an empty partition), for :func:`read_assigned_to_end`.
-
-    Raises:
-        ConfigError: A topic does not exist.
-        TransientError: The broker did not answer.
-    """
-    ends: dict[tuple[str, int], int] = {}
-    assignment = []
-    for topic in topics:
-        for p, (lo, hi) in _end_offsets(consumer, topic, timeout_s).items():
-            ends[(topic, p)] = hi if hi > lo else 0
-            assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
-    consumer.assign(assignment)
-    return ends
-
-
-def read_assigned_to_end(
-    consumer: Consumer, listed: Mapping[tuple[str, int], int], *, timeout_s: float = 60.0
-) -> Iterator[Message]:
-    """Read the partitions assigned by :func:`assign_from_beginning` up to their ends.
-
-    The end of a partition is the larger of the ``ListOffsets`` high watermark and the
-    high watermark of the first fetch response: the embedded Tansu broker answers
-    ``ListOffsets`` with the base offset of the last *batch* plus one, which is short of
-    the true end whenever that batch holds several records; its fetch responses carry the
-    true end. Every record consumed is yielded, also one written after the read began
-    that came in the same fetch (so a live consumer loses nothing); the read stops once
-    every partition reached its end.
-
-    Args:
-        consumer: The consumer (left open and assigned).
-        listed: From :func:`assign_from_beginning`.
-        timeout_s: Deadline of the whole read.
-
-    Yields:
-        Records (tombstones included), in offset order within each partition.
-
-    Raises:
-        TransientError: The end was not reached before the deadline, or a record error.
-    """
-    deadline = time.monotonic() + timeout_s
-    # (topic, partition) -> end offset; None until the first fetch response told the end
-    todo: dict[tuple[str, int], int | None] = {tp: None for tp, hi in listed.items() if hi > 0}
-    while todo:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransientError(
-                f"reading to the end timed out after {timeout_s}s; not done "
-                f"((topic, partition): end offset): {dict(sorted(todo.items()))}"
-            )
-        # what is fetched already, else wait for one record: a read that waited for a
-        # full batch spent its whole timeout on the last, partial one of every read
-        msgs = consumer.consume(1000, timeout=0) or consumer.consume(1, min(left, 0.5))
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                raise TransientError(f"reading {msg.topic()}: {err.str()}")
-            topic, p, off = msg.topic(), msg.partition(), msg.offset()
-            if topic is None or p is None or off is None:
-                continue
-            key = (topic, p)
-            if key in todo and todo[key] is None:
-                _, fetched = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-                todo[key] = max(listed[key], int(fetched))
-            end = todo.get(key)
-            if end is not None and off + 1 >= end:
-                del todo[key]
-            yield msg
-        if not msgs and todo:
-            # Compaction can leave a gap at the end, and a transaction's control records
-            # (or an aborted transaction) are never delivered: the position says we are
-            # past them. A partition that delivered nothing has only the listed end (the
-            # last stable offset for a read_committed reader; on Tansu records arrive).
-            for tp in consumer.position([TopicPartition(t, p) for t, p in todo]):
-                key = (tp.topic, tp.partition)
-                end = todo.get(key)
-                if end is None:
-                    end = listed[key]
-                if tp.offset >= end:
-                    del todo[key]
-
-
-def _end_offsets(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, tuple[int, int]]:
-    """Partition -> (low, high) watermark of every partition of ``topic``."""
-    try:
-        md = consumer.list_topics(topic, timeout=timeout_s)
-    except KafkaException as exc:
-        raise TransientError(f"cannot read metadata of {topic}: {exc.args[0].str()}") from exc
-    tm = md.topics.get(topic)
-    if tm is None or tm.error is not None or not tm.partitions:
-        why = tm.error.str() if tm is not None and tm.error is not None else "no partitions"
-        raise ConfigError(f"topic {topic!r} cannot be read: {why}")
-    out: dict[int, tuple[int, int]] = {}
-    for p in sorted(tm.partitions):
-        try:
-            lo, hi = consumer.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=timeout_s, cached=False
-            )
-        except KafkaException as exc:
-            raise TransientError(
-                f"cannot read the offsets of {topic}[{p}]: {exc.args[0].str()}"
-            ) from exc
-        out[p] = (int(lo), int(hi))
-    return out

@@ -101,7 +101,7 @@ from emerg_stream.stream.lag import assigned_lag
 from emerg_stream.stream.limits import check_state_fits, read_output_limits
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
 from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, WarmupProcessor
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.topics import check_access, check_copartitioned, topic_partitions
 from emerg_stream.stream.transactions import TransactionalCheckpoint, transactional_id
 

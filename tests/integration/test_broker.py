@@ -123,7 +123,7 @@ def test_authentication_refuses_unauthenticated_and_wrong_sasl_clients() -> None
 JOB_DRIVER = """
 import argparse, sys
 from emerg_stream.logging import configure_logging
-import jobs.broker as job
+import emerg_stream.jobs.broker as job
 parser = argparse.ArgumentParser()
 job.add_arguments(parser)
 configure_logging(json=True)

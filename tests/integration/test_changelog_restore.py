@@ -24,7 +24,7 @@ from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.changelog import restore_partitions
 from emerg_stream.stream.checkpointing import MARK_KEY, PartitionMark
 from emerg_stream.stream.metrics import OutcomeCounts
-from emerg_stream.stream.replay import reader_conf
+from emerg_stream.stream.reader import reader_conf
 from emerg_stream.stream.topics import TopicSpec, ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -51,7 +51,7 @@ from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.apache_kafka import ApacheKafka
 from emerg_stream.stream.broker import EmbeddedBroker
 from emerg_stream.stream.changelog import ChangelogFold, restore_partitions
-from emerg_stream.stream.replay import read_to_end, reader_conf
+from emerg_stream.stream.reader import read_to_end, reader_conf
 from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 

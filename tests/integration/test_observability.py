@@ -22,7 +22,7 @@ from emerg_stream.config import KafkaSettings, TopicSettings, WorkerSettings
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent, ItemParams
 from emerg_stream.serving.handler import TorchWarmupHandler
-from emerg_stream.stream.replay import read_to_end
+from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.worker import Worker
 
 pytestmark = pytest.mark.integration

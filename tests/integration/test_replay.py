@@ -12,7 +12,8 @@ from emerg_stream.data.log import InteractionLog
 from emerg_stream.errors import ConfigError
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent
-from emerg_stream.stream.replay import plan_replay, read_to_end, replay, replay_records
+from emerg_stream.stream.reader import read_to_end
+from emerg_stream.stream.replay import plan_replay, replay, replay_records
 from emerg_stream.stream.topics import TopicSpec, ensure_topics
 
 pytestmark = pytest.mark.integration

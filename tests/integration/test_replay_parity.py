@@ -27,7 +27,8 @@ from emerg_stream.meta.pipeline import prepare, train_model
 from emerg_stream.meta.train import TrainConfig
 from emerg_stream.meta.warmup import WarmupConfig
 from emerg_stream.serving.stream_eval import comparison_table, evaluate_stream
-from emerg_stream.stream.replay import read_to_end, replay
+from emerg_stream.stream.reader import read_to_end
+from emerg_stream.stream.replay import replay
 from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 
 pytestmark = pytest.mark.integration

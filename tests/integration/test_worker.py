@@ -36,7 +36,7 @@ from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemPara
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.changelog import ChangelogFold
-from emerg_stream.stream.replay import read_to_end
+from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 

@@ -9,7 +9,8 @@ from confluent_kafka.admin import AclOperation, ResourceType
 
 from emerg_stream.config import WorkerSettings, load_settings
 from emerg_stream.errors import ConfigError
-from emerg_stream.stream.apache_kafka import PRINCIPALS, _acl_bindings, _kafka_uuid
+from emerg_stream.stream.apache_kafka import PRINCIPALS, _kafka_uuid
+from emerg_stream.stream.kafka_acl import acl_bindings
 from emerg_stream.stream.kafka_dist import KAFKA_VERSION, _pom, kafka_cache_dir
 from emerg_stream.stream.transactions import transactional_id
 
@@ -31,7 +32,7 @@ def test_the_pom_asks_for_the_scala_build_and_a_log_binding():
 
 def test_the_ranker_may_only_read_and_the_worker_may_write():
     ops: dict[str, set[tuple[ResourceType, AclOperation]]] = {}
-    for b in _acl_bindings():
+    for b in acl_bindings():
         ops.setdefault(b.principal, set()).add((b.restype, b.operation))
     ranker = ops["User:emerg-ranker"]
     assert (ResourceType.TOPIC, AclOperation.READ) in ranker

@@ -15,11 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from emerg_stream.meta.rows import ItemSet, Rows
-from emerg_stream.meta.train import TrainConfig, meta_loss, meta_train, resolve_meta_backend
-from emerg_stream.meta.warmup import WarmupConfig, resolve_backend, warm_up, warm_up_reference
-from emerg_stream.model import ModelConfig, build_model, cpu_kernel, item_noise
-from emerg_stream.model.cpu_kernel import (
+from emerg_stream.meta.kernel import (
     KernelRows,
     KernelUnavailableError,
     emerg_kernel,
@@ -27,6 +23,11 @@ from emerg_stream.model.cpu_kernel import (
     support_grad,
     weight_tensors,
 )
+from emerg_stream.meta.kernel import library as cpu_kernel
+from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.train import TrainConfig, meta_loss, meta_train, resolve_meta_backend
+from emerg_stream.meta.warmup import WarmupConfig, resolve_backend, warm_up, warm_up_reference
+from emerg_stream.model import ModelConfig, build_model, item_noise
 from emerg_stream.model.interaction import fm_term
 
 CPU = torch.device("cpu")

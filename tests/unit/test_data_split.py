@@ -211,7 +211,7 @@ def test_split_job_writes_parts_and_prints_counts(tmp_path, capsys) -> None:
     import pyarrow.parquet as pq
     import yaml
 
-    from jobs import split as split_job
+    from emerg_stream.jobs import split as split_job
 
     rows = hand_made_rows()
     pq.write_table(

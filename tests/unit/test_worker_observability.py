@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from emerg_stream import cli
+from emerg_stream.auc import roc_auc
 from emerg_stream.config import WorkerSettings
+from emerg_stream.meta.metrics import phase_metrics
 from emerg_stream.stream.metrics import SlidingAUC, WorkerMetrics
 
 
@@ -43,6 +45,26 @@ def test_sliding_auc_undefined_with_one_label():
     assert auc.value() is None
     with pytest.raises(ValueError):
         SlidingAUC(window=1)
+
+
+def test_the_stream_and_the_offline_tables_share_one_auc_bit_for_bit():
+    # tie-heavy scores: the window's AUC is exactly (==) the offline tables' AUC
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 5, 200) / 4
+    y = rng.integers(0, 2, 200)
+    auc = SlidingAUC(window=200)
+    auc.add(s, y)
+    offline = phase_metrics(y, s, np.zeros(200, dtype=np.int64))["auc"]
+    assert auc.value() == roc_auc(y, s) == offline
+    assert auc.value() == pytest.approx(pairwise_auc(s, y), abs=1e-12)
+
+
+def test_sliding_auc_undefined_while_a_score_is_not_finite():
+    auc = SlidingAUC(window=3)
+    auc.add([0.2, float("nan"), 0.8], [0, 1, 1])
+    assert auc.value() is None
+    auc.add([0.1, 0.9], [0, 1])  # the NaN drops out of the window
+    assert auc.value() == pytest.approx(1.0)
 
 
 def scrape(metrics: WorkerMetrics) -> str:

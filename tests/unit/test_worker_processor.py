@@ -25,8 +25,8 @@ from emerg_stream.config import TopicSettings
 from emerg_stream.errors import ModelError
 from emerg_stream.io.avro import AvroSerde, frame
 from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemParams, Prediction
+from emerg_stream.meta.kernel import library as cpu_kernel
 from emerg_stream.meta.warmup import resolve_backend
-from emerg_stream.model import cpu_kernel
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.changelog import ChangelogFold

@@ -1,55 +1,27 @@
-"""EmerG's per-row loss and its derivatives as a compiled CPU kernel (``kernels/emerg_grad.cpp``).
+"""The compiled kernel bound to torch: EmerG's shared weights, the rows, the three passes.
 
-A warm-up step needs, for each item, the gradient of its mean support loss with respect
-to φ = (graph, ID embedding); a meta-training step needs the gradient of the query loss
-to everything (φ, the rows' embeddings, the shared weights) and the second-order term of
-the inner step. Autograd computes them from a few dozen tiny per-(row, field)
-operations; :func:`emerg_kernel` instead compiles one C++ library for the model's shape
-and options that runs the forward and the backward of a tile of 16 rows in registers and
-L2 (2.5x the ``torch.compile`` warm-up step on one core; with the joint attention
-2.6x autograd's warm-up, docs/BENCHMARKS.md). The same templated
-code run on dual numbers gives the exact Hessian-vector product. The refinement of the
-raw graph (min-max, TopK, powers) stays in torch: it is per item, not per row, and its
-derivatives are small autograd calls.
-
-The source is compiled on first use with the system C++ compiler (``$CXX``, else
-``c++``) for the host CPU (``-march=native``), once per model shape and real type, into
-a cache directory (``$EMERG_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/emerg-stream/kernels``,
-else ``~/.cache/emerg-stream/kernels``); later processes load the cached library. Where no
-compiler is found or the build fails, :class:`KernelUnavailableError` says why and
-``backend="auto"`` (warm-up, meta-training) falls back to autograd.
+:class:`EmerGKernel` loads one compiled library (:mod:`~emerg_stream.meta.kernel.build`)
+and calls its passes on torch tensors: φ's gradient for warm-up (:meth:`EmerGKernel.phi_grad`),
+the full gradient and the Hessian-vector product for meta-training.
+:func:`emerg_kernel` builds (once per process and shape) the kernel a model needs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from emerg_stream.meta.kernel.build import KernelUnavailableError, build
 from emerg_stream.model.base import ItemModel
 from emerg_stream.model.emerg import EmerG
 from emerg_stream.model.interaction import JointAttention, OrderAttention
 
-#: Environment variable naming the folder of compiled kernels.
-KERNEL_CACHE_ENV = "EMERG_KERNEL_CACHE"
-_SOURCE = "emerg_grad.cpp"
-_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-Wno-psabi") + (
-    # one 16-lane float tile = one AVX-512 register where the CPU has them
-    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
-)
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 #: The source's ACT switch per activation.
 _ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
@@ -57,90 +29,6 @@ _ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}
 #: attention weights and the O F tokens' queries, keys and values per row (~1 MB in float32
 #: on ML-1M's shape); still, 16 was 1.5x 8 and 6x 32 on its warm-up (docs/BENCHMARKS.md).
 JOINT_LANES = 16
-
-
-class KernelUnavailableError(RuntimeError):
-    """The CPU kernel cannot serve this model, dtype or machine (the message says why).
-
-    Args:
-        reason: What is missing.
-        machine: The machine is the reason (no compiler, a failed build): worth a
-            warning where the kernel was expected, unlike a model or device it does
-            not cover.
-    """
-
-    def __init__(self, reason: str, *, machine: bool = True) -> None:
-        super().__init__(reason)
-        self.machine = machine
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
-    if env := os.environ.get(KERNEL_CACHE_ENV):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "emerg-stream" / "kernels"
-
-
-def _cpu_fingerprint() -> str:
-    """The host CPU's model and flags: a ``-march=native`` build is only valid on it."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    path = shutil.which(cxx)
-    if path is None:
-        raise KernelUnavailableError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
-    return path
-
-
-def _build(defines: tuple[str, ...]) -> Path:
-    """Compile the kernel for ``defines`` into the cache (once) and return the library."""
-    source = resources.files("emerg_stream.model").joinpath("kernels", _SOURCE).read_bytes()
-    cxx = _compiler()
-    try:
-        version = subprocess.run(  # noqa: S603 - the operator's compiler ($CXX)
-            [cxx, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailableError(f"C++ compiler {cxx} does not run: {exc}") from exc
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                " ".join((*_FLAGS, *defines)).encode(),
-                version.encode(),
-                _cpu_fingerprint().encode(),
-            ]
-        )
-    ).hexdigest()[:20]
-    out = cache_dir() / f"emerg_grad-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / _SOURCE
-        src.write_bytes(source)
-        lib = Path(tmp) / out.name
-        cmd = [cxx, *_FLAGS, *defines, str(src), "-o", str(lib), "-lm"]
-        try:
-            res = subprocess.run(  # noqa: S603 - the operator's compiler ($CXX)
-                cmd, capture_output=True, text=True, timeout=300, check=False
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KernelUnavailableError(f"compiling the kernel failed: {exc}") from exc
-        if res.returncode != 0:
-            raise KernelUnavailableError(
-                f"compiling the kernel failed ({' '.join(cmd)}): {res.stderr.strip()[-2000:]}"
-            )
-        os.replace(lib, out)  # atomic: a concurrent build of the same key is harmless
-    return out
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
@@ -461,123 +349,6 @@ def _checked(loss: float) -> float:
     return float(loss)
 
 
-class _KernelFunction(torch.autograd.Function):
-    """A kernel pass as an autograd node.
-
-    Inputs: (kernel, model, rows, graphs, id, table, *weights), the differentiable ones
-    from ``graphs`` on; :meth:`run` passes the model's embedding table.
-    """
-
-    @classmethod
-    def run(
-        cls,
-        kernel: EmerGKernel,
-        model: EmerG,
-        rows: KernelRows,
-        graphs: Tensor,
-        id_emb: Tensor,
-        weights: list[Tensor],
-    ) -> Any:
-        table = model.embedding.table.weight
-        return cls.apply(  # type: ignore[no-untyped-call]
-            kernel, model, rows, graphs, id_emb, table, *weights
-        )
-
-
-class _RowLoss(_KernelFunction):
-    """The rows' loss, whose backward is the kernel's full gradient (computed with it)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        kernel: EmerGKernel,
-        model: EmerG,
-        rows: KernelRows,
-        graphs: Tensor,
-        id_emb: Tensor,
-        table: Tensor,
-        *weights: Tensor,
-    ) -> Tensor:
-        loss, grads = kernel.full_grad(
-            model, graphs, id_emb, rows, table, kernel.weights_of(list(weights))
-        )
-        ctx.grads = grads
-        ctx.dtypes = [t.dtype for t in (graphs, id_emb, table, *weights)]
-        return graphs.new_tensor(loss)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        out = [(g * grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)]
-        return (None, None, None, *out)
-
-
-class _SupportGrad(_KernelFunction):
-    """∂loss/∂(graphs, id) of the rows; its backward is the kernel's Hessian-vector product."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        kernel: EmerGKernel,
-        model: EmerG,
-        rows: KernelRows,
-        graphs: Tensor,
-        id_emb: Tensor,
-        table: Tensor,
-        *weights: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        kw = kernel.weights_of(list(weights))
-        _, d_graphs, d_id = kernel.phi_grad(model, graphs, id_emb, rows, kw, table=table)
-        ctx.kernel, ctx.model, ctx.rows, ctx.kw = kernel, model, rows, kw
-        ctx.dtypes = [t.dtype for t in (graphs, id_emb, table, *weights)]
-        ctx.save_for_backward(graphs, id_emb, table)
-        return d_graphs.to(graphs.dtype), d_id.to(id_emb.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, v_graphs: Tensor, v_id: Tensor) -> tuple[Tensor | None, ...]:
-        graphs, id_emb, table = ctx.saved_tensors
-        grads = ctx.kernel.hvp(ctx.model, graphs, id_emb, ctx.rows, table, ctx.kw, (v_graphs, v_id))
-        out = [g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
-        return (None, None, None, *out)
-
-
-def row_loss(
-    kernel: EmerGKernel,
-    model: EmerG,
-    rows: KernelRows,
-    graphs: Tensor,
-    id_emb: Tensor,
-    weights: list[Tensor],
-) -> Tensor:
-    """Σ_rows inv_count · BCE as a differentiable 0-d tensor (first order only).
-
-    Its gradient reaches ``graphs``, ``id_emb``, the embedding table (through the rows'
-    tokens, which ``rows`` must carry) and every tensor of ``weights``
-    (:func:`weight_tensors`), computed by the kernel in the forward call.
-    """
-    out: Tensor = _RowLoss.run(kernel, model, rows, graphs, id_emb, weights)
-    return out
-
-
-def support_grad(
-    kernel: EmerGKernel,
-    model: EmerG,
-    rows: KernelRows,
-    graphs: Tensor,
-    id_emb: Tensor,
-    weights: list[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """(∂loss/∂graphs, ∂loss/∂id_emb), differentiable once more (the exact second order).
-
-    The backward of the returned gradients (the double backward of the loss) is the
-    kernel's Hessian-vector product: its gradient reaches every input, the embedding
-    table included, as autograd's ``create_graph=True`` would give.
-    """
-    d_graphs, d_id = _SupportGrad.run(kernel, model, rows, graphs, id_emb, weights)
-    return d_graphs, d_id
-
-
 _LOCK = threading.Lock()
 _KERNELS: dict[tuple[object, ...], EmerGKernel | KernelUnavailableError] = {}
 
@@ -626,7 +397,7 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
         got = _KERNELS.get(defines)
         if got is None:
             try:
-                got = EmerGKernel(_build(defines), dtype)
+                got = EmerGKernel(build(defines), dtype)
             except KernelUnavailableError as exc:
                 got = exc
             except OSError as exc:  # the cached library does not load

@@ -196,3 +196,19 @@ def test_one_device_resolver() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_the_changelog_codec_carries_an_id_only_phi() -> None:
+    """DeepFM/MetaE state: an id embedding without an adjacency survives the changelog."""
+    from emerg_stream.state.codec import ItemStateCodec
+    from emerg_stream.state.item import ItemTask
+
+    codec = ItemStateCodec(dedupe_window=100)
+    emb = np.arange(D, dtype=np.float32) / 3
+    task = ItemTask("n1", phase="warm_a", version=2, adjacency=[], id_embedding=emb)
+    back = codec.decode(codec.encode(task), "n1")
+    assert back.id_embedding is not None and back.adjacency is not None
+    np.testing.assert_array_equal(back.id_embedding, emb)
+    assert back.adjacency.size == 0 and back.n_fields == 0
+    assert get_method("deepfm").layout(F, D).fits(back.adjacency.size, back.id_embedding.size)
+    assert not get_method("emerg").layout(F, D).fits(back.adjacency.size, back.id_embedding.size)

@@ -192,5 +192,5 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except (KeyError, TypeError):
         raise ModelError(
-            f"unknown method {name!r}; this build knows {', '.join(METHOD_NAMES)}"
+            f"unknown method {name!r}; this build knows {', '.join(METHODS)}"
         ) from None

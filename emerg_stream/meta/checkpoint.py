@@ -27,7 +27,7 @@ import torch
 from emerg_stream.errors import EmergError, ModelError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.warmup import WarmupConfig
-from emerg_stream.methods import METHOD_NAMES, Method, get_method
+from emerg_stream.methods import Method, get_method
 from emerg_stream.model import ItemModel, ModelConfig, build_model
 
 MODEL_FILE = "model.pt"
@@ -175,11 +175,10 @@ def parse_meta(
             missing ``noise_salt``/``warmup``/``split``, or a bad value. (The feature
             spec is parsed by :attr:`CheckpointMeta.spec`, where a reader needs it.)
     """
-    method = get_method(config.kind).name if config.kind in METHOD_NAMES else None
-    if method is None:
-        raise ModelError(
-            f"{where}: unknown method {config.kind!r}; this build knows {', '.join(METHOD_NAMES)}"
-        )
+    try:
+        method = get_method(config.kind).name
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
     if not isinstance(raw, Mapping):
         raise ModelError(f"{where}: meta is not a mapping (got {type(raw).__name__})")
     missing = [f"{k} ({why})" for k, why in REQUIRED_META.items() if raw.get(k) is None]

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import worker_world as ww
 
 from emerg_stream.devices import DEVICES, resolve_device
 from emerg_stream.errors import ConfigError, ModelError
+from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import load_checkpoint, parse_meta, save_checkpoint
 from emerg_stream.meta.pipeline import METHODS as PIPELINE_METHODS
 from emerg_stream.methods import METHOD_NAMES, METHODS, get_method
-from emerg_stream.model import ModelConfig, build_model, item_noise
+from emerg_stream.model import DeepFM, ModelConfig, build_model, item_noise
 from emerg_stream.serving.phi import arrays_to_phi, phi_to_arrays
 from emerg_stream.stream.handler import ParamsArrays
 
@@ -212,3 +214,43 @@ def test_the_changelog_codec_carries_an_id_only_phi() -> None:
     assert back.adjacency.size == 0 and back.n_fields == 0
     assert get_method("deepfm").layout(F, D).fits(back.adjacency.size, back.id_embedding.size)
     assert not get_method("emerg").layout(F, D).fits(back.adjacency.size, back.id_embedding.size)
+
+
+class Toy(DeepFM):
+    """A stand-in new method: DeepFM whose cold start is generated (its own class)."""
+
+    generates_id = True
+
+
+def test_a_new_method_is_its_class_plus_one_registry_entry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Registering ``toy`` (nothing else) makes it build, save, load and serve the worker."""
+    from emerg_stream.methods import Method, PhiEntry
+    from emerg_stream.serving.handler import TorchWarmupHandler
+    from emerg_stream.stream.handler import ItemFeatures
+
+    toy = Method("toy", f"{__name__}:Toy", (PhiEntry("id", "embedding"),), True, "gen", "id")
+    monkeypatch.setitem(METHODS, "toy", toy)
+    spec = FeatureSpec.fit(ww.SCHEMA, ww.make_world(n_new=2, n_old=2).table)
+    cfg = ModelConfig(
+        kind="toy",
+        n_fields=spec.n_fields,
+        n_item_fields=spec.n_item_fields,
+        side_fields=tuple(j for j, f in enumerate(spec.fields) if f.side == "item" and j),
+        vocab_size=spec.total_size,
+        dim=D,
+        mlp_hidden=(8,),
+    )
+    save_checkpoint(tmp_path / "ck", build_model(cfg), spec.to_dict(), META)
+    handler = TorchWarmupHandler(load_checkpoint(tmp_path / "ck"), torch.device("cpu"))
+    assert isinstance(handler.model, Toy) and handler.layout.method == "toy"
+    items = [ItemFeatures("a", {"genre": "drama"}, {}, {"price": 1.0})]
+    cold = handler.cold_start(items)
+    assert cold.adjacency.shape == (1, 0) and cold.id_embedding.shape == (1, D)
+    session = handler.open_batch(items, cold, np.zeros(1, dtype=np.bool_))
+    row = {"user_id": "u1", "categorical": {"city": "x"}, "multi": {}, "numeric": {}, "label": 1}
+    session.update(np.zeros(1, dtype=np.int64), [[row] * 3])  # type: ignore[list-item]
+    assert not np.allclose(
+        session.params(np.zeros(1, dtype=np.int64)).id_embedding, cold.id_embedding
+    )

@@ -73,6 +73,7 @@ class TorchWarmupHandler:
         self.device = device
         self.model = checkpoint.model.to(device).eval()
         self._version = checkpoint.model_version
+        self._layout = self.method.layout(self.model.config.n_fields, self.model.config.dim)
         self.columns = FeatureColumns(self.spec)
         self.warmup_backend = warmup_backend
         self._prepare_warmup()
@@ -152,7 +153,7 @@ class TorchWarmupHandler:
     @property
     def layout(self) -> PhiLayout:
         """The checkpoint's φ in the stream (method, slot sizes)."""
-        return self.method.layout(self.n_fields, self.dim)
+        return self._layout
 
     @property
     def k(self) -> int:

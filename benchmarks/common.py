@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from emerg_stream.devices import DEVICES  # noqa: E402
 from emerg_stream.meta.rows import ItemSet, Rows  # noqa: E402
 from emerg_stream.model import EmerG, ModelConfig  # noqa: E402
 from emerg_stream.threads import configure_threads, resolve_threads  # noqa: E402
@@ -57,7 +58,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark takes."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument(
         "--threads",
         type=int,
@@ -71,12 +72,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
+    """:func:`emerg_stream.devices.resolve_device`; a refusal ends the benchmark in one line."""
+    from emerg_stream.devices import resolve_device as resolve
+    from emerg_stream.errors import ConfigError
+
+    try:
+        return resolve(name)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def setup(args: argparse.Namespace) -> torch.device:

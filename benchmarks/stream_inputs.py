@@ -93,8 +93,8 @@ def load_events(limit: int | None, checkpoint: Path | None) -> Events:
         from emerg_stream.meta.checkpoint import load_checkpoint
         from emerg_stream.stream.replay import plan_replay, replay_records
 
-        split = load_checkpoint(ck).meta.get("split", {})
-        plan = plan_replay(log, split.get("n"), split.get("k"))
+        meta = load_checkpoint(ck).meta
+        plan = plan_replay(log, meta.n, meta.k)
         recs = []
         for kind, key, rec in replay_records(plan, limit=limit or None):
             serde: AvroSerde[Any] = ITEM if kind == "item" else INTER

@@ -390,8 +390,8 @@ def run_demo(
                 conf,
                 topics.items,
                 topics.interactions,
-                n=checkpoint.meta.get("split", {}).get("n"),
-                k=checkpoint.meta.get("split", {}).get("k"),
+                n=checkpoint.meta.n,
+                k=checkpoint.meta.k,
                 progress=opts.progress,
                 stop=stop,
             )

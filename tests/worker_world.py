@@ -168,8 +168,8 @@ def make_world(
     return World(k, items, interactions, new_ids, old_ids, table)
 
 
-def build_checkpoint(world: World, path: Path, *, seed: int = 0) -> Path:
-    """A tiny, untrained EmerG checkpoint whose old items are the world's ``o*`` items.
+def build_checkpoint(world: World, path: Path, *, seed: int = 0, method: str = "emerg") -> Path:
+    """A tiny, untrained checkpoint of ``method`` whose old items are the world's ``o*``.
 
     The spec is fitted on the old items' rows plus a few synthetic training rows, so
     some new items' values are out of vocabulary.
@@ -179,7 +179,7 @@ def build_checkpoint(world: World, path: Path, *, seed: int = 0) -> Path:
     spec = FeatureSpec.fit(SCHEMA, train)
     torch.manual_seed(seed)
     config = ModelConfig(
-        kind="emerg",
+        kind=method,
         n_fields=spec.n_fields,
         n_item_fields=spec.n_item_fields,
         side_fields=tuple(j for j, f in enumerate(spec.fields) if f.side == "item" and j),
@@ -189,17 +189,20 @@ def build_checkpoint(world: World, path: Path, *, seed: int = 0) -> Path:
         heads=2,
         head_dim=4,
         hyper_hidden=16,
+        # the baselines: a small deep part, and fresh ID embeddings large enough to matter
+        **({} if method == "emerg" else {"mlp_hidden": (16, 8), "id_init_std": 0.3}),
     )
     model = build_model(config)
-    with torch.no_grad():  # a less uniform random graph generator than the default init
-        for p in model.generator.parameters():
+    generator = getattr(model, "generator", None) or getattr(model, "id_generator", None)
+    with torch.no_grad():  # a less uniform random graph (or ID) generator than the default
+        for p in generator.parameters() if generator is not None else ():
             p.mul_(3.0)
     save_checkpoint(
         path,
         model.eval(),
         spec.to_dict(),
         {
-            "method": "emerg",
+            "method": method,
             "dataset": "tiny",
             "seed": seed,
             "noise_salt": SALT,

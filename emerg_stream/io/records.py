@@ -68,6 +68,7 @@ class ItemParams(TypedDict):
     phase: str
     support_size: int
     model_version: str
+    method: str
     n_fields: int
     adjacency: list[float]
     id_embedding: list[float]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.devices import DEVICES
+
 HELP = "End-to-end demo on ml-100k: train, stream through the worker, compare with offline."
 
 
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=1, help="max pretraining epochs")
     parser.add_argument("--meta-epochs", type=int, default=1, help="max meta-training epochs")
     parser.add_argument("--partitions", type=int, default=2, help="partitions per topic")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--worker-timeout", type=float, default=900.0, help="longest wait for the worker, s"
     )

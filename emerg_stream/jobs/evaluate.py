@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.devices import DEVICES
+
 HELP = "evaluate a checkpoint on new items: pooled, within- and between-item AUC and F1 per phase"
 
 
@@ -13,30 +15,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--dataset", required=True, help="preset or dataset YAML")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the per-phase table."""
     from emerg_stream.data import load_dataset, split_log
-    from emerg_stream.features import FeatureSpec
+    from emerg_stream.devices import resolve_device
     from emerg_stream.meta.checkpoint import load_checkpoint
     from emerg_stream.meta.evaluate import PHASES, run_phases
     from emerg_stream.meta.metrics import PHASE_METRICS
     from emerg_stream.meta.pipeline import prepare
-    from emerg_stream.meta.reproduce import PHASE_LABELS, resolve_device
-    from emerg_stream.meta.warmup import WarmupConfig
+    from emerg_stream.meta.reproduce import PHASE_LABELS
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, device=device)
-    spec = FeatureSpec.from_dict(ck.feature_spec)
+    spec = ck.meta.spec
     split = split_log(load_dataset(args.dataset, args.data_dir))
     data = prepare(split, spec)
-    w = dict(ck.meta.get("warmup", {}))
-    if "betas" in w:
-        w["betas"] = tuple(w["betas"])
     metrics, _ = run_phases(
-        ck.model, data.new, WarmupConfig(**w), salt=int(ck.meta.get("noise_salt", 0)), device=device
+        ck.model, data.new, ck.meta.warmup, salt=ck.meta.noise_salt, device=device
     )
     print("| phase | " + " | ".join(PHASE_METRICS.values()) + " |")
     print("|---" * (1 + len(PHASE_METRICS)) + "|")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.devices import DEVICES
+from emerg_stream.methods import METHOD_NAMES
+
 HELP = "run split, model selection, training and phased evaluation; write results.json/.md"
 
 
@@ -16,14 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="preset (ml-100k, ml-1m, ml-1m-u2999, synthetic-pairs[:k=v,...]) or a dataset YAML",
     )
     parser.add_argument(
-        "--methods", default="emerg,deepfm,metae", help="comma-separated: emerg,deepfm,metae"
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        help=f"comma-separated: {','.join(METHOD_NAMES)}",
     )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     parser.add_argument(
         "--data-dir", default=None, help="dataset folder (default: $EMERG_DATA_DIR)"
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--pretrain-epochs",
         type=int,
@@ -60,13 +65,12 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from emerg_stream.errors import ConfigError
-    from emerg_stream.meta.pipeline import METHODS
     from emerg_stream.meta.reproduce import markdown_table, reproduce, selection_config
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHOD_NAMES]
     if bad or not methods:
-        raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHOD_NAMES)}")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     cfg = selection_config()

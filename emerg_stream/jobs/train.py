@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.devices import DEVICES
+from emerg_stream.methods import METHOD_NAMES
+
 HELP = "train one method (with model selection) and save a verified checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the job's flags."""
     parser.add_argument("--dataset", required=True, help="preset or dataset YAML")
-    parser.add_argument("--method", default="emerg", choices=["emerg", "deepfm", "metae"])
+    parser.add_argument("--method", default=METHOD_NAMES[0], choices=METHOD_NAMES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from emerg_stream.devices import DEVICES
+
 if TYPE_CHECKING:
     from emerg_stream.config import WorkerSettings
 
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint directory (default: EMERG_CHECKPOINT, else runs/checkpoint.pt)",
     )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--device", choices=DEVICES, default=None)
     parser.add_argument("--group", default=None, help="consumer group (EMERG_GROUP_ID)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port")
     parser.add_argument("--bootstrap", default=None, help="bootstrap servers (overrides settings)")

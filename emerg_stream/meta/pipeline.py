@@ -25,11 +25,13 @@ from emerg_stream.meta.evaluate import WARM_PHASES, NewItemData, run_phases
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.meta.train import TrainConfig, meta_train, pretrain
 from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.methods import METHOD_NAMES, get_method
 from emerg_stream.model import ItemModel, ModelConfig, build_model
 
 log = structlog.get_logger(__name__)
 
-METHODS: tuple[str, ...] = ("emerg", "deepfm", "metae")
+#: The methods the protocol runs (all registered ones: :mod:`emerg_stream.methods`).
+METHODS: tuple[str, ...] = METHOD_NAMES
 
 #: The paper's ablations of EmerG: name -> (model config overrides, train config overrides).
 ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -97,7 +99,7 @@ def model_config(method: str, spec: FeatureSpec, **overrides: Any) -> ModelConfi
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return ModelConfig(
-        kind=method,  # type: ignore[arg-type]
+        kind=method,
         n_fields=spec.n_fields,
         n_item_fields=spec.n_item_fields,
         side_fields=tuple(item_side_index(spec)),
@@ -200,7 +202,7 @@ def train_model(
     pretrain(
         model, data.old_rows, data.old_items, cfg, device=device, progress=progress, on_epoch=hook
     )
-    if method != "deepfm":
+    if get_method(method).meta_trained:
         meta_train(
             model,
             data.old_rows,
@@ -310,7 +312,7 @@ def select_protocol(
     pre = best["pretrain"]
     model.load_state_dict(pre["state"])
     meta_epochs = 0
-    if method != "deepfm" and cfg.meta_epochs > 0:
+    if get_method(method).meta_trained and cfg.meta_epochs > 0:
         best["meta"] = {"score": pre["score"], "epoch": 0, "state": pre["state"]}
         meta_train(
             model,

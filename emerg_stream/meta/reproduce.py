@@ -16,6 +16,7 @@ import structlog
 import torch
 
 from emerg_stream.data import load_dataset, split_log, write_split
+from emerg_stream.devices import resolve_device
 from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
@@ -41,17 +42,6 @@ from emerg_stream.meta.warmup import WarmupConfig
 log = structlog.get_logger(__name__)
 
 PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from emerg_stream.errors import ConfigError
-
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def selection_config(**overrides: Any) -> TrainConfig:

@@ -100,7 +100,12 @@ class ItemModel(nn.Module, ABC):
         config: The model's shape; saved with its weights.
     """
 
-    phi_names: tuple[str, ...] = ()
+    @property
+    def phi_names(self) -> tuple[str, ...]:
+        """Keys of φ, from the method registry (:mod:`emerg_stream.methods`)."""
+        from emerg_stream.methods import get_method
+
+        return get_method(self.config.kind).phi_names
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

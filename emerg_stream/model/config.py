@@ -15,8 +15,8 @@ class ModelConfig:
     """Shape and ablation switches of an item model (EmerG or a baseline).
 
     Args:
-        kind: ``emerg``, ``deepfm`` or ``metae`` (DeepFM backbone with a meta-learned
-            ID-embedding generator).
+        kind: The method (a name of :data:`emerg_stream.methods.METHODS`; checked where
+            the model is built, :func:`emerg_stream.model.build_model`).
         n_fields: F, number of fields (item fields first, the item id at position 0).
         n_item_fields: Item fields, the item id included.
         side_fields: Positions of the item *side* features (the hypernetwork's input).
@@ -47,7 +47,7 @@ class ModelConfig:
         embed_init_std: Std of the initial embedding table.
     """
 
-    kind: Literal["emerg", "deepfm", "metae"]
+    kind: str
     n_fields: int
     n_item_fields: int
     side_fields: tuple[int, ...]

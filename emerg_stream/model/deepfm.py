@@ -14,15 +14,15 @@ class DeepFM(ItemModel):
 
     logit = linear(concat e) + FM(e) + MLP(concat e), FM(e) = ½ Σ_d [(Σ_j e_j)² − Σ_j e_j²].
 
-    With ``config.kind == "metae"`` a generator maps the item side features to the
-    initial ID embedding of a new item (MetaE); otherwise a new item starts from a
-    small random vector (the warm-up protocol of the paper's Group A).
+    A new item starts from a small random vector (the warm-up protocol of the paper's
+    Group A); :class:`MetaE` generates it instead.
 
     Args:
         config: Model shape.
     """
 
-    phi_names = ("id",)
+    #: Whether a generator maps the item side features to a new item's ID embedding.
+    generates_id = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -31,7 +31,7 @@ class DeepFM(ItemModel):
         self.deep = MLP(width, config.mlp_hidden, 1)
         self.id_generator = (
             MLP(len(config.side_fields) * config.dim, config.mlp_hidden[-1:], config.dim)
-            if config.kind == "metae"
+            if self.generates_id
             else None
         )
 
@@ -57,3 +57,16 @@ class DeepFM(ItemModel):
         if self.id_generator is None:
             return []
         return list(self.id_generator.parameters())
+
+
+class MetaE(DeepFM):
+    """MetaE: DeepFM whose new items' ID embeddings come from a meta-learned generator.
+
+    The generator maps the item side features to the initial ID embedding (the paper's
+    Group D); meta-training trains only the generator.
+
+    Args:
+        config: Model shape.
+    """
+
+    generates_id = True

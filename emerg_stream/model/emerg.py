@@ -30,8 +30,6 @@ class EmerG(ItemModel):
         config: Model shape and ablation switches.
     """
 
-    phi_names = ("adj", "id")
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         f, d = config.n_fields, config.dim

@@ -1,7 +1,8 @@
 """The batched tensor side of the worker: a micro-batch's φ on the device.
 
 :class:`TorchBatchSession` implements :class:`emerg_stream.stream.handler.BatchSession`.
-It stacks the φ of every item of the batch once (``adj [I, F, F]``, ``id [I, D]``),
+It stacks the φ of every item of the batch once (its method's entries, e.g. EmerG's
+``adj [I, F, F]`` and ``id [I, D]``; :mod:`emerg_stream.serving.phi`),
 encodes each item's row of item fields once (``[I, F, T]``), and then:
 
 * ``score``: one forward pass over all rows of a round; a row's item fields are copied
@@ -30,7 +31,9 @@ from emerg_stream.features import FeatureSpec, encode_records
 from emerg_stream.io.records import SupportRow
 from emerg_stream.meta.rows import Rows, to_device
 from emerg_stream.meta.warmup import Backend, WarmupConfig, warm_up
+from emerg_stream.methods import Method
 from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.serving.phi import arrays_to_phi, phi_to_arrays
 from emerg_stream.stream.handler import ItemFeatures, ParamsArrays
 
 __all__ = ["FeatureColumns", "TorchBatchSession"]
@@ -138,6 +141,7 @@ class TorchBatchSession:
 
     Args:
         model: The item model (eval mode, on ``device``).
+        method: Its registered method (which φ entries the session holds).
         columns: Record -> column mapping of the checkpoint's spec.
         items: ``[I]`` items of the batch.
         params: ``[I]`` their current φ (rows of ``trained`` items are ignored).
@@ -150,6 +154,7 @@ class TorchBatchSession:
     def __init__(
         self,
         model: ItemModel,
+        method: Method,
         columns: FeatureColumns,
         items: Sequence[ItemFeatures],
         params: ParamsArrays,
@@ -159,10 +164,11 @@ class TorchBatchSession:
         *,
         backend: Backend = "auto",
     ) -> None:
-        n, f = len(items), model.config.n_fields
+        n = len(items)
         if len(params) != n or trained.shape != (n,):
             raise ValueError(f"{n} items but {len(params)} params and {trained.shape} flags")
         self.model = model
+        self.method = method
         self.columns = columns
         self.warmup = warmup
         self.device = device
@@ -170,10 +176,8 @@ class TorchBatchSession:
         tokens, weights = columns.encode_items(items)
         self._item_tokens = to_device(tokens, device)
         self._item_weights = to_device(weights, device)
-        self.phi: Phi = {
-            "adj": to_device(torch.from_numpy(params.adjacency), device).reshape(n, f, f).clone(),
-            "id": to_device(torch.from_numpy(params.id_embedding), device).clone(),
-        }
+        cfg = model.config
+        self.phi: Phi = arrays_to_phi(method, params, cfg.n_fields, cfg.dim, device)
         old = np.flatnonzero(trained)
         if old.size:
             idx = to_device(torch.from_numpy(old), device)
@@ -223,6 +227,4 @@ class TorchBatchSession:
     def params(self, slots: npt.NDArray[np.int64]) -> ParamsArrays:
         """Current φ of ``slots`` on the host (float32)."""
         idx = to_device(torch.from_numpy(np.asarray(slots, dtype=np.int64)), self.device)
-        adj = self.phi["adj"][idx].reshape(len(idx), -1).float().cpu().numpy()
-        emb = self.phi["id"][idx].float().cpu().numpy()
-        return ParamsArrays(np.ascontiguousarray(adj), np.ascontiguousarray(emb))
+        return phi_to_arrays(self.method, {k: v[idx] for k, v in self.phi.items()})

@@ -4,65 +4,40 @@
 with the exact offline functions, so the stream publishes the offline protocol's φ:
 
 * cold start = :func:`emerg_stream.meta.evaluate.cold_start` with the checkpoint's noise
-  salt (``meta["noise_salt"]``): φ⁰ depends only on the item id and its side features;
+  salt (:attr:`CheckpointMeta.noise_salt`): φ⁰ depends only on the item id and its side
+  features;
 * an update = one :func:`emerg_stream.meta.warmup.warm_up` phase with the checkpoint's
-  warm-up protocol (``meta["warmup"]``), on the item's K rows since the last threshold;
-* old items (``meta["old_item_ids"]``) use ``model.trained_params``.
+  warm-up protocol (:attr:`CheckpointMeta.warmup`), on the item's K rows since the last
+  threshold;
+* old items (:attr:`CheckpointMeta.old_item_ids`) use ``model.trained_params``.
+
+Any registered method runs here: its φ entries travel in the stream's slots as
+:mod:`emerg_stream.serving.phi` maps them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from emerg_stream.errors import ConfigError, ModelError
-from emerg_stream.features import FeatureSpec
+from emerg_stream.devices import resolve_device
+from emerg_stream.errors import ModelError
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.meta.evaluate import cold_start
-from emerg_stream.meta.kernel import KernelUnavailableError
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.warmup import Backend, WarmupConfig, resolve_backend, warm_up
+from emerg_stream.methods import PhiLayout
+from emerg_stream.model.base import Phi
+from emerg_stream.meta.kernel import KernelUnavailableError
 from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
+from emerg_stream.serving.phi import phi_to_arrays
 from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays
 
-__all__ = ["TorchWarmupHandler", "resolve_device", "warmup_config"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU.
-
-    Raises:
-        ConfigError: ``cuda`` asked for without a CUDA device, or an unknown name.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def warmup_config(raw: Any) -> WarmupConfig:
-    """The warm-up protocol stored in a checkpoint's meta (JSON-like dict).
-
-    Raises:
-        ModelError: Missing or invalid.
-    """
-    if not isinstance(raw, dict):
-        raise ModelError(f"checkpoint meta has no warm-up protocol (meta['warmup'] = {raw!r})")
-    try:
-        kw = dict(raw)
-        if "betas" in kw:
-            kw["betas"] = tuple(float(b) for b in kw["betas"])
-        return WarmupConfig(**kw)
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"invalid warm-up protocol in the checkpoint: {exc}") from exc
+__all__ = ["TorchWarmupHandler"]
 
 
 class TorchWarmupHandler:
@@ -78,8 +53,7 @@ class TorchWarmupHandler:
             the worker joins its group, not in its first batch.
 
     Raises:
-        ModelError: The checkpoint's meta lacks what the stream needs (``noise_salt``,
-            ``warmup``, ``split.k``) or its feature spec is invalid.
+        ModelError: The warm-up backend asked for cannot serve this model.
     """
 
     def __init__(
@@ -90,21 +64,16 @@ class TorchWarmupHandler:
         warmup_backend: Backend = "auto",
     ) -> None:
         meta = checkpoint.meta
-        try:
-            self._salt = int(meta["noise_salt"])
-            self._k = int(meta["split"]["k"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(
-                f"checkpoint meta lacks noise_salt or split.k (needed by the worker): {exc!r}"
-            ) from exc
-        if self._k < 1:
-            raise ModelError(f"checkpoint split.k must be positive, got {self._k}")
-        self._warmup = warmup_config(meta.get("warmup"))
-        self._old = frozenset(str(i) for i in meta.get("old_item_ids", []))
-        self.spec = FeatureSpec.from_dict(checkpoint.feature_spec)
+        self.method = checkpoint.method
+        self._salt = meta.noise_salt
+        self._k = meta.k
+        self._warmup = meta.warmup
+        self._old = frozenset(meta.old_item_ids)
+        self.spec = meta.spec
         self.device = device
         self.model = checkpoint.model.to(device).eval()
         self._version = checkpoint.model_version
+        self._layout = self.method.layout(self.model.config.n_fields, self.model.config.dim)
         self.columns = FeatureColumns(self.spec)
         self.warmup_backend = warmup_backend
         self._prepare_warmup()
@@ -148,9 +117,9 @@ class TorchWarmupHandler:
             for item in ([0, 0, 1, 1, 1, 2, 2], [0, 0]):
                 index = torch.tensor(item, device=self.device)
                 n_items, n_rows = int(index.max()) + 1, len(item)
-                phi = {
-                    "adj": torch.zeros(n_items, f, f, device=self.device),
-                    "id": torch.zeros(n_items, d, device=self.device),
+                phi: Phi = {
+                    e.name: torch.zeros(n_items, *e.shape(f, d), device=self.device)
+                    for e in self.method.phi
                 }
                 rows = Rows(
                     torch.zeros(n_rows, f, t, dtype=torch.long, device=self.device),
@@ -182,6 +151,11 @@ class TorchWarmupHandler:
         return self.model.config.dim
 
     @property
+    def layout(self) -> PhiLayout:
+        """The checkpoint's φ in the stream (method, slot sizes)."""
+        return self._layout
+
+    @property
     def k(self) -> int:
         """Rows per warm-up phase."""
         return self._k
@@ -204,13 +178,11 @@ class TorchWarmupHandler:
     def cold_start(self, items: Sequence[ItemFeatures]) -> ParamsArrays:
         """φ⁰ of ``items`` in one batched hypernetwork call."""
         if not items:
-            return ParamsArrays.zeros(0, self.n_fields, self.dim)
+            return ParamsArrays.zeros(0, self.layout)
         tokens, weights = self.columns.encode_items(items)
         item_set = ItemSet([i.item_id for i in items], tokens, weights)
         phi = cold_start(self.model, item_set, salt=self._salt, device=self.device)
-        adj = phi["adj"].reshape(len(items), -1).float().cpu().numpy()
-        emb = phi["id"].float().cpu().numpy()
-        return ParamsArrays(np.ascontiguousarray(adj), np.ascontiguousarray(emb))
+        return phi_to_arrays(self.method, phi)
 
     def open_batch(
         self,
@@ -221,6 +193,7 @@ class TorchWarmupHandler:
         """A session holding the batch's φ on the device."""
         return TorchBatchSession(
             self.model,
+            self.method,
             self.columns,
             items,
             params,

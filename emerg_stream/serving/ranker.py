@@ -1,7 +1,7 @@
 """The ranker client: the latest item parameters from the compacted topic, scored locally.
 
 A downstream ranker holds the shared checkpoint (Θ and the feature spec) and needs, per
-item, the item-specific φ_i = (A_i, e_i^ID) that the worker publishes on the compacted
+item, the item-specific φ_i that the worker publishes on the compacted
 ``item-params`` topic. :class:`RankerClient` reads that topic from the beginning (every
 partition, assigned: each ranker replica needs every item, so there is no consumer
 group), then keeps following it, either through explicit :meth:`RankerClient.poll` calls
@@ -12,6 +12,9 @@ Rules (DESIGN.md §4):
 * **Newest version wins.** Per item the highest ``version`` is kept; an older version
   arriving later (a re-delivery, a lagging partition) never overwrites it. A tombstone
   (null value) removes the item.
+* **Any method.** φ_i is whatever the checkpoint's method has (EmerG: A_i and e_i^ID;
+  DeepFM and MetaE: e_i^ID), read from the record's slots by
+  :mod:`emerg_stream.serving.phi`; params of another method are refused.
 * **One model version.** Params whose ``model_version`` differs from the checkpoint's are
   refused with a :class:`~emerg_stream.errors.ModelError` naming both versions
   (:meth:`RankerClient.poll` raises after applying the rest of its batch; the background
@@ -24,10 +27,10 @@ hypernetwork reads them). They come from the ``item_features`` argument of
 per item in this order:
 
 1. the latest published params of the item;
-2. an *old* item (one the checkpoint was trained on, ``meta["old_item_ids"]``): its
+2. an *old* item (one the checkpoint was trained on, ``CheckpointMeta.old_item_ids``): its
    trained parameters (generated graph, ID embedding from the table);
 3. an unknown item whose side features are known: **cold start**, φ⁰ from the
-   hypernetwork with the checkpoint's noise salt (``meta["noise_salt"]``) — the very
+   hypernetwork with the checkpoint's noise salt (``CheckpointMeta.noise_salt``) — the very
    params the worker publishes as version 1, so the score does not jump when they arrive;
 4. otherwise :class:`UnknownItemError` (a ``ModelError``) naming the items.
 
@@ -58,6 +61,8 @@ from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemEvent, ItemParams
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.model.base import Phi, item_noise
+from emerg_stream.serving.phi import arrays_to_phi
+from emerg_stream.stream.handler import ParamsArrays
 from emerg_stream.stream.reader import assign_from_beginning, read_assigned_to_end, reader_conf
 
 __all__ = [
@@ -100,32 +105,33 @@ def params_to_phi(
         device: Where to put the tensors.
 
     Returns:
-        ``{"adj": [I, F, F], "id": [I, D]}`` (only the names the model uses).
+        The φ entries of the checkpoint's method (EmerG: ``{"adj": [I, F, F], "id":
+        [I, D]}``; DeepFM, MetaE: ``{"id": [I, D]}``).
 
     Raises:
-        ModelError: A record of another model version, or of the wrong shape.
+        ModelError: A record of another model version or method, or of the wrong shape.
     """
     cfg = checkpoint.model.config
-    f, d = cfg.n_fields, cfg.dim
-    names = checkpoint.model.phi_names
-    adj = np.zeros((len(records), f, f), dtype=np.float32)
-    ids = np.zeros((len(records), d), dtype=np.float32)
-    for i, rec in enumerate(records):
+    layout = checkpoint.method.layout(cfg.n_fields, cfg.dim)
+    for rec in records:
         check_params(rec, checkpoint)
-        if "adj" in names:
-            adj[i] = np.asarray(rec["adjacency"], dtype=np.float32).reshape(f, f)
-        ids[i] = np.asarray(rec["id_embedding"], dtype=np.float32)
-    phi: Phi = {"id": torch.from_numpy(ids).to(device)}
-    if "adj" in names:
-        phi["adj"] = torch.from_numpy(adj).to(device)
-    return {k: phi[k] for k in names}
+    arrays = ParamsArrays(
+        np.asarray(
+            [r["adjacency"] for r in records] if layout.adjacency_size else [],
+            dtype=np.float32,
+        ).reshape(len(records), layout.adjacency_size),
+        np.asarray([r["id_embedding"] for r in records], dtype=np.float32).reshape(
+            len(records), layout.dim
+        ),
+    )
+    return arrays_to_phi(checkpoint.method, arrays, cfg.n_fields, cfg.dim, device)
 
 
 def check_params(rec: ItemParams, checkpoint: Checkpoint) -> None:
-    """Refuse params of another model version or of a shape the model cannot use.
+    """Refuse params of another model version or method, or of a shape the model cannot use.
 
     Raises:
-        ModelError: Naming the item, both model versions, or the bad shape.
+        ModelError: Naming the item, both model versions (methods), or the bad shape.
     """
     if rec["model_version"] != checkpoint.model_version:
         raise ModelError(
@@ -133,27 +139,31 @@ def check_params(rec: ItemParams, checkpoint: Checkpoint) -> None:
             f"version {rec['model_version']!r}, but this checkpoint is model version "
             f"{checkpoint.model_version!r}: refusing them (load the matching checkpoint)"
         )
+    method = checkpoint.method.name
+    if rec["method"] != method:
+        raise ModelError(
+            f"item-params of item {rec['item_id']!r} are of method {rec['method']!r}, but this "
+            f"checkpoint is {method!r}: refusing them"
+        )
     cfg = checkpoint.model.config
-    f, d = cfg.n_fields, cfg.dim
-    wants_adj = "adj" in checkpoint.model.phi_names
-    if (wants_adj and (rec["n_fields"] != f or len(rec["adjacency"]) != f * f)) or len(
-        rec["id_embedding"]
-    ) != d:
+    layout = checkpoint.method.layout(cfg.n_fields, cfg.dim)
+    if rec["n_fields"] != layout.graph_fields or not layout.fits(
+        len(rec["adjacency"]), len(rec["id_embedding"])
+    ):
         raise ModelError(
             f"item-params of item {rec['item_id']!r}: n_fields={rec['n_fields']}, "
             f"{len(rec['adjacency'])} adjacency and {len(rec['id_embedding'])} id-embedding "
-            f"values do not fit the model (F={f}, d={d})"
+            f"values do not fit the model (method {method}, F={cfg.n_fields}, d={cfg.dim})"
         )
 
 
 @dataclass(frozen=True)
 class _Held:
-    """Params of one item as held by the client."""
+    """Params of one item as held by the client (φ without the item axis)."""
 
     version: int
     phase: str
-    adj: torch.Tensor | None
-    id: torch.Tensor
+    phi: Phi
 
 
 class RankerClient:
@@ -194,8 +204,8 @@ class RankerClient:
         self.model = self.checkpoint.model.eval()
         self.spec = FeatureSpec.from_dict(self.checkpoint.feature_spec)
         self.model_version = self.checkpoint.model_version
-        self.old_items = frozenset(str(i) for i in self.checkpoint.meta.get("old_item_ids", []))
-        self.noise_salt = int(self.checkpoint.meta.get("noise_salt", 0))
+        self.old_items = frozenset(self.checkpoint.meta.old_item_ids)
+        self.noise_salt = self.checkpoint.meta.noise_salt
         self.topic = topic
         self.items_topic = items_topic
         conf = kafka.as_librdkafka() if isinstance(kafka, KafkaSettings) else dict(kafka)
@@ -237,7 +247,7 @@ class RankerClient:
                 self.stale += 1
                 return False
         phi = params_to_phi([rec], self.checkpoint, self.device)
-        new = _Held(rec["version"], rec["phase"], phi.get("adj"), phi["id"])
+        new = _Held(rec["version"], rec["phase"], {k: v[0] for k, v in phi.items()})
         with self._lock:
             held = self._params.get(item)
             if held is not None and held.version >= rec["version"]:
@@ -497,7 +507,6 @@ class RankerClient:
             h = held.get(i)
             if h is None:
                 continue
-            cold["id"][j] = h.id
-            if "adj" in names and h.adj is not None:
-                cold["adj"][j] = h.adj
+            for k in names:
+                cold[k][j] = h.phi[k]
         return {k: cold[k] for k in names}

@@ -41,7 +41,6 @@ from emerg_stream.meta.evaluate import PHASES, NewItemData, cold_start, predict,
 from emerg_stream.meta.metrics import PHASE_METRICS, phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
-from emerg_stream.meta.warmup import WarmupConfig
 from emerg_stream.model.base import Phi
 from emerg_stream.serving.ranker import check_params, params_to_phi
 from emerg_stream.stream.reader import read_to_end
@@ -54,7 +53,6 @@ __all__ = [
     "evaluate_stream",
     "offline_phases",
     "prequential_metrics",
-    "warmup_config",
 ]
 
 log = structlog.get_logger(__name__)
@@ -186,16 +184,6 @@ def phase_phis(
     return phis, coverage, missing
 
 
-def warmup_config(meta: Mapping[str, Any]) -> WarmupConfig:
-    """The warm-up protocol a checkpoint was evaluated with (``meta["warmup"]``)."""
-    w = dict(meta.get("warmup", {}))
-    if "betas" in w:
-        w["betas"] = tuple(w["betas"])
-    if "lr_scale" in w:
-        w["lr_scale"] = tuple((str(k), float(v)) for k, v in w["lr_scale"])
-    return WarmupConfig(**w)
-
-
 @dataclass
 class _NewItems:
     items: ItemSet
@@ -221,8 +209,8 @@ def offline_phases(
     metrics, _ = run_phases(
         checkpoint.model,
         NewItemData(new.items, new.warm, new.test),
-        warmup_config(checkpoint.meta),
-        salt=int(checkpoint.meta.get("noise_salt", 0)),
+        checkpoint.meta.warmup,
+        salt=checkpoint.meta.noise_salt,
         device=torch.device(device),
     )
     return metrics
@@ -337,14 +325,14 @@ def evaluate_stream(
         ModelError: Params of another model version.
     """
     dev = torch.device(device)
-    split_meta = checkpoint.meta.get("split", {})
-    split = split_log(ilog, split_meta.get("n"), split_meta.get("k"))
-    if checkpoint.meta.get("dataset") not in (None, ilog.name):
-        log.warning("dataset_differs", checkpoint=checkpoint.meta["dataset"], dataset=ilog.name)
+    meta = checkpoint.meta
+    split = split_log(ilog, meta.n, meta.k)
+    if meta.dataset not in (None, ilog.name):
+        log.warning("dataset_differs", checkpoint=meta.dataset, dataset=ilog.name)
     spec = FeatureSpec.from_dict(checkpoint.feature_spec)
     new = _new_items(split, spec)
     published = collect_params(consumer_conf, params_topic, checkpoint, timeout_s=timeout_s)
-    salt = int(checkpoint.meta.get("noise_salt", 0))
+    salt = meta.noise_salt
     fallback = cold_start(checkpoint.model, new.items, salt=salt, device=dev)
     fallback = {k: v.cpu() for k, v in fallback.items()}
     phis, coverage, missing = phase_phis(published, new.items, checkpoint, fallback)

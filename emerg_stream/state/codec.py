@@ -269,7 +269,7 @@ class ItemStateCodec:
                 f"item state {rec['item_id']!r}: adjacency has {len(adjacency)} values, "
                 f"n_fields={n_fields}"
             )
-        if bool(adjacency) != bool(id_embedding):
+        if adjacency and not id_embedding:  # a method without a graph: id embedding only
             raise SchemaError(f"item state {rec['item_id']!r}: adjacency without id embedding")
         hashes, content = rec["recent_event_hashes"], rec["recent_content_hashes"]
         if isinstance(hashes, str):  # fastavro resolves the schema default ("") to a str
@@ -300,7 +300,7 @@ class ItemStateCodec:
             last_offsets=last_offsets,
             updated_time=rec["updated_time"],
         )
-        if adjacency:
+        if id_embedding:
             task.set_params(adjacency, id_embedding)
         return task
 

@@ -132,7 +132,8 @@ class ItemTask:
         support: The rows applied since the last threshold, oldest first (at most K), as
             :class:`SupportRows` or row encodings (decoded only for an update).
         recent: Recent event ids, for de-duplication (default: a window of 1,000).
-        adjacency: Raw graph A_i, ``[F*F]`` row-major (``None`` for old items).
+        adjacency: Raw graph A_i, ``[G*G]`` row-major (``None`` for old items; empty,
+            G = 0, for a method without an item graph: DeepFM, MetaE).
         id_embedding: ID embedding e_i, ``[D]`` (``None`` for old items; required with
             ``adjacency``).
         last_offsets: ``(topic, partition)`` -> offset of the last input record applied.

@@ -9,7 +9,8 @@ those calls, so only the params that get published cross back to the host.
 
 Array conventions: I items, B rows, F fields, D = embedding size.
 
-* adjacency: float32 ``[I, F*F]`` (row-major F x F, the raw generator output A_i);
+* adjacency: float32 ``[I, G*G]`` (row-major G x G, the raw generator output A_i; G = F
+  for a method with an item graph, 0 without one: :class:`~emerg_stream.methods.PhiLayout`);
 * id_embedding: float32 ``[I, D]``;
 * slots: int64 ``[B]`` positions into the session's item list.
 """
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emerg_stream.io.records import SupportRow
+from emerg_stream.methods import PhiLayout
 
 __all__ = [
     "BatchSession",
@@ -61,10 +63,10 @@ class FieldInfo:
 
 @dataclass(frozen=True, slots=True)
 class ParamsArrays:
-    """φ of several items.
+    """φ of several items, in the stream's two slots (see :mod:`emerg_stream.methods`).
 
     Args:
-        adjacency: float32 ``[I, F*F]``.
+        adjacency: float32 ``[I, G*G]`` (``[I, 0]`` for a method without an item graph).
         id_embedding: float32 ``[I, D]``.
     """
 
@@ -75,11 +77,11 @@ class ParamsArrays:
         return int(self.adjacency.shape[0])
 
     @classmethod
-    def zeros(cls, n: int, n_fields: int, dim: int) -> ParamsArrays:
+    def zeros(cls, n: int, layout: PhiLayout) -> ParamsArrays:
         """Placeholders for ``n`` items (e.g. items whose φ the session computes)."""
         return cls(
-            np.zeros((n, n_fields * n_fields), dtype=np.float32),
-            np.zeros((n, dim), dtype=np.float32),
+            np.zeros((n, layout.adjacency_size), dtype=np.float32),
+            np.zeros((n, layout.dim), dtype=np.float32),
         )
 
 
@@ -122,6 +124,11 @@ class WarmupHandler(Protocol):
     @property
     def n_fields(self) -> int:
         """F."""
+        ...
+
+    @property
+    def layout(self) -> PhiLayout:
+        """How the checkpoint's φ travels in the stream (its method, the slots' sizes)."""
         ...
 
     @property

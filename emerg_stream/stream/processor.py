@@ -242,9 +242,7 @@ class WarmupProcessor:
         """Refuse a restored item of another model shape, or one past its threshold."""
         adjacency, id_embedding = task.adjacency, task.id_embedding
         if adjacency is not None and (
-            adjacency.size != self.handler.n_fields**2
-            or id_embedding is None
-            or id_embedding.size != self.handler.dim
+            id_embedding is None or not self.handler.layout.fits(adjacency.size, id_embedding.size)
         ):
             raise ModelError(f"restored item {task.item_id!r} has params of another shape")
         if not task.is_old and task.support_size >= task.next_threshold:
@@ -568,7 +566,7 @@ class WarmupProcessor:
                 _features(task) if task is not None else ItemFeatures(item_id, {}, {}, {})
             )
         n_new, n_all = len(tasks), len(features)
-        params = ParamsArrays.zeros(n_all, self.handler.n_fields, self.handler.dim)
+        params = ParamsArrays.zeros(n_all, self.handler.layout)
         for j, task in enumerate(tasks):
             if task.adjacency is None or task.id_embedding is None:
                 raise ModelError(f"item {task.item_id!r} has no params")
@@ -695,6 +693,7 @@ class WarmupProcessor:
                 "phase": task.phase,
                 "support_size": support_size,
                 "model_version": self.handler.model_version,
+                "method": self.handler.layout.method,
                 "n_fields": task.n_fields,
                 "adjacency": task.adjacency.tolist(),
                 "id_embedding": task.id_embedding.tolist(),

@@ -35,7 +35,8 @@ def checkpoint(make_log: Callable[..., InteractionLog], tmp_path: Path) -> Check
     spec = FeatureSpec.fit(split.schema, split.old)
     torch.manual_seed(0)
     model = build_model(model_config("emerg", spec)).eval()
-    save_checkpoint(tmp_path / "ck", model, spec.to_dict(), {"old_item_ids": ["o1"]})
+    meta = {"old_item_ids": ["o1"], "noise_salt": 0, "warmup": {}, "split": {"k": 2}}
+    save_checkpoint(tmp_path / "ck", model, spec.to_dict(), meta)
     return load_checkpoint(tmp_path / "ck")
 
 

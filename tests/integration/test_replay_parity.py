@@ -4,7 +4,8 @@ A checkpoint is trained here (one pretraining epoch; parity does not depend on h
 it is), evaluated offline with ``run_phases``, then the worker (``emerg-stream worker``
 in a child process) consumes the replayed log and the stream evaluation scores the
 held-out rows with the published params. Per phase, the stream AUC must be within 0.1
-point of the offline AUC with the same checkpoint and seed.
+point of the offline AUC with the same checkpoint and seed. Every registered method
+(EmerG, DeepFM, MetaE) runs the same test (the baselines under ``slow``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from emerg_stream.meta.evaluate import PHASES, run_phases
 from emerg_stream.meta.pipeline import prepare, train_model
 from emerg_stream.meta.train import TrainConfig
 from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.methods import METHOD_NAMES
 from emerg_stream.serving.stream_eval import comparison_table, evaluate_stream
 from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.replay import replay
@@ -37,10 +39,18 @@ SEED = 3
 WARMUP = WarmupConfig(steps=5, lr=0.1, optimizer="sgd")
 
 
-@pytest.fixture(scope="module")
+#: EmerG in the default run; the baselines (about 20 s each here) under ``slow``: the
+#: default run streams every method on small data (tests/integration/test_methods_stream.py).
+PARITY_METHODS = [
+    pytest.param(m, marks=() if m == "emerg" else pytest.mark.slow) for m in METHOD_NAMES
+]
+
+
+@pytest.fixture(scope="module", params=PARITY_METHODS)
 def trained(
-    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, dict[str, float]]]:
+    method = str(request.param)
     if not (data_dir / "ml-100k").is_dir():
         pytest.skip(f"ml-100k absent from {data_dir}")
     cpu = torch.device("cpu")
@@ -50,7 +60,7 @@ def trained(
     data = prepare(split, spec)
     # one quick pretraining epoch: parity does not depend on how good the model is
     cfg = TrainConfig(seed=SEED, batch_size=2048, pretrain_epochs=1, meta_epochs=0)
-    model = train_model("emerg", spec, data, cfg, device=cpu, progress=False).eval()
+    model = train_model(method, spec, data, cfg, device=cpu, progress=False).eval()
     offline, _ = run_phases(model, data.new, WARMUP, salt=SEED, device=cpu)
     ck_dir = tmp_path_factory.mktemp("parity") / "ck"
     save_checkpoint(
@@ -58,7 +68,7 @@ def trained(
         model,
         spec.to_dict(),
         {
-            "method": "emerg",
+            "method": method,
             "dataset": ilog.name,
             "seed": SEED,
             "noise_salt": SEED,

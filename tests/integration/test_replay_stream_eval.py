@@ -2,11 +2,13 @@
 
 A stand-in publisher writes the offline protocol's φ after each phase as ItemParams
 versions 1..4 (phases cold, warm_a, warm_b, warm_c): the stream table must then equal
-the offline one exactly, and the fallback, refusal and prequential paths are checked.
+the offline one exactly (for every registered method: DeepFM and MetaE publish only
+their ID embeddings), and the fallback, refusal and prequential paths are checked.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint, save_check
 from emerg_stream.meta.evaluate import PHASES, run_phases
 from emerg_stream.meta.pipeline import model_config, prepare
 from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.methods import METHOD_NAMES
 from emerg_stream.model import build_model
+from emerg_stream.serving.phi import phi_to_arrays
 from emerg_stream.serving.stream_eval import comparison_table, evaluate_stream
 from emerg_stream.stream.topics import TopicSpec, ensure_topics
 
@@ -45,13 +49,15 @@ def rows() -> list[tuple[str, str, int, int]]:
 
 @pytest.fixture
 def setup(
-    make_log: Callable[..., InteractionLog], tmp_path: Path
+    request: pytest.FixtureRequest, make_log: Callable[..., InteractionLog], tmp_path: Path
 ) -> tuple[InteractionLog, Checkpoint, dict[str, dict[str, torch.Tensor]]]:
+    """A checkpoint (EmerG, or the method of an indirect parametrization) and its φ."""
+    method = getattr(request, "param", "emerg")
     ilog = make_log(rows(), n=9, k=2, name="tiny")
     split = split_log(ilog)
     spec = FeatureSpec.fit(split.schema, split.old)
     torch.manual_seed(0)
-    model = build_model(model_config("emerg", spec)).eval()
+    model = build_model(model_config(method, spec)).eval()
     meta = {
         "dataset": "tiny",
         "noise_salt": 5,
@@ -82,15 +88,17 @@ def publish(
     phi: dict[str, torch.Tensor],
     mv: str | None = None,
 ) -> None:
+    arrays = phi_to_arrays(ck.method, {k: v[None] for k, v in phi.items()})
     rec: ItemParams = {
         "item_id": item,
         "version": version,
         "phase": phase,
         "support_size": 2 * version,
         "model_version": mv or ck.model_version,
-        "n_fields": ck.model.config.n_fields,
-        "adjacency": phi["adj"].flatten().tolist(),
-        "id_embedding": phi["id"].tolist(),
+        "method": ck.method.name,
+        "n_fields": math.isqrt(arrays.adjacency.shape[1]),
+        "adjacency": arrays.adjacency[0].tolist(),
+        "id_embedding": arrays.id_embedding[0].tolist(),
         "source_offsets": [],
         "produced_time": 0,
     }
@@ -108,6 +116,7 @@ def params_topic(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) 
     return topic
 
 
+@pytest.mark.parametrize("setup", METHOD_NAMES, indirect=True)
 def test_stream_table_equals_offline_when_the_stream_published_the_offline_phis(
     setup: tuple[InteractionLog, Checkpoint, dict[str, dict[str, dict[str, torch.Tensor]]]],
     kafka_conf: dict[str, str],

@@ -48,6 +48,7 @@ ITEM_PARAMS: ItemParams = {
     "phase": "warm_b",
     "support_size": 40,
     "model_version": "emerg-ml1m-2026-11-26",
+    "method": "emerg",
     "n_fields": 3,
     "adjacency": [0.5, 0.25, 1.0, 0.0, -0.75, 2.0, 0.125, 0.0, 1.5],
     "id_embedding": [0.25, -0.5, 0.0, 1.0],

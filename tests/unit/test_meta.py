@@ -233,7 +233,8 @@ def test_checkpoint_round_trip_and_tamper_refusal(tmp_path):
     model = build_model(config()).eval()
     rows, items = make_data()
     spec = {"fields": ["a", "b"]}
-    saved = save_checkpoint(tmp_path / "ck", model, spec, {"seed": 1})
+    meta = {"seed": 1, "noise_salt": 1, "warmup": {"steps": 2}, "split": {"n": 9, "k": 3}}
+    saved = save_checkpoint(tmp_path / "ck", model, spec, meta)
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.model_version == saved.model_version and loaded.feature_spec == spec
     phi = loaded.model.trained_params(items.tokens, items.weights)

@@ -45,7 +45,12 @@ def setup(
     torch.manual_seed(0)
     model = build_model(model_config("emerg", spec, layers=2)).eval()
     old_ids = sorted({r[0] for r in tiny_rows() if r[0].startswith("o")})
-    meta = {"noise_salt": 3, "old_item_ids": old_ids, "warmup": {"steps": 3, "lr": 0.5}}
+    meta = {
+        "noise_salt": 3,
+        "old_item_ids": old_ids,
+        "warmup": {"steps": 3, "lr": 0.5},
+        "split": {"k": 2},
+    }
     save_checkpoint(tmp_path / "ck", model, spec.to_dict(), meta)
     return ilog, load_checkpoint(tmp_path / "ck"), tmp_path / "ck"
 
@@ -57,6 +62,7 @@ def params(ck: Checkpoint, item: str, version: int, phi: Phi, j: int, **kw: Any)
         "phase": "warm_a",
         "support_size": 2,
         "model_version": ck.model_version,
+        "method": ck.method.name,
         "n_fields": ck.model.config.n_fields,
         "adjacency": phi["adj"][j].flatten().tolist(),
         "id_embedding": phi["id"][j].tolist(),

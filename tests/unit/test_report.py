@@ -64,7 +64,8 @@ def make_run(root: Path, methods: tuple[str, ...] = ("emerg", "deepfm"), n_items
             kind="emerg", n_fields=F, n_item_fields=3, side_fields=(1, 2), vocab_size=61, dim=8
         )
         spec = {"fields": [{"name": n} for n in ("item", "year", "genre", "user", "age", "zip")]}
-        save_checkpoint(root / "checkpoints" / "emerg-seed0", build_model(cfg), spec, {})
+        meta = {"noise_salt": 0, "warmup": {}, "split": {"k": 2}}
+        save_checkpoint(root / "checkpoints" / "emerg-seed0", build_model(cfg), spec, meta)
         rng = np.random.default_rng(0)
         cold = rng.normal(size=(n_items, F, F)).astype(np.float32)
         arrays = {"item_ids": np.array([f"i{i}" for i in range(n_items)]), "cold.adj": cold}

@@ -28,11 +28,11 @@ from emerg_stream.devices import resolve_device
 from emerg_stream.errors import ModelError
 from emerg_stream.meta.checkpoint import Checkpoint, load_checkpoint
 from emerg_stream.meta.evaluate import cold_start
+from emerg_stream.meta.kernel import KernelUnavailableError
 from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.warmup import Backend, WarmupConfig, resolve_backend, warm_up
 from emerg_stream.methods import PhiLayout
 from emerg_stream.model.base import Phi
-from emerg_stream.meta.kernel import KernelUnavailableError
 from emerg_stream.serving.engine import FeatureColumns, TorchBatchSession
 from emerg_stream.serving.phi import phi_to_arrays
 from emerg_stream.stream.handler import FieldInfo, ItemFeatures, ParamsArrays

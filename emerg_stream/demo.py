@@ -78,6 +78,8 @@ class DemoOptions:
         worker_timeout_s: Longest wait for the worker to catch up with the replay.
         device: ``auto``, ``cpu`` or ``cuda`` (training and worker).
         progress: Show progress bars.
+        speed: Replay speed: ``None`` as fast as possible, else event-time gaps are
+            divided by it (see :func:`emerg_stream.stream.replay.replay`).
     """
 
     dataset: str = "ml-100k"
@@ -90,6 +92,7 @@ class DemoOptions:
     worker_timeout_s: float = 900.0
     device: str = "auto"
     progress: bool = True
+    speed: float | None = None
 
 
 @dataclass
@@ -394,6 +397,7 @@ def run_demo(
                 k=checkpoint.meta.k,
                 progress=opts.progress,
                 stop=stop,
+                speed=opts.speed,
             )
             check()
             seconds["replay"] = round(time.perf_counter() - t, 1)

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from emerg_stream.devices import DEVICES
+from emerg_stream.jobs.replay import parse_speed
 
 HELP = "End-to-end demo on ml-100k: train, stream through the worker, compare with offline."
 
@@ -31,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--worker-timeout", type=float, default=900.0, help="longest wait for the worker, s"
+    )
+    parser.add_argument(
+        "--speed",
+        type=parse_speed,
+        default=None,
+        help="replay speed: 'max' (default) or a factor (event-time gaps divided by it)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         worker_timeout_s=args.worker_timeout,
         device=args.device,
         progress=not args.no_progress,
+        speed=args.speed,
     )
     check_options(opts)
     stop = threading.Event()

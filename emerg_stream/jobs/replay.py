@@ -16,7 +16,8 @@ HELP = "Replay a dataset's log into the items/interactions topics (held-out test
 USES_TORCH = False
 
 
-def _speed(text: str) -> float | None:
+def parse_speed(text: str) -> float | None:
+    """``--speed``: ``max`` (None) or a positive factor."""
     if text == "max":
         return None
     try:
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speed",
-        type=_speed,
+        type=parse_speed,
         default=None,
         help="'max' (default) or a factor: event-time gaps are divided by it",
     )

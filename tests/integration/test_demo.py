@@ -190,7 +190,10 @@ def test_ctrl_c_stops_worker_and_broker(synthetic_yaml: Path, work_dir: Path, af
         # train first, so the interrupted run spends its time in the streaming part
         done = run_cli(*demo_args(synthetic_yaml, work))
         assert done.returncode == 0, done.stderr[-3000:]
-    proc = start_demo(*demo_args(synthetic_yaml, work, "--reuse"))
+    # interrupted in the replay, the log plays at 100x its event time (about 20 s), so the
+    # demo cannot finish before the signal arrives; after the replay, at full speed
+    speed = ("--speed", "100") if after == "worker_started" else ()
+    proc = start_demo(*demo_args(synthetic_yaml, work, "--reuse", *speed))
     lines = read_until(proc, after)
     worker_pids, broker_pids = _pids(lines, "worker_started"), _pids(lines, "broker_started")
     assert worker_pids and broker_pids, "".join(lines[-20:])

@@ -432,7 +432,7 @@ def run_demo(
 
 def report(result: DemoResult) -> str:
     """The demo's printout: both tables, the differences and the counts."""
-    from emerg_stream.meta.evaluate import PHASES
+    from emerg_stream.phases import PHASES
     from emerg_stream.serving.stream_eval import StreamEvaluation, comparison_table
 
     ev = StreamEvaluation(**result.stream)

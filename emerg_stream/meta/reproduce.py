@@ -19,7 +19,7 @@ from emerg_stream.data import holdout_validation, load_dataset, split_log, write
 from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
-from emerg_stream.meta.evaluate import PHASES, run_phases
+from emerg_stream.meta.evaluate import run_phases
 from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.meta.pipeline import (
     ABLATIONS,
@@ -37,10 +37,9 @@ from emerg_stream.meta.pipeline import (
 )
 from emerg_stream.meta.train import TrainConfig
 from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.phases import PHASE_LABELS, PHASES, WarmupSchedule
 
 log = structlog.get_logger(__name__)
-
-PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,7 +168,9 @@ def reproduce(
     # Selection sees neither the new items nor the pseudo-new items' ids: its own spec is
     # fitted on the remaining old items, and pseudo-new items keep at most N - 3K test
     # rows each, as real new items do.
-    val_split = holdout_validation(split, frac=0.2, seed=0, max_test_rows=split.n - 3 * split.k)
+    val_split = holdout_validation(
+        split, frac=0.2, seed=0, max_test_rows=split.n - WarmupSchedule(split.k).protocol_rows
+    )
     val_spec = FeatureSpec.fit(val_split.schema, val_split.old)
     val: Prepared = prepare(val_split, val_spec)
     data: Prepared = prepare(split, spec)

@@ -19,7 +19,7 @@ counters. Per batch:
    interactions up to its next threshold; ONE scoring call scores all of them with the
    params in force *before* they are applied (predictions); they are appended to the
    support buffers; ONE ``update`` call runs the warm-up of every item that reached its
-   threshold (thresholds K, 2K, 3K, then every K; see :mod:`emerg_stream.state.phases`),
+   threshold (thresholds K, 2K, 3K, then every K: :class:`~emerg_stream.phases.WarmupSchedule`),
    and each gets a new params version. Items with more queued interactions continue in
    the next round with their new params.
 5. **Expiry**: pending interactions older than the age bound (measured against the
@@ -44,7 +44,8 @@ from emerg_stream.config import InputSettings, TopicSettings
 from emerg_stream.errors import ModelError
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent, ItemParams, Prediction
-from emerg_stream.state import COLD, OLD, ItemTask, RecentIds, StateStore, crossed_phase, dedupe
+from emerg_stream.phases import COLD, OLD, WarmupSchedule
+from emerg_stream.state import ItemTask, RecentIds, StateStore, dedupe
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.state.item import SupportRows, encode_side
 from emerg_stream.stream import dlq
@@ -156,7 +157,7 @@ class WarmupProcessor:
     ) -> None:
         self.handler = handler
         self.topics = topics
-        self.k = handler.k
+        self.schedule = WarmupSchedule(handler.k)
         self.old_ids = handler.old_item_ids
         self.dedupe_window = dedupe_window
         self.metrics = metrics
@@ -405,7 +406,7 @@ class WarmupProcessor:
                     multi={k: list(v) for k, v in rec["multi"].items()},
                     numeric=dict(rec["numeric"]),
                     phase=OLD if old else COLD,
-                    next_threshold=self.k,
+                    next_threshold=self.schedule.first_threshold,
                     recent=RecentIds(self.dedupe_window),
                     last_offsets={(msg.topic, p): msg.offset},
                     updated_time=now,
@@ -677,9 +678,9 @@ class WarmupProcessor:
             threshold = task.next_threshold
             task.set_params(params.adjacency[i], params.id_embedding[i])
             task.version += 1
-            task.phase = crossed_phase(threshold, self.k)
+            task.phase = self.schedule.phase_at(threshold)
             task.support.clear()
-            task.next_threshold = threshold + self.k
+            task.next_threshold = self.schedule.next_threshold(threshold)
             out.append(self._params(task, threshold, now))
             summary.params[task.phase] = summary.params.get(task.phase, 0) + 1
 

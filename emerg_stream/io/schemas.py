@@ -57,6 +57,7 @@ from fastavro.schema import fingerprint as _avro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
+from emerg_stream.topic_roles import RECORD_NAMES
 
 __all__ = [
     "NAMESPACE",
@@ -82,15 +83,6 @@ __all__ = [
 
 #: Avro namespace of every record.
 NAMESPACE = "emerg_stream"
-#: Every record type on the wire, one ``schemas/<Name>.avsc`` each.
-RECORD_NAMES: tuple[str, ...] = (
-    "ItemEvent",
-    "Interaction",
-    "ItemParams",
-    "Prediction",
-    "DeadLetter",
-    "ItemState",
-)
 #: Environment variable naming a schema folder (overrides the lookup).
 SCHEMA_DIR_ENV = "EMERG_SCHEMA_DIR"
 #: Environment variable naming a Confluent Schema Registry (switches ids to the registry).

@@ -19,6 +19,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from emerg_stream.topic_roles import INPUT_ROLES
+
 __all__ = [
     "APPLIED",
     "CONFLICTING_EVENT",
@@ -50,8 +52,8 @@ OUTCOMES: tuple[str, ...] = (
     CONFLICTING_ITEM,
     CONFLICTING_EVENT,
 )
-#: The input roles (topics) that are counted.
-ROLES: tuple[str, ...] = ("items", "interactions")
+#: The input roles (topics) that are counted (from the role table).
+ROLES: tuple[str, ...] = INPUT_ROLES
 
 
 def _zero() -> dict[str, int]:

@@ -76,6 +76,7 @@ from emerg_stream.stream.metrics import (
     WorkerMetrics,
 )
 from emerg_stream.stream.pending import PendingBuffer, PendingEntry
+from emerg_stream.topic_roles import INPUT_ROLES
 
 __all__ = ["BatchSummary", "CheckpointRecords", "WarmupProcessor"]
 
@@ -186,7 +187,7 @@ class WarmupProcessor:
         self.rows_dropped = 0
         self.params_serde: AvroSerde[ItemParams] = AvroSerde(ItemParams, topic=topics.item_params)
         self.pred_serde: AvroSerde[Prediction] = AvroSerde(Prediction, topic=topics.predictions)
-        self._roles = {topics.items: "items", topics.interactions: "interactions"}
+        self._roles = {topics.name(role): role for role in INPUT_ROLES}
         #: Called inside every batched update, between the inner loop and storing its
         #: params (the worker's fault-injection point ``mid_update``).
         self.on_update: Callable[[], None] | None = None
@@ -719,7 +720,6 @@ class WarmupProcessor:
         """
         cp = CheckpointRecords()
         now = self._now()
-        names = {"items": self.topics.items, "interactions": self.topics.interactions}
         for p in self.partitions:
             prog, part = self.progress[p], self.store.partition(p)
             changed = part.take_dirty()
@@ -737,7 +737,7 @@ class WarmupProcessor:
             cp.marks[p] = mark
             cp.records.append(Outbound(self.topics.changelog, MARK_KEY, mark.encode(), partition=p))
             for role, off in prog.commit_offsets(pending).items():
-                cp.offsets[(names[role], p)] = off
+                cp.offsets[(self.topics.name(role), p)] = off
             prog.dirty = False
         return cp
 

@@ -34,6 +34,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in admi
 
 from emerg_stream.config import TopicSettings
 from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.topic_roles import BY_ROLE, INPUT_ROLES, ROLES, TOPIC_ROLES
 
 __all__ = [
     "DEFAULT_CONFIGS",
@@ -51,28 +52,11 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: The six topic roles of DESIGN.md §4, in creation order.
-ROLES: tuple[str, ...] = (
-    "items",
-    "interactions",
-    "item_params",
-    "predictions",
-    "dead_letter",
-    "changelog",
-)
-#: Partition counts when the spec file gives none.
-DEFAULT_PARTITIONS: Mapping[str, int] = {
-    "items": 4,
-    "interactions": 4,
-    "item_params": 4,
-    "predictions": 4,
-    "dead_letter": 1,
-    "changelog": 4,
-}
-#: Topic configs when the spec file gives none: the two compacted topics.
+#: Partition counts when the spec file gives none (from the role table).
+DEFAULT_PARTITIONS: Mapping[str, int] = {r.role: r.partitions for r in TOPIC_ROLES}
+#: Topic configs when the spec file gives none: the compacted topics (from the role table).
 DEFAULT_CONFIGS: Mapping[str, Mapping[str, str]] = {
-    "item_params": {"cleanup.policy": "compact"},
-    "changelog": {"cleanup.policy": "compact"},
+    r.role: r.config for r in TOPIC_ROLES if r.config
 }
 
 TopicStatus = Literal["created", "exists"]
@@ -160,7 +144,7 @@ def load_topic_specs(
         if not isinstance(entry, Mapping):
             raise ConfigError(f"topic specs: {role} must be a mapping")
         partitions = _positive(entry.get("partitions", DEFAULT_PARTITIONS[role]), role)
-        if names.partitions is not None and role != "dead_letter":
+        if names.partitions is not None and not BY_ROLE[role].fixed_partitions:
             partitions = names.partitions
         replication = _positive(entry.get("replication", default_replication), role)
         if names.replication is not None:
@@ -178,11 +162,13 @@ def load_topic_specs(
             )
         )
     by_role = {s.role: s for s in specs}
-    if by_role["items"].partitions != by_role["interactions"].partitions:
-        raise ConfigError(
-            f"topic specs: items has {by_role['items'].partitions} partitions but interactions "
-            f"has {by_role['interactions'].partitions}; they must be equal (co-partitioned)"
-        )
+    first, *rest = INPUT_ROLES
+    for other in rest:
+        if by_role[first].partitions != by_role[other].partitions:
+            raise ConfigError(
+                f"topic specs: {first} has {by_role[first].partitions} partitions but {other} "
+                f"has {by_role[other].partitions}; they must be equal (co-partitioned)"
+            )
     return specs
 
 

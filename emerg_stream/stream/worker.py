@@ -104,6 +104,7 @@ from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, Warmu
 from emerg_stream.stream.replay import reader_conf
 from emerg_stream.stream.topics import check_access, check_copartitioned, topic_partitions
 from emerg_stream.stream.transactions import TransactionalCheckpoint, transactional_id
+from emerg_stream.topic_roles import INPUT_ROLES, read_roles, written_roles
 
 __all__ = ["Worker", "consumer_conf", "producer_conf"]
 
@@ -290,7 +291,7 @@ class Worker:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, host)
             log.info("metrics_serving", url=f"http://{host}:{self.metrics_port}/metrics")
         self._consumer.subscribe(
-            [self.topics.items, self.topics.interactions],
+            [self.topics.name(role) for role in INPUT_ROLES],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -317,12 +318,7 @@ class Worker:
 
     def _preflight(self) -> int:
         conf: dict[str, str | int | float | bool] = dict(self.settings.kafka.as_librdkafka())
-        outputs = [
-            self.topics.item_params,
-            self.topics.predictions,
-            self.topics.dead_letter,
-            self.topics.changelog,
-        ]
+        outputs = [self.topics.name(role) for role in written_roles()]
         wait_for_brokers(self.settings)
         refused: str | None = None
         admin = AdminClient(conf)
@@ -332,7 +328,7 @@ class Worker:
             who = self.settings.kafka.sasl_username
             check_access(
                 admin,
-                [self.topics.items, self.topics.interactions, self.topics.changelog],
+                [self.topics.name(role) for role in read_roles()],
                 outputs,
                 who=f"user {who!r}" if who else "this client",
             )
@@ -501,7 +497,7 @@ class Worker:
         """
         error = f"{type(exc).__name__}: {exc}"[:500]
         by_partition: dict[int, dict[str, set[int]]] = {}
-        roles = {self.topics.items: "items", self.topics.interactions: "interactions"}
+        roles = {self.topics.name(role): role for role in INPUT_ROLES}
         for m in batch:
             role = roles.get(m.topic)
             if role is not None:
@@ -796,12 +792,12 @@ class Worker:
                 starts = self.processor.assign(p, r.items, r.mark, r.suspect)
                 if r.mark is not None:
                     self._marks[p] = r.mark
-                for role, topic in (
-                    ("items", self.topics.items),
-                    ("interactions", self.topics.interactions),
-                ):
+                for role in INPUT_ROLES:
                     off = starts[role]
-                    tps.append(TopicPartition(topic, p, OFFSET_STORED if off is None else off))
+                    tp = TopicPartition(
+                        self.topics.name(role), p, OFFSET_STORED if off is None else off
+                    )
+                    tps.append(tp)
             consumer.assign(tps)
             self.flow.assigned(numbers, time.monotonic())
             self._last_activity = time.monotonic()

@@ -38,7 +38,7 @@ from emerg_stream.stream.envelope import Outbound
 from emerg_stream.stream.faults import FaultInjector
 from emerg_stream.stream.metrics import WorkerMetrics
 from emerg_stream.stream.output import OutputProducer
-from emerg_stream.stream.processor import CheckpointRecords
+from emerg_stream.stream.processor_checkpoint import CheckpointRecords
 from emerg_stream.stream.transactions import TransactionalCheckpoint
 
 __all__ = ["COMMIT_ATTEMPTS", "CommitPipeline", "TransactionalPipeline", "commit_offsets"]

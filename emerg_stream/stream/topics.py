@@ -1,8 +1,8 @@
 """Topic specs (``infra/topics.yaml``), idempotent creation, and the co-partitioning check.
 
-The spec file names topics by *role* (``items``, ``interactions``, ``item_params``,
-``predictions``, ``dead_letter``, ``changelog``); :class:`~emerg_stream.config.TopicSettings`
-supplies the actual names, so one file serves every environment::
+The spec file names topics by *role* (the roles of :mod:`emerg_stream.topic_roles`);
+:class:`~emerg_stream.config.TopicSettings` supplies the actual names, so one file serves
+every environment::
 
     replication: 1
     topics:
@@ -11,7 +11,8 @@ supplies the actual names, so one file serves every environment::
       ...
 
 Roles the file omits get the built-in defaults (:data:`DEFAULT_PARTITIONS`,
-:data:`DEFAULT_CONFIGS`), which are what ``infra/topics.yaml`` ships.
+:data:`DEFAULT_CONFIGS`, from the role table), which are what ``infra/topics.yaml`` ships
+(it is generated from the same table).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def load_topic_specs(
     source: str | Path | Mapping[str, Any] | None = None,
     names: TopicSettings | None = None,
 ) -> list[TopicSpec]:
-    """Build the six topic specs from a spec file (or its parsed form) and the names.
+    """Build one topic spec per role from a spec file (or its parsed form) and the names.
 
     Args:
         source: Path of a YAML spec file, its parsed mapping, or ``None`` for the

@@ -1,4 +1,4 @@
-"""The schema files: manifest, frozen history, backward compatibility, docs, packaged copy.
+"""The schema files: manifest, frozen history, backward compatibility, docs, one folder.
 
 The compatibility test is the guard against incompatible changes: data written with every
 shipped version of a schema must decode with the current one (reader = current, writer =

@@ -212,24 +212,36 @@ class Intake(ProcessorBase):
                     self._count(p, "interactions", DUPLICATE, summary)
                     continue
                 if seen == dedupe.CONFLICT:
-                    why = Rejected(
-                        dlq.CONFLICTING_EVENT,
-                        f"event id {rec['event_id'][:200]!r} was already applied to item "
-                        f"{task.item_id[:200]!r} with other content; the first one stays",
-                    )
-                    log.warning(
-                        "event_conflict",
-                        item_id=task.item_id[:200],
-                        event_id=rec["event_id"][:200],
-                        partition=p,
-                        offset=msg.offset,
-                    )
-                    out.append(self.dead.record(msg, why.kind, why.message, self._now()))
-                    self._count(p, "interactions", CONFLICTING_EVENT, summary)
+                    self._event_conflict(p, msg, rec, task, out, summary)
                     continue
                 part.touch(task.item_id)
                 queues.setdefault(key, []).append(_Queued(msg, rec))
         return queues, old_rows
+
+    def _event_conflict(
+        self,
+        p: int,
+        msg: Inbound,
+        rec: Interaction,
+        task: ItemTask,
+        out: list[Outbound],
+        summary: BatchSummary,
+    ) -> None:
+        """An event id already applied to the item with other content: dead-lettered."""
+        why = Rejected(
+            dlq.CONFLICTING_EVENT,
+            f"event id {rec['event_id'][:200]!r} was already applied to item "
+            f"{task.item_id[:200]!r} with other content; the first one stays",
+        )
+        log.warning(
+            "event_conflict",
+            item_id=task.item_id[:200],
+            event_id=rec["event_id"][:200],
+            partition=p,
+            offset=msg.offset,
+        )
+        out.append(self.dead.record(msg, why.kind, why.message, self._now()))
+        self._count(p, "interactions", CONFLICTING_EVENT, summary)
 
     def _check_interaction(self, msg: Inbound, rec: Interaction) -> Interaction | Rejected:
         """The event-time bound and the support-row bound of a decoded interaction."""

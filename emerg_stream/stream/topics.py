@@ -115,22 +115,7 @@ def load_topic_specs(
             interactions with different partition counts.
     """
     names = TopicSettings() if names is None else names
-    raw: Any
-    if source is None:
-        raw = {}
-    elif isinstance(source, Mapping):
-        raw = source
-    else:
-        path = Path(source)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read topic specs {path}: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"topic specs must be a mapping, got {type(raw).__name__}")
-    unknown_keys = set(raw) - {"replication", "topics"}
-    if unknown_keys:
-        raise ConfigError(f"topic specs: unknown keys {sorted(unknown_keys)}")
+    raw = _read_specs(source)
     topics = raw.get("topics") or {}
     if not isinstance(topics, Mapping):
         raise ConfigError("topic specs: 'topics' must map role -> spec")
@@ -171,6 +156,27 @@ def load_topic_specs(
                 f"has {by_role[other].partitions}; they must be equal (co-partitioned)"
             )
     return specs
+
+
+def _read_specs(source: str | Path | Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The spec file's top-level mapping (``replication``, ``topics``), checked."""
+    raw: Any
+    if source is None:
+        raw = {}
+    elif isinstance(source, Mapping):
+        raw = source
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read topic specs {path}: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"topic specs must be a mapping, got {type(raw).__name__}")
+    unknown_keys = set(raw) - {"replication", "topics"}
+    if unknown_keys:
+        raise ConfigError(f"topic specs: unknown keys {sorted(unknown_keys)}")
+    return raw
 
 
 def _positive(value: Any, what: str) -> int:

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -176,3 +178,12 @@ def test_the_scan_sees_a_copy(tmp_path) -> None:
     )
     assert len(hand_written(probe)) == 4
     assert OWNER.is_file() and hand_written(OWNER)  # the owner itself is the only one
+
+
+def test_the_schemas_name_every_phase_a_record_can_carry() -> None:
+    # the wire contract documents the phase strings; a new phase must appear there too
+    for name in ("ItemParams", "ItemState", "Prediction"):
+        schema = json.loads((ROOT / "schemas" / f"{name}.avsc").read_text(encoding="utf-8"))
+        (field,) = [f for f in schema["fields"] if f["name"] == "phase"]
+        named = set(re.findall(r"\b[a-z_]+\b", field["doc"]))
+        assert set(STREAM_PHASES) <= named, (name, field["doc"])

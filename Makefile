@@ -53,5 +53,5 @@ bench: $(STAMP) ## quick benchmarks (JSON + markdown tables)
 config-doc: $(STAMP) ## regenerate docs/CONFIGURATION.md from the settings classes
 	$(VENV)/bin/emerg-stream config doc > docs/CONFIGURATION.md
 
-infra: $(STAMP) ## regenerate infra/topics.yaml from the topic-role table (emerg_stream/topic_roles.py)
-	$(VENV)/bin/python -m emerg_stream.topic_roles > infra/topics.yaml
+infra: $(STAMP) ## regenerate infra/topics.yaml and the ConfigMap's topic names from emerg_stream/topic_roles.py
+	$(VENV)/bin/python -m emerg_stream.topic_roles .

@@ -9,10 +9,10 @@ topic name, the Avro record it carries, whether the worker reads or writes it, a
 * the worker's start-up check (the topics it must read and write);
 * :data:`emerg_stream.io.schemas.RECORD_NAMES`;
 * ``infra/topics.yaml`` and the topic names of ``infra/k8s/configmap.yaml``
-  (:func:`render_topics_yaml`, :func:`render_configmap_topics`; ``python -m
-  emerg_stream.topic_roles`` prints both, a test checks the committed files).
+  (:func:`write_infra`, run by ``make infra``; a test checks the committed files).
 
-Adding an output topic: one row here, the code that produces to it, ``make infra``.
+Adding an output topic: one row here, the code that produces to it, then ``make infra``
+and ``make config-doc`` regenerate the infra files and the settings reference.
 Standard library only: every layer may import it.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "INPUT_ROLES",
@@ -30,6 +31,8 @@ __all__ = [
     "read_roles",
     "render_configmap_topics",
     "render_topics_yaml",
+    "update_configmap",
+    "write_infra",
     "written_roles",
 ]
 
@@ -182,7 +185,44 @@ def render_configmap_topics(prefix: str = "prod.") -> str:
     )
 
 
+def update_configmap(text: str, prefix: str = "prod.") -> str:
+    """``infra/k8s/configmap.yaml`` with its topic-name lines replaced by one per role.
+
+    The lines ``  EMERG_TOPICS__<ROLE>: ...`` of the roles (not the size overrides) are
+    one block; it is replaced where it starts.
+
+    Raises:
+        ValueError: The text holds no such line.
+    """
+    overrides = {"  EMERG_TOPICS__PARTITIONS:", "  EMERG_TOPICS__REPLICATION:"}
+    lines = text.splitlines(keepends=True)
+    at = [
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("  EMERG_TOPICS__") and not any(line.startswith(o) for o in overrides)
+    ]
+    if not at:
+        raise ValueError("no EMERG_TOPICS__<ROLE> line to replace")
+    kept = [line for i, line in enumerate(lines) if i not in set(at)]
+    start = at[0]
+    return "".join(kept[:start]) + render_configmap_topics(prefix) + "".join(kept[start:])
+
+
+def write_infra(root: Path) -> list[Path]:
+    """Regenerate ``infra/topics.yaml`` and the topic names of the k8s ConfigMap under ``root``.
+
+    Returns:
+        The files written.
+    """
+    spec = root / "infra" / "topics.yaml"
+    spec.write_text(render_topics_yaml(), encoding="utf-8")
+    configmap = root / "infra" / "k8s" / "configmap.yaml"
+    configmap.write_text(update_configmap(configmap.read_text(encoding="utf-8")), encoding="utf-8")
+    return [spec, configmap]
+
+
 if __name__ == "__main__":  # pragma: no cover - `make infra`
     import sys
 
-    sys.stdout.write(render_topics_yaml())
+    for written in write_infra(Path(sys.argv[1] if len(sys.argv) > 1 else ".")):
+        print(f"wrote {written}")

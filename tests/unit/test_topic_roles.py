@@ -29,6 +29,8 @@ from emerg_stream.topic_roles import (
     read_roles,
     render_configmap_topics,
     render_topics_yaml,
+    update_configmap,
+    write_infra,
     written_roles,
 )
 
@@ -57,7 +59,20 @@ def test_committed_infra_files_are_generated_from_the_table() -> None:
     assert set(yaml.safe_load(text)["topics"]) == set(ROLES)
     configmap = (ROOT / "infra" / "k8s" / "configmap.yaml").read_text(encoding="utf-8")
     assert render_configmap_topics() in configmap
+    assert update_configmap(configmap) == configmap
     assert configmap.count("EMERG_TOPICS__") == len(ROLES) + 1  # + REPLICATION
+
+
+def test_make_infra_rewrites_both_files(tmp_path) -> None:
+    (tmp_path / "infra" / "k8s").mkdir(parents=True)
+    configmap = (ROOT / "infra" / "k8s" / "configmap.yaml").read_text(encoding="utf-8")
+    stale = configmap.replace('  EMERG_TOPICS__PREDICTIONS: "prod.emerg.predictions"\n', "")
+    assert stale != configmap
+    (tmp_path / "infra" / "k8s" / "configmap.yaml").write_text(stale)
+    (tmp_path / "infra" / "topics.yaml").write_text("stale\n")
+    write_infra(tmp_path)
+    assert (tmp_path / "infra" / "k8s" / "configmap.yaml").read_text() == configmap
+    assert (tmp_path / "infra" / "topics.yaml").read_text() == render_topics_yaml()
 
 
 ADD_ROW = """

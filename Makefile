@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint format test test-all test-kafka kafka demo bench config-doc
+.PHONY: help setup lint format test test-all test-kafka kafka demo bench config-doc infra
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -52,3 +52,6 @@ bench: $(STAMP) ## quick benchmarks (JSON + markdown tables)
 
 config-doc: $(STAMP) ## regenerate docs/CONFIGURATION.md from the settings classes
 	$(VENV)/bin/emerg-stream config doc > docs/CONFIGURATION.md
+
+infra: $(STAMP) ## regenerate infra/topics.yaml and the ConfigMap's topic names from emerg_stream/topic_roles.py
+	$(VENV)/bin/python -m emerg_stream.topic_roles .

@@ -217,8 +217,9 @@ def paced_run(
         settle, proc = parts.get("settle", 0.0), parts.get("process", 0.0)
         handled.append((len(batch), took, proc, parts.get("flush", 0.0), settle))
 
-    worker._settle = timed("settle", worker._settle)  # type: ignore[method-assign]
-    worker._flush = timed("flush", worker._flush)  # type: ignore[method-assign]
+    pipeline = worker.pipeline  # the at-least-once one; exactly_once replaces it at start
+    pipeline.settle = timed("settle", pipeline.settle)  # type: ignore[method-assign]
+    worker.output.flush = timed("flush", worker.output.flush)  # type: ignore[method-assign]
     worker.processor.process = timed("process", worker.processor.process)  # type: ignore[method-assign]
     worker._handle = timed_handle  # type: ignore[method-assign]
     wthread = threading.Thread(target=worker.run)

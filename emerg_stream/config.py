@@ -22,12 +22,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emerg_stream.errors import ConfigError
+from emerg_stream.topic_roles import ROLES, TOPIC_ROLES
 
 __all__ = [
     "InputSettings",
@@ -139,45 +140,58 @@ def _path(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-class TopicSettings(BaseModel):
-    """Topic names and sizes (``EMERG_TOPICS__*``).
+def _topic_settings_doc() -> str:
+    roles = "\n".join(f"        {r.role}: {r.doc}" for r in TOPIC_ROLES)
+    return f"""Topic names and sizes (``EMERG_TOPICS__*``).
 
-    Partition counts and per-topic configs normally come from ``infra/topics.yaml``
-    (see :mod:`emerg_stream.stream.topics`); the two overrides below win over it.
+    One name per role of :data:`~emerg_stream.topic_roles.TOPIC_ROLES` (the fields are
+    made from that table). Partition counts and per-topic configs normally come from
+    ``infra/topics.yaml`` (see :mod:`emerg_stream.stream.topics`); the two overrides below
+    win over it.
 
     Args:
-        items: ItemEvent topic (key = item id).
-        interactions: Interaction topic; co-partitioned with ``items``.
-        item_params: ItemParams topic (compacted).
-        predictions: Prediction topic.
-        dead_letter: DeadLetter topic.
-        changelog: ItemState changelog (compacted).
+{roles}
         partitions: If set, the partition count of every topic except the dead-letter
             one (keeps items and interactions co-partitioned).
         replication: If set, the replication factor of every topic.
     """
 
+
+class TopicSettings(BaseModel):
+    """Topic names and sizes (the full text is made from the role table below)."""
+
+    __doc__ = _topic_settings_doc()
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    items: str = "emerg.items"
-    interactions: str = "emerg.interactions"
-    item_params: str = "emerg.item-params"
-    predictions: str = "emerg.predictions"
-    dead_letter: str = "emerg.dead-letter"
-    changelog: str = "emerg.state-changelog"
+    # one ``str`` field per role, default its topic name (the table is the one list)
+    for _role in TOPIC_ROLES:
+        __annotations__[_role.role] = "str"
+        locals()[_role.role] = _role.default_name
+    del _role
     partitions: int | None = Field(default=None, ge=1)
     replication: int | None = Field(default=None, ge=1)
 
+    if TYPE_CHECKING:
+
+        def __getattr__(self, role: str) -> str:
+            """The topic name of ``role`` (a field per role of the table)."""
+            ...
+
+    def name(self, role: str) -> str:
+        """The topic name of ``role``.
+
+        Raises:
+            KeyError: ``role`` is not a role of the table.
+        """
+        if role not in ROLES:
+            raise KeyError(f"unknown topic role {role!r}; roles are {', '.join(ROLES)}")
+        value: str = getattr(self, role)
+        return value
+
     def names(self) -> dict[str, str]:
-        """Return role -> topic name, for the six roles of ``infra/topics.yaml``."""
-        return {
-            "items": self.items,
-            "interactions": self.interactions,
-            "item_params": self.item_params,
-            "predictions": self.predictions,
-            "dead_letter": self.dead_letter,
-            "changelog": self.changelog,
-        }
+        """Return role -> topic name, for every role of the table."""
+        return {role: self.name(role) for role in ROLES}
 
     @model_validator(mode="after")
     def _check(self) -> TopicSettings:

@@ -436,8 +436,9 @@ def run_demo(
 
 def report(result: DemoResult) -> str:
     """The demo's printout: both tables, the differences and the counts."""
-    from emerg_stream.meta.evaluate import PHASES
+    from emerg_stream.phases import PHASES
     from emerg_stream.serving.stream_eval import StreamEvaluation, comparison_table
+    from emerg_stream.topic_roles import INPUT_ROLES
 
     ev = StreamEvaluation(**result.stream)
     lines = [comparison_table(ev)]
@@ -446,7 +447,7 @@ def report(result: DemoResult) -> str:
         f"events in: {r.get('items', 0)} item events, {r.get('interactions', 0)} interactions "
         f"({r.get('test_rows_left_out', 0)} held-out test rows left out)"
     )
-    for role in ("items", "interactions"):
+    for role in INPUT_ROLES:
         o = result.outcomes.get(role)
         if o:
             lines.append(

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from emerg_stream.data._files import sha256_file, source_key
 from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
 from emerg_stream.errors import ConfigError, DataError
+from emerg_stream.phases import WarmupSchedule
 
 #: max_len of a multi feature whose YAML gives none.
 DEFAULT_MULTI_MAX_LEN = 8
@@ -76,8 +77,9 @@ class SplitConfig(BaseModel):
 
     @model_validator(mode="after")
     def _n_holds_three_phases(self) -> SplitConfig:
-        if self.n < 3 * self.k:
-            raise ValueError(f"n ({self.n}) must be at least 3*k ({3 * self.k})")
+        need = WarmupSchedule(self.k).protocol_rows
+        if self.n < need:
+            raise ValueError(f"n ({self.n}) must be at least 3*k ({need})")
         return self
 
 

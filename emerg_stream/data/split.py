@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 from emerg_stream.data._files import sha256_file
 from emerg_stream.data.log import InteractionLog, LogSchema, schema_from_dict, schema_to_dict
 from emerg_stream.errors import ConfigError, DataError
+from emerg_stream.phases import OLD, WARM_PHASES, WarmupSchedule
 
 #: Part names, in manifest order.
-PARTS = ("old", "warm_a", "warm_b", "warm_c", "test")
+PARTS = (OLD, *WARM_PHASES, "test")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -87,7 +88,7 @@ class Split:
 def _check_nk(n: int, k: int) -> None:
     if k < 1 or n < 1:
         raise ConfigError(f"split needs n >= 1 and k >= 1, got n={n}, k={k}")
-    if n < 3 * k:
+    if n < WarmupSchedule(k).protocol_rows:
         raise ConfigError(f"split needs n >= 3k (a new item has 3K..N rows), got n={n}, k={k}")
 
 
@@ -119,8 +120,8 @@ def _phase_parts(
     table: pa.Table, order: npt.NDArray[np.int64], rank: npt.NDArray[np.int64], k: int
 ) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
     """Cut (already selected, sorted) rows into warm_a, warm_b, warm_c, test by rank."""
-    chunk = np.minimum(rank // k, 3)
-    parts = tuple(table.take(pa.array(order[chunk == c])) for c in range(4))
+    chunk = WarmupSchedule(k).protocol_part(rank)
+    parts = tuple(table.take(pa.array(order[chunk == c])) for c in range(len(WARM_PHASES) + 1))
     return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -145,7 +146,7 @@ def split_log(log: InteractionLog, n: int | None = None, k: int | None = None) -
     table = log.table
     order, rank, count = _item_order(table, log.schema)
     is_old = count > n
-    is_new = (count >= 3 * k) & (count <= n)
+    is_new = (count >= WarmupSchedule(k).protocol_rows) & (count <= n)
     dropped = ~(is_old | is_new)
     warm_a, warm_b, warm_c, test = _phase_parts(table, order[is_new], rank[is_new], k)
     return Split(
@@ -225,7 +226,7 @@ def holdout_validation(
     pseudo = old.filter(pa.array(is_held))
     order, rank, _ = _item_order(pseudo, split.schema)
     if max_test_rows is not None:
-        within = rank < 3 * split.k + max_test_rows
+        within = rank < WarmupSchedule(split.k).protocol_rows + max_test_rows
         order, rank = order[within], rank[within]
     warm_a, warm_b, warm_c, test = _phase_parts(pseudo, order, rank, split.k)
     return Split(
@@ -317,11 +318,7 @@ def read_split(split_dir: str | Path) -> Split:
             )
         tables[p] = pq.read_table(part_path)
     return Split(
-        old=tables["old"],
-        warm_a=tables["warm_a"],
-        warm_b=tables["warm_b"],
-        warm_c=tables["warm_c"],
-        test=tables["test"],
+        **tables,
         n=n,
         k=k,
         schema=schema,

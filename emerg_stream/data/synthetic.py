@@ -48,6 +48,7 @@ import pyarrow as pa
 
 from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
 from emerg_stream.errors import ConfigError
+from emerg_stream.phases import WarmupSchedule
 
 #: The preset name (and the prefix of a parameterised name).
 NAME = "synthetic-pairs"
@@ -100,8 +101,9 @@ class SyntheticPairsConfig:
         for name in (*positive, "user_fields", "values", "n", "k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{NAME}: {name} must be at least 1, got {getattr(self, name)}")
-        if self.n < 3 * self.k:
-            raise ConfigError(f"{NAME}: n ({self.n}) must be at least 3*k ({3 * self.k})")
+        need = WarmupSchedule(self.k).protocol_rows
+        if self.n < need:
+            raise ConfigError(f"{NAME}: n ({self.n}) must be at least 3*k ({need})")
         if self.old_rows_max <= self.n:
             raise ConfigError(f"{NAME}: old_rows_max must exceed n ({self.n})")
         if self.categories > self.item_fields * self.user_fields:
@@ -251,11 +253,12 @@ def generate(cfg: SyntheticPairsConfig, name: str = NAME) -> InteractionLog:
     world = draw_world(cfg)
     rng = np.random.default_rng([cfg.seed, 2])
     n_items = cfg.old_items + cfg.new_items
+    protocol = WarmupSchedule(cfg.k).protocol_rows
     # new items: 3K + (N - 3K) // 3 .. N rows, so each has a few test rows at least
     rows_per_item = np.concatenate(
         [
             rng.integers(cfg.n + 1, cfg.old_rows_max + 1, cfg.old_items),
-            rng.integers(3 * cfg.k + (cfg.n - 3 * cfg.k) // 3, cfg.n + 1, cfg.new_items),
+            rng.integers(protocol + (cfg.n - protocol) // 3, cfg.n + 1, cfg.new_items),
         ]
     )
     item = np.repeat(np.arange(n_items), rows_per_item)

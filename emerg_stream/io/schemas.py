@@ -26,15 +26,15 @@ all records, so a framed value names its writer schema unambiguously::
 Evolving a schema: edit ``<Name>.avsc`` (new fields need a default), copy it to
 ``history/<Name>.v<N+1>.avsc``, append a version entry with a fresh id (the largest id in
 the manifest + 1) and its fingerprint (:func:`fingerprint`), and set ``current``. The unit
-tests fail until the manifest, the history and the packaged copy agree, and fail for good
-if data written by an older version no longer decodes with the new one.
+tests fail until the manifest and the history agree, and fail for good if data written by
+an older version no longer decodes with the new one.
 
-Packaging: the package carries a copy of ``schemas/`` in ``emerg_stream/io/avsc/`` (same
-layout) so an installed wheel finds its schemas without the repository; a unit test fails
-when the copy differs from ``schemas/``. The copy was chosen over a symlink (not portable,
-lost by some build back ends) and over ``data-files`` (installs outside the package, where
-``importlib`` cannot find it). Lookup order of :func:`schema_dir`: ``$EMERG_SCHEMA_DIR``,
-then ``schemas/`` next to the repository root of this checkout, then the packaged copy.
+Packaging: ``schemas/`` is the one folder. The build hook in ``setup.py`` copies it into the
+wheel as package data, ``emerg_stream/schemas/`` (same layout), so an installed package
+finds its schemas without the repository; the source tree holds no copy. Lookup order of
+:func:`schema_dir`: ``$EMERG_SCHEMA_DIR``, then the package data (an installed wheel), then
+``schemas/`` at the root of the checkout this module lives in (a source checkout or an
+editable install).
 
 Schema ids come from the manifest (:class:`ManifestSchemaIds`) unless a Confluent Schema
 Registry is configured (``$EMERG_SCHEMA_REGISTRY_URL``, :class:`RegistrySchemaIds`), in
@@ -57,6 +57,7 @@ from fastavro.schema import fingerprint as _avro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
+from emerg_stream.topic_roles import RECORD_NAMES
 
 __all__ = [
     "NAMESPACE",
@@ -82,15 +83,6 @@ __all__ = [
 
 #: Avro namespace of every record.
 NAMESPACE = "emerg_stream"
-#: Every record type on the wire, one ``schemas/<Name>.avsc`` each.
-RECORD_NAMES: tuple[str, ...] = (
-    "ItemEvent",
-    "Interaction",
-    "ItemParams",
-    "Prediction",
-    "DeadLetter",
-    "ItemState",
-)
 #: Environment variable naming a schema folder (overrides the lookup).
 SCHEMA_DIR_ENV = "EMERG_SCHEMA_DIR"
 #: Environment variable naming a Confluent Schema Registry (switches ids to the registry).
@@ -100,15 +92,15 @@ _MANIFEST = "ids.json"
 
 
 def packaged_schema_dir() -> Path:
-    """Return the copy of ``schemas/`` shipped inside the package."""
-    return Path(__file__).resolve().parent / "avsc"
+    """Return where a wheel carries ``schemas/`` (package data; absent in a checkout)."""
+    return Path(__file__).resolve().parents[1] / "schemas"
 
 
 def schema_dir() -> Path:
     """Return the folder holding the ``.avsc`` files and ``ids.json``.
 
-    Order: ``$EMERG_SCHEMA_DIR``; ``schemas/`` at the root of the checkout this module
-    lives in; the packaged copy ``emerg_stream/io/avsc``.
+    Order: ``$EMERG_SCHEMA_DIR``; the package data ``emerg_stream/schemas`` of an installed
+    wheel; ``schemas/`` at the root of the checkout this module lives in.
 
     Raises:
         ConfigError: ``$EMERG_SCHEMA_DIR`` is set but holds no ``ids.json``, or no
@@ -120,13 +112,13 @@ def schema_dir() -> Path:
         if not (path / _MANIFEST).is_file():
             raise ConfigError(f"${SCHEMA_DIR_ENV}={env} holds no {_MANIFEST}")
         return path
+    packaged = packaged_schema_dir()
+    if (packaged / _MANIFEST).is_file():
+        return packaged
     checkout = Path(__file__).resolve().parents[2]
     repo = checkout / "schemas"
     if (checkout / "pyproject.toml").is_file() and (repo / _MANIFEST).is_file():
         return repo  # a source checkout (editable install); not site-packages/schemas
-    packaged = packaged_schema_dir()
-    if (packaged / _MANIFEST).is_file():
-        return packaged
     raise ConfigError(
         f"no schema folder found: set ${SCHEMA_DIR_ENV}, or reinstall emerg-stream "
         f"(expected {repo} or {packaged})"

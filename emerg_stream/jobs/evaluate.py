@@ -23,10 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.data import load_dataset, split_log
     from emerg_stream.devices import resolve_device
     from emerg_stream.meta.checkpoint import load_checkpoint
-    from emerg_stream.meta.evaluate import PHASES, run_phases
+    from emerg_stream.meta.evaluate import run_phases
     from emerg_stream.meta.metrics import PHASE_METRICS
     from emerg_stream.meta.pipeline import prepare
-    from emerg_stream.meta.reproduce import PHASE_LABELS
+    from emerg_stream.phases import PHASE_LABELS, PHASES
 
     device = resolve_device(args.device)
     ck = load_checkpoint(args.checkpoint, device=device)

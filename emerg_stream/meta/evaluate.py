@@ -17,10 +17,9 @@ from emerg_stream.meta.metrics import phase_metrics
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
 from emerg_stream.meta.warmup import WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi, item_noise
+from emerg_stream.phases import COLD, PHASES, WARM_PHASES
 
-#: Phases in protocol order; each warm phase continues from the previous one.
-PHASES: tuple[str, ...] = ("cold", "warm_a", "warm_b", "warm_c")
-WARM_PHASES: tuple[str, ...] = PHASES[1:]
+__all__ = ["PHASES", "WARM_PHASES", "NewItemData", "cold_start", "predict", "run_phases"]
 
 
 @dataclass
@@ -113,7 +112,7 @@ def run_phases(
     metrics: dict[str, dict[str, float]] = {}
     phis: dict[str, Phi] = {}
     for phase in PHASES:
-        if phase != "cold":
+        if phase != COLD:
             phi = warm_up(model, phi, data.warm[phase].to(device), warm_cfg)
         scores = predict(model, data.test, phi, device=device)
         metrics[phase] = phase_metrics(labels, scores, items)

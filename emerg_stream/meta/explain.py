@@ -9,10 +9,8 @@ import torch
 
 from emerg_stream.errors import ConfigError
 from emerg_stream.meta.checkpoint import load_checkpoint
-from emerg_stream.meta.evaluate import PHASES
 from emerg_stream.model.emerg import EmerG
-
-PHASE_TITLES = {"cold": "cold start", "warm_a": "after A", "warm_b": "after B", "warm_c": "after C"}
+from emerg_stream.phases import PHASE_TITLES, PHASES
 
 
 def item_graphs(

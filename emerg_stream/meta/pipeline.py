@@ -21,12 +21,13 @@ import torch
 
 from emerg_stream.data.split import HoldoutPick, Split, holdout_validation
 from emerg_stream.features import FeatureSpec, encode, item_side_index
-from emerg_stream.meta.evaluate import WARM_PHASES, NewItemData, run_phases
+from emerg_stream.meta.evaluate import NewItemData, run_phases
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.meta.train import TrainConfig, meta_train, pretrain
 from emerg_stream.meta.warmup import WarmupConfig
 from emerg_stream.methods import METHOD_NAMES, get_method
 from emerg_stream.model import ItemModel, ModelConfig, build_model
+from emerg_stream.phases import WARM_PHASES, WarmupSchedule
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +86,7 @@ def prepare(split: Split, spec: FeatureSpec) -> Prepared:
     )
     enc_a = encode(spec, split.warm_a)
     new_items, _ = item_set_from(enc_a)
-    warm = {"warm_a": rows_for(enc_a, new_items)}
+    warm = {WARM_PHASES[0]: rows_for(enc_a, new_items)}
     for phase in WARM_PHASES[1:]:
         warm[phase] = rows_for(encode(spec, split.part(phase)), new_items)
     test = rows_for(encode(spec, split.test), new_items)
@@ -405,7 +406,7 @@ def selection_split(split: Split, pick: HoldoutPick | None = None) -> Split:
         split,
         frac=0.2,
         seed=0,
-        max_test_rows=split.n - 3 * split.k,
+        max_test_rows=split.n - WarmupSchedule(split.k).protocol_rows,
         pick=pick or SELECTION_HOLDOUT,
     )
 

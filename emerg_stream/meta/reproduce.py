@@ -20,7 +20,7 @@ from emerg_stream.devices import resolve_device
 from emerg_stream.errors import ConfigError
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
-from emerg_stream.meta.evaluate import PHASES, run_phases
+from emerg_stream.meta.evaluate import run_phases
 from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.meta.pipeline import (
     ABLATIONS,
@@ -38,10 +38,9 @@ from emerg_stream.meta.pipeline import (
 )
 from emerg_stream.meta.train import TrainConfig
 from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.phases import PHASE_LABELS, PHASES
 
 log = structlog.get_logger(__name__)
-
-PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
 
 
 def selection_config(**overrides: Any) -> TrainConfig:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from emerg_stream.meta.metrics import PHASE_METRICS
+from emerg_stream.phases import PHASE_LABELS, PHASE_TITLES, PHASES
 from emerg_stream.report.predictions import PrequentialCurve
 
 __all__ = [
@@ -20,9 +21,6 @@ __all__ = [
     "plot_prequential",
 ]
 
-#: Phases in protocol order (as in ``results.json``) and their short labels.
-PHASES: tuple[str, ...] = ("cold", "warm_a", "warm_b", "warm_c")
-PHASE_LABELS = {"cold": "cold", "warm_a": "A", "warm_b": "B", "warm_c": "C"}
 #: Smallest scale of the change column of :func:`plot_item_graphs` (edge weights are in [0, 1]).
 MIN_DELTA_SPAN = 0.05
 #: Panel titles of :func:`plot_phase_metrics` (default: the metric's column name).
@@ -32,7 +30,6 @@ METRIC_TITLES = {
     "auc_between": "between-item AUC (items by their mean score)",
     "f1": "F1 (threshold = mean score)",
 }
-PHASE_TITLES = {"cold": "cold start", "warm_a": "after A", "warm_b": "after B", "warm_c": "after C"}
 
 
 def _pyplot() -> Any:

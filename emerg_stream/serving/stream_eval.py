@@ -37,11 +37,12 @@ from emerg_stream.features import FeatureSpec, encode
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import ItemParams, Prediction
 from emerg_stream.meta.checkpoint import Checkpoint
-from emerg_stream.meta.evaluate import PHASES, NewItemData, cold_start, predict, run_phases
+from emerg_stream.meta.evaluate import NewItemData, cold_start, predict, run_phases
 from emerg_stream.meta.metrics import PHASE_METRICS, phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.model.base import Phi
+from emerg_stream.phases import PHASES, WARM_PHASES
 from emerg_stream.serving.ranker import check_params, params_to_phi
 from emerg_stream.stream.reader import read_to_end
 
@@ -194,8 +195,8 @@ class _NewItems:
 def _new_items(split: Split, spec: FeatureSpec) -> _NewItems:
     enc_a = encode(spec, split.warm_a)
     items, _ = item_set_from(enc_a)
-    warm = {"warm_a": rows_for(enc_a, items)}
-    for phase in ("warm_b", "warm_c"):
+    warm = {WARM_PHASES[0]: rows_for(enc_a, items)}
+    for phase in WARM_PHASES[1:]:
         warm[phase] = rows_for(encode(spec, split.part(phase)), items)
     return _NewItems(items, rows_for(encode(spec, split.test), items), warm)
 

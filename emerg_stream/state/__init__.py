@@ -4,15 +4,9 @@ No torch and no Kafka here: the worker (``emerg_stream.stream.worker``) owns the
 the changelog codec turns an item into an ``ItemState`` record and back.
 """
 
+from emerg_stream.phases import COLD, COMMON, OLD, WARM_PHASES
 from emerg_stream.state.dedupe import RecentIds
 from emerg_stream.state.item import ItemTask, SupportRows
-from emerg_stream.state.phases import (
-    COLD,
-    COMMON,
-    OLD,
-    WARM_PHASES,
-    crossed_phase,
-)
 from emerg_stream.state.store import ItemMap, PartitionItems, StateStore
 
 __all__ = [
@@ -26,5 +20,4 @@ __all__ = [
     "RecentIds",
     "StateStore",
     "SupportRows",
-    "crossed_phase",
 ]

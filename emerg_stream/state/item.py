@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from emerg_stream.io.schemas import load_schema
+from emerg_stream.phases import COLD, OLD
 from emerg_stream.state.dedupe import RecentIds
-from emerg_stream.state.phases import COLD, OLD
 
 __all__ = [
     "SIDE_FIELDS",

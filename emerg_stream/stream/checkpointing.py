@@ -1,6 +1,6 @@
 """Partition progress and the partition mark: what makes a checkpoint exact.
 
-A checkpoint (see :mod:`emerg_stream.stream.worker` for the order) writes, per input
+A checkpoint (see :mod:`emerg_stream.stream.commit` for the order) writes, per input
 partition ``p`` that changed, the changed items' ``ItemState`` records and then one
 **partition mark** to changelog partition ``p``. The mark is a small control record
 under the reserved key :data:`MARK_KEY` (JSON; no item id starts with a NUL byte) that

@@ -5,7 +5,7 @@
 no-op. The value is ``POINT:N`` (several separated by commas): the process ends with
 ``os._exit(137)`` (no flush, no checkpoint, no leave-group: what ``kill -9`` does) the
 ``N``-th time it reaches ``POINT``. The points, in the order of the checkpoint
-(see :mod:`emerg_stream.stream.worker`):
+(see :mod:`emerg_stream.stream.commit`):
 
 ``mid_update``
     inside a batched warm-up update: the inner loop has run, the new params are not yet

@@ -34,6 +34,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in admi
 
 from emerg_stream.config import InputSettings
 from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.phases import WarmupSchedule
 from emerg_stream.stream.topics import topic_configs
 
 __all__ = [
@@ -143,7 +144,7 @@ def state_bound(
     """
     ids = 2 * (inputs.max_string_bytes + 5)
     side = inputs.max_value_bytes
-    support = k * inputs.max_support_row_bytes + 10
+    support = WarmupSchedule(k).max_support_rows * inputs.max_support_row_bytes + 10
     window = dedupe_window * 12 + 20
     phi = 4 * (n_fields * n_fields + dim) + 20
     offsets = 2 * (inputs.max_string_bytes + 30)

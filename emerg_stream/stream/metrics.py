@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from emerg_stream.auc import roc_auc
+from emerg_stream.topic_roles import INPUT_ROLES
 
 __all__ = [
     "APPLIED",
@@ -53,8 +54,8 @@ OUTCOMES: tuple[str, ...] = (
     CONFLICTING_ITEM,
     CONFLICTING_EVENT,
 )
-#: The input roles (topics) that are counted.
-ROLES: tuple[str, ...] = ("items", "interactions")
+#: The input roles (topics) that are counted (from the role table).
+ROLES: tuple[str, ...] = INPUT_ROLES
 
 
 def _zero() -> dict[str, int]:

@@ -53,7 +53,7 @@ from confluent_kafka import (
 )
 
 from emerg_stream.data.log import ColumnSpec, InteractionLog
-from emerg_stream.data.split import split_log
+from emerg_stream.data.split import PARTS, split_log
 from emerg_stream.errors import ConfigError, TransientError
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent
@@ -79,14 +79,7 @@ TIME_UNITS_MS: Mapping[str, float] = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 
 TimeUnit = Literal["s", "ms", "us", "ns"]
 
 #: Names of the values of :attr:`ReplayPlan.part`.
-PART_NAMES: Mapping[int, str] = {
-    0: "old",
-    1: "warm_a",
-    2: "warm_b",
-    3: "warm_c",
-    4: "test",
-    -1: "dropped",
-}
+PART_NAMES: Mapping[int, str] = {**dict(enumerate(PARTS)), -1: "dropped"}
 
 #: Rows converted to Python values at a time (bounds memory on large logs).
 _CHUNK_ROWS = 20_000
@@ -158,12 +151,12 @@ def plan_replay(ilog: InteractionLog, n: int | None = None, k: int | None = None
     tagged = InteractionLog(ilog.name, table, ilog.schema, ilog.n, ilog.k, dict(ilog.sources))
     split = split_log(tagged, n, k)
     part = np.full(rows, -1, dtype=np.int8)
-    for value, name in enumerate(("old", "warm_a", "warm_b", "warm_c", "test")):
+    for value, name in enumerate(PARTS):
         idx = np.asarray(split.part(name).column(ROW_COLUMN).combine_chunks(), dtype=np.int64)
         part[idx] = value
     ts = np.asarray(table.column(ilog.schema.timestamp).combine_chunks(), dtype=np.int64)
     order = np.lexsort((np.arange(rows, dtype=np.int64), ts)).astype(np.int64)
-    order = order[part[order] != 4]
+    order = order[part[order] != PARTS.index("test")]
     codes = np.asarray(
         pc.dictionary_encode(table.column(ilog.schema.item_id).combine_chunks()).indices,
         dtype=np.int64,

@@ -1,8 +1,8 @@
 """Topic specs (``infra/topics.yaml``), idempotent creation, and the co-partitioning check.
 
-The spec file names topics by *role* (``items``, ``interactions``, ``item_params``,
-``predictions``, ``dead_letter``, ``changelog``); :class:`~emerg_stream.config.TopicSettings`
-supplies the actual names, so one file serves every environment::
+The spec file names topics by *role* (the roles of :mod:`emerg_stream.topic_roles`);
+:class:`~emerg_stream.config.TopicSettings` supplies the actual names, so one file serves
+every environment::
 
     replication: 1
     topics:
@@ -11,7 +11,8 @@ supplies the actual names, so one file serves every environment::
       ...
 
 Roles the file omits get the built-in defaults (:data:`DEFAULT_PARTITIONS`,
-:data:`DEFAULT_CONFIGS`), which are what ``infra/topics.yaml`` ships.
+:data:`DEFAULT_CONFIGS`, from the role table), which are what ``infra/topics.yaml`` ships
+(it is generated from the same table).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not in admi
 
 from emerg_stream.config import TopicSettings
 from emerg_stream.errors import ConfigError, TransientError
+from emerg_stream.topic_roles import BY_ROLE, INPUT_ROLES, ROLES, TOPIC_ROLES
 
 __all__ = [
     "DEFAULT_CONFIGS",
@@ -51,28 +53,11 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: The six topic roles of DESIGN.md §4, in creation order.
-ROLES: tuple[str, ...] = (
-    "items",
-    "interactions",
-    "item_params",
-    "predictions",
-    "dead_letter",
-    "changelog",
-)
-#: Partition counts when the spec file gives none.
-DEFAULT_PARTITIONS: Mapping[str, int] = {
-    "items": 4,
-    "interactions": 4,
-    "item_params": 4,
-    "predictions": 4,
-    "dead_letter": 1,
-    "changelog": 4,
-}
-#: Topic configs when the spec file gives none: the two compacted topics.
+#: Partition counts when the spec file gives none (from the role table).
+DEFAULT_PARTITIONS: Mapping[str, int] = {r.role: r.partitions for r in TOPIC_ROLES}
+#: Topic configs when the spec file gives none: the compacted topics (from the role table).
 DEFAULT_CONFIGS: Mapping[str, Mapping[str, str]] = {
-    "item_params": {"cleanup.policy": "compact"},
-    "changelog": {"cleanup.policy": "compact"},
+    r.role: r.config for r in TOPIC_ROLES if r.config
 }
 
 TopicStatus = Literal["created", "exists"]
@@ -115,7 +100,7 @@ def load_topic_specs(
     source: str | Path | Mapping[str, Any] | None = None,
     names: TopicSettings | None = None,
 ) -> list[TopicSpec]:
-    """Build the six topic specs from a spec file (or its parsed form) and the names.
+    """Build one topic spec per role from a spec file (or its parsed form) and the names.
 
     Args:
         source: Path of a YAML spec file, its parsed mapping, or ``None`` for the
@@ -130,22 +115,7 @@ def load_topic_specs(
             interactions with different partition counts.
     """
     names = TopicSettings() if names is None else names
-    raw: Any
-    if source is None:
-        raw = {}
-    elif isinstance(source, Mapping):
-        raw = source
-    else:
-        path = Path(source)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read topic specs {path}: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"topic specs must be a mapping, got {type(raw).__name__}")
-    unknown_keys = set(raw) - {"replication", "topics"}
-    if unknown_keys:
-        raise ConfigError(f"topic specs: unknown keys {sorted(unknown_keys)}")
+    raw = _read_specs(source)
     topics = raw.get("topics") or {}
     if not isinstance(topics, Mapping):
         raise ConfigError("topic specs: 'topics' must map role -> spec")
@@ -160,7 +130,7 @@ def load_topic_specs(
         if not isinstance(entry, Mapping):
             raise ConfigError(f"topic specs: {role} must be a mapping")
         partitions = _positive(entry.get("partitions", DEFAULT_PARTITIONS[role]), role)
-        if names.partitions is not None and role != "dead_letter":
+        if names.partitions is not None and not BY_ROLE[role].fixed_partitions:
             partitions = names.partitions
         replication = _positive(entry.get("replication", default_replication), role)
         if names.replication is not None:
@@ -178,12 +148,35 @@ def load_topic_specs(
             )
         )
     by_role = {s.role: s for s in specs}
-    if by_role["items"].partitions != by_role["interactions"].partitions:
-        raise ConfigError(
-            f"topic specs: items has {by_role['items'].partitions} partitions but interactions "
-            f"has {by_role['interactions'].partitions}; they must be equal (co-partitioned)"
-        )
+    first, *rest = INPUT_ROLES
+    for other in rest:
+        if by_role[first].partitions != by_role[other].partitions:
+            raise ConfigError(
+                f"topic specs: {first} has {by_role[first].partitions} partitions but {other} "
+                f"has {by_role[other].partitions}; they must be equal (co-partitioned)"
+            )
     return specs
+
+
+def _read_specs(source: str | Path | Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The spec file's top-level mapping (``replication``, ``topics``), checked."""
+    raw: Any
+    if source is None:
+        raw = {}
+    elif isinstance(source, Mapping):
+        raw = source
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read topic specs {path}: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"topic specs must be a mapping, got {type(raw).__name__}")
+    unknown_keys = set(raw) - {"replication", "topics"}
+    if unknown_keys:
+        raise ConfigError(f"topic specs: unknown keys {sorted(unknown_keys)}")
+    return raw
 
 
 def _positive(value: Any, what: str) -> int:

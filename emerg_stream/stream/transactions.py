@@ -2,7 +2,7 @@
 
 With ``processing_guarantee=exactly_once`` the worker checkpoints every batch through a
 :class:`TransactionalCheckpoint` instead of the at-least-once pipeline of
-:mod:`emerg_stream.stream.worker`. **Commit order**, per batch, all in one transaction:
+:mod:`emerg_stream.stream.commit`. **Commit order**, per batch, all in one transaction:
 
 1. ``begin_transaction()``;
 2. produce the batch's outputs (ItemParams, Predictions, DeadLetters);

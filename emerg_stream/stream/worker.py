@@ -5,38 +5,24 @@ Per micro-batch (what has been fetched, up to ``batch_max_records``; see
 :class:`~emerg_stream.stream.processor.WarmupProcessor` decodes, cold-starts new items,
 scores and applies interactions in prequential rounds and runs the batched warm-up
 updates, and takes the batch's checkpoint (changed item states, partition marks, input
-offsets). **Checkpoint order** (at-least-once delivery, idempotent effects), for every
-batch ``n``:
-
-1. produce the batch's outputs (ItemParams, Predictions, DeadLetters);
-2. once they are acknowledged, produce every changed item's ``ItemState`` and then the
-   partition mark to changelog partition ``p`` (explicitly the input partition's number);
-3. once those are acknowledged, **commit** the input offsets (the resume points)
-   synchronously; the consumer runs with ``enable.auto.commit=false`` and
-   ``enable.auto.offset.store=false``, so nothing is committed before the outputs and the
-   state are durable;
-4. write the stats file (if any).
-
-The waits are **pipelined** (:meth:`Worker._settle`): after processing batch ``n`` the
-worker waits for what it produced before processing it (batch ``n-1``'s outputs and
-``n-2``'s changelog), which the broker acknowledged while ``n`` was processed; it then
-commits ``n-2``, produces ``n-1``'s changelog and ``n``'s outputs, and goes on to fetch.
-The broker's round trips overlap the model work instead of adding to it. An idle
-worker, a revoke and a stop drain the pipeline (everything processed is then durable
-and committed).
+offsets). The batch's outputs and checkpoint go to the **commit pipeline**
+(:mod:`emerg_stream.stream.commit`), which owns the checkpoint order (outputs, then the
+changelog, then the input offsets, each once the previous is acknowledged; pipelined so
+the broker's round trips overlap the next batch's processing) and checks every
+partition's commit result. An idle worker, a revoke and a stop drain it.
 
 A crash before a batch's changelog is acknowledged replays the records since the
 previous mark: params versions are recomputed identically (φ depends only on the item's
 records) and re-published under the same version; predictions and dead letters may
-appear twice. A crash between steps 2 and 3 resumes from the mark, which is
+appear twice. A crash between the changelog and the commit resumes from the mark, which is
 authoritative, so nothing is applied or counted twice (see
 :mod:`emerg_stream.stream.checkpointing`).
 
-With ``processing_guarantee=exactly_once`` the pipeline above is replaced by one Kafka
-transaction per batch holding its outputs, its changelog records and its input offsets
-(:mod:`emerg_stream.stream.transactions`, :meth:`Worker._commit_transaction`): nothing of
-a batch is visible to read-committed readers before it commits, so a crash or a zombie
-leaves no duplicate prediction either.
+With ``processing_guarantee=exactly_once`` the pipeline is one Kafka transaction per
+batch holding its outputs, its changelog records and its input offsets
+(:class:`~emerg_stream.stream.commit.TransactionalPipeline`): nothing of a batch is
+visible to read-committed readers before it commits, so a crash or a zombie leaves no
+duplicate prediction either.
 
 Rebalances use the eager ``range`` assignor: it gives a member the same partition
 numbers of the two co-partitioned topics (cooperative-sticky does not promise that, and
@@ -51,16 +37,14 @@ and commit failures propagate so the orchestrator restarts the job.
 
 **Hostile input and Kafka's limits** (docs/RELIABILITY.md): at start the worker reads the
 changelog's and dead-letter topic's record size limits and refuses input bounds whose
-largest item state would not fit (:mod:`emerg_stream.stream.limits`). An output record
-refused for good (``MSG_SIZE_TOO_LARGE`` and the like, at ``produce`` or on delivery) is
-logged and counted (``emerg_worker_outputs_refused_total``), a refused dead letter is
-re-sent without its raw bytes, and the loop goes on; only an item state that cannot be
-written stops the worker (the changelog must hold what the marks claim). A transient
-``produce`` error is retried with backoff. Offset commits are checked partition by
-partition and a failed partition is retried. **Poison-pill guard**: when processing a
-batch raises an unexpected exception (a bug a record finds; not an ``EmergError`` such as a
-broker failure or a restored state of another model, nor a ``KafkaException``), the worker
-writes a :class:`~emerg_stream.stream.checkpointing.SuspectNote` with the batch's offsets to the
+largest item state would not fit (:mod:`emerg_stream.stream.preflight`). An output
+record refused for good is counted and the loop goes on; only an item state that cannot
+be written stops the worker (:mod:`emerg_stream.stream.output`).
+
+**Poison-pill guard**: when processing a batch raises an unexpected exception (a bug a
+record finds; not an ``EmergError`` such as a broker failure or a restored state of
+another model, nor a ``KafkaException``), the worker writes a
+:class:`~emerg_stream.stream.checkpointing.SuspectNote` with the batch's offsets to the
 changelog before it exits; the next owner of the partition dead-letters those records
 (``poison_pill``), so no record makes the worker exit non-zero twice at the same offset.
 """
@@ -85,96 +69,31 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 
 from emerg_stream.config import WorkerSettings
-from emerg_stream.errors import ConfigError, EmergError, SchemaError, TransientError
-from emerg_stream.io.records import DeadLetter
+from emerg_stream.errors import ConfigError, EmergError, TransientError
 from emerg_stream.stream.changelog import restore_partitions
-from emerg_stream.stream.checkpointing import SUSPECT_KEY, PartitionMark, SuspectNote
-from emerg_stream.stream.connect import wait_for_brokers
-from emerg_stream.stream.envelope import Inbound, Outbound
+from emerg_stream.stream.clients import consumer_conf, producer_conf
+from emerg_stream.stream.commit import CommitPipeline, TransactionalPipeline
+from emerg_stream.stream.envelope import Inbound
 from emerg_stream.stream.faults import FaultInjector
 from emerg_stream.stream.flow import Backpressure
 from emerg_stream.stream.handler import WarmupHandler
 from emerg_stream.stream.lag import assigned_lag
-from emerg_stream.stream.limits import check_state_fits, read_output_limits
 from emerg_stream.stream.metrics import OutcomeCounts, WorkerMetrics
-from emerg_stream.stream.processor import BatchSummary, CheckpointRecords, WarmupProcessor
+from emerg_stream.stream.output import FLUSH_TIMEOUT_S, OutputProducer
+from emerg_stream.stream.poison import write_suspect_notes
+from emerg_stream.stream.preflight import preflight
+from emerg_stream.stream.processor import BatchSummary, WarmupProcessor
 from emerg_stream.stream.reader import reader_conf
-from emerg_stream.stream.topics import check_access, check_copartitioned, topic_partitions
 from emerg_stream.stream.transactions import TransactionalCheckpoint, transactional_id
+from emerg_stream.topic_roles import INPUT_ROLES
 
 __all__ = ["Worker", "consumer_conf", "producer_conf"]
 
 log = structlog.get_logger(__name__)
 
-_FLUSH_TIMEOUT_S = 30.0
 _RESTORE_TIMEOUT_S = 120.0
-#: A transient ``produce`` error is retried this long (backoff 50 ms doubling to 2 s).
-_PRODUCE_RETRY_S = 30.0
-#: Attempts of an offset commit whose partitions failed (backoff 200 ms doubling).
-_COMMIT_ATTEMPTS = 4
-#: Delivery errors that belong to one record (it can never be written), not to the broker.
-_RECORD_ERRORS = {
-    KafkaError.MSG_SIZE_TOO_LARGE,
-    KafkaError.INVALID_RECORD,
-    KafkaError.RECORD_LIST_TOO_LARGE,
-    KafkaError.INVALID_MSG_SIZE,
-    KafkaError.INVALID_MSG,
-}
-#: Commit errors of a member that lost its generation: not fatal, the marks resume it.
-_REBALANCE_CODES = {
-    KafkaError.ILLEGAL_GENERATION,
-    KafkaError.UNKNOWN_MEMBER_ID,
-    KafkaError.REBALANCE_IN_PROGRESS,
-    KafkaError._ASSIGNMENT_LOST,
-}
-
-
-def consumer_conf(settings: WorkerSettings) -> dict[str, str]:
-    """Settings (librdkafka keys) of the group consumer.
-
-    Raises:
-        ConfigError: ``extra`` asks for another assignor than ``range``.
-    """
-    conf = settings.kafka.as_librdkafka()
-    strategy = conf.get("partition.assignment.strategy", "range")
-    if strategy != "range":
-        raise ConfigError(
-            f"partition.assignment.strategy={strategy!r}: the worker needs the eager 'range' "
-            f"assignor (same partition numbers of items and interactions on one member)"
-        )
-    conf.update(
-        {
-            "group.id": settings.group_id,
-            "partition.assignment.strategy": "range",
-            "enable.auto.commit": "false",
-            "enable.auto.offset.store": "false",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": str(settings.session_timeout_ms),
-            "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
-            # librdkafka's default, explicit: records of open or aborted transactions
-            # (exactly_once) are never processed
-            "isolation.level": "read_committed",
-        }
-    )
-    # Shorter than librdkafka's 500 ms: a fetch waiting that long showed up in the
-    # produce -> params latency (benchmarks/latency.py on Tansu, 1,800 events/s: p50
-    # 0.47 -> 0.38 s, p99 0.9-1.5 -> 0.8-0.9 s; docs/BENCHMARKS_STREAM.md). ``extra`` may
-    # set it.
-    conf.setdefault("fetch.wait.max.ms", "50")
-    return conf
-
-
-def producer_conf(settings: WorkerSettings) -> dict[str, str]:
-    """Settings (librdkafka keys) of the idempotent output producer."""
-    conf = settings.kafka.as_librdkafka()
-    for key in ("partition.assignment.strategy",):
-        conf.pop(key, None)
-    conf.setdefault("linger.ms", "2")
-    conf.update({"enable.idempotence": "true", "acks": "all"})
-    return conf
 
 
 class Worker:
@@ -220,23 +139,25 @@ class Worker:
         self.processor.on_update = lambda: self.faults.hit("mid_update")
         self._stop = threading.Event()
         self._failed = False
-        self._delivery_error: KafkaError | None = None
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
         self._restorer: Consumer | None = None
         #: The transactional checkpoint (``exactly_once`` only).
         self._txn: TransactionalCheckpoint | None = None
         self._last_activity = time.monotonic()
-        self._marks: dict[int, PartitionMark] = {}
-        # The checkpoint pipeline (see _settle): the last batch's checkpoint, whose
-        # outputs are produced but not known durable, and the one before it, whose
-        # changelog records are produced but not known durable.
-        self._held: CheckpointRecords | None = None
-        self._sent: CheckpointRecords | None = None
+        #: The output producer (its producer is made when the worker starts).
+        self.output = OutputProducer(self.topics, self.metrics, lambda: self.processor.dead.serde)
+        #: The commit pipeline: owns the checkpoint order (a transactional one replaces
+        #: it when the worker starts with ``exactly_once``).
+        self.pipeline: CommitPipeline | TransactionalPipeline = CommitPipeline(
+            self.output,
+            lambda: self._consumer,
+            metrics=self.metrics,
+            faults=self.faults,
+            on_checkpoint=self._write_stats,
+        )
         self.flow = Backpressure(settings.pending_max)
         self.pauses = 0
         self.batches = 0
-        self.checkpoints = 0
         self.rebalances = 0
         self._epoch = 0  # bumped by every rebalance callback (see _next_batch)
         self.restored_items = 0
@@ -244,6 +165,11 @@ class Worker:
         self.metrics_port: int | None = None
 
     # -- public ----------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints committed."""
+        return self.pipeline.checkpoints
 
     @property
     def counts(self) -> OutcomeCounts:
@@ -272,14 +198,21 @@ class Worker:
     # -- loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        n = self._preflight()
+        n = preflight(self.settings, self.handler, self.processor)
         base = self.settings.kafka.as_librdkafka()
         base.pop("partition.assignment.strategy", None)
         if self.settings.processing_guarantee == "exactly_once":
             self._txn = self._start_transactions(base)
-            self._producer = self._txn.producer
+            self.output.producer = self._txn.producer
+            self.pipeline = TransactionalPipeline(
+                self._txn,
+                lambda: self._consumer,
+                metrics=self.metrics,
+                faults=self.faults,
+                on_checkpoint=self._write_stats,
+            )
         else:
-            self._producer = Producer(producer_conf(self.settings))
+            self.output.producer = Producer(producer_conf(self.settings))
         # A short fetch wait: the restorer is reused, and a restore reads to the end of
         # the changelog; with librdkafka's 500 ms the broker held the previous restore's
         # last fetch and every later restore started ~0.5 s late (6-12 ms with 10).
@@ -290,7 +223,7 @@ class Worker:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, host)
             log.info("metrics_serving", url=f"http://{host}:{self.metrics_port}/metrics")
         self._consumer.subscribe(
-            [self.topics.items, self.topics.interactions],
+            [self.topics.name(role) for role in INPUT_ROLES],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -314,68 +247,6 @@ class Worker:
             raise
         finally:
             self._close()
-
-    def _preflight(self) -> int:
-        conf: dict[str, str | int | float | bool] = dict(self.settings.kafka.as_librdkafka())
-        outputs = [
-            self.topics.item_params,
-            self.topics.predictions,
-            self.topics.dead_letter,
-            self.topics.changelog,
-        ]
-        wait_for_brokers(self.settings)
-        refused: str | None = None
-        admin = AdminClient(conf)
-        try:
-            n = check_copartitioned(admin, self.topics.items, self.topics.interactions)
-            counts = topic_partitions(admin, outputs)
-            who = self.settings.kafka.sasl_username
-            check_access(
-                admin,
-                [self.topics.items, self.topics.interactions, self.topics.changelog],
-                outputs,
-                who=f"user {who!r}" if who else "this client",
-            )
-        except ConfigError as exc:
-            refused = str(exc)  # re-raised below, without a traceback holding the client
-        del admin
-        if refused is not None:
-            raise ConfigError(refused)
-        missing = [t for t in outputs if t not in counts]
-        if missing:
-            raise ConfigError(
-                f"topic(s) {', '.join(missing)} do not exist; create them with "
-                f"`emerg-stream topics create`"
-            )
-        if counts[self.topics.changelog] < n:
-            raise ConfigError(
-                f"changelog {self.topics.changelog!r} has {counts[self.topics.changelog]} "
-                f"partitions, fewer than the {n} input partitions it mirrors"
-            )
-        admin = AdminClient(conf)
-        try:
-            limits = read_output_limits(
-                admin, self.topics.changelog, self.topics.dead_letter, producer_conf(self.settings)
-            )
-        finally:
-            del admin
-        bound = check_state_fits(
-            self.settings.inputs,
-            limits,
-            k=self.handler.k,
-            dedupe_window=self.settings.dedupe_window,
-            n_fields=self.handler.n_fields,
-            dim=self.handler.dim,
-        )
-        self.processor.use_limits(limits)
-        log.info(
-            "record_limits",
-            changelog=limits.changelog,
-            dead_letter=limits.dead_letter,
-            sources=dict(limits.sources or {}),
-            state_bound=bound,
-        )
-        return n
 
     def _flow_control(self, batch: list[Inbound]) -> None:
         """Pause interactions partitions that run ahead of their items (see ``flow``)."""
@@ -457,12 +328,7 @@ class Worker:
             raise
         cp = self.processor.checkpoint()
         t1 = time.perf_counter()
-        if self._txn is not None:
-            self._commit_transaction(outputs, cp)
-        else:
-            self._settle()
-            self._produce(outputs)
-            self._held = cp if cp.records else None
+        self.pipeline.submit(outputs, cp)
         self.batches += 1
         self._log_batch(batch, summary, t0, t1, cp.items)
 
@@ -489,160 +355,11 @@ class Worker:
             states_written=cp_items,
         )
 
-    # -- producing and checkpointing -------------------------------------------------
+    # -- checkpointing -------------------------------------------------------------
 
     def _suspect(self, batch: list[Inbound], exc: BaseException) -> None:
-        """The poison-pill guard: note the batch's offsets in the changelog, then exit.
-
-        Best effort (the process is going down): the note goes through a producer of its
-        own (plain, idempotent; the worker's may be transactional or broken by then),
-        flushed for up to 10 s, and a failure to write it is logged, not raised over the
-        original error.
-        """
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        by_partition: dict[int, dict[str, set[int]]] = {}
-        roles = {self.topics.items: "items", self.topics.interactions: "interactions"}
-        for m in batch:
-            role = roles.get(m.topic)
-            if role is not None:
-                by_partition.setdefault(m.partition, {}).setdefault(role, set()).add(m.offset)
-        log.error("poison_suspected", error=error, partitions=sorted(by_partition))
-        try:
-            producer = Producer(producer_conf(self.settings))
-            for p, offsets in sorted(by_partition.items()):
-                note = SuspectNote(p, {r: frozenset(o) for r, o in offsets.items()}, error)
-                note = note.merged(self.processor.suspects.get(p))
-                producer.produce(self.topics.changelog, note.encode(), SUSPECT_KEY, p)
-            left = producer.flush(10.0)
-            if left:
-                log.error("poison_note_not_written", undelivered=left)
-        except (KafkaException, BufferError) as err:
-            log.error("poison_note_not_written", error=str(err))
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            return
-        topic = msg.topic() or ""
-        if err.code() in _RECORD_ERRORS and topic != self.topics.changelog:
-            self._refused(topic, msg.value(), err)  # that record only: the loop goes on
-            return
-        if self._delivery_error is None:
-            self._delivery_error = err
-
-    def _refused(self, topic: str, value: bytes | None, err: KafkaError) -> None:
-        """An output record refused for good: logged and counted; a dead letter re-sent bare."""
-        self.metrics.outputs_refused.labels(topic=topic, error=err.name()).inc()
-        log.error(
-            "output_refused", topic=topic, bytes=len(value or b""), error=err.str(), code=err.name()
-        )
-        if topic != self.topics.dead_letter or value is None or self._producer is None:
-            return
-        serde = self.processor.dead.serde
-        try:
-            d = serde.decode(value)
-        except SchemaError as exc:  # logged; the dead letter is then lost
-            log.error("dead_letter_not_resent", error=str(exc))
-            return
-        if d.get("truncated") and d["value"] is None:
-            return  # already bare: nothing smaller to send
-        bare: DeadLetter = {
-            **d,
-            "key": None,
-            "value": None,
-            "truncated": True,
-            "message": (f"raw bytes left out: {err.name()}; " + d["message"])[:2000],
-        }
-        try:
-            self._producer.produce(topic, serde.encode(bare), on_delivery=self._on_delivery)
-        except (KafkaException, BufferError) as exc:  # logged; the dead letter is then lost
-            log.error("dead_letter_not_resent", error=str(exc))
-
-    def _produce(self, records: list[Outbound]) -> None:
-        """Produce ``records`` in order (see the module docstring for the error policy).
-
-        Raises:
-            TransientError: The producer is closed, a transient error outlasted
-                ``_PRODUCE_RETRY_S``, or an item state was refused.
-        """
-        producer = self._producer
-        if producer is None:
-            raise TransientError("the producer is closed")
-        for r in records:
-            wait, deadline = 0.05, time.monotonic() + _PRODUCE_RETRY_S
-            while True:
-                try:
-                    if r.partition is None:
-                        producer.produce(r.topic, r.value, r.key, on_delivery=self._on_delivery)
-                    else:
-                        producer.produce(
-                            r.topic, r.value, r.key, r.partition, on_delivery=self._on_delivery
-                        )
-                    break
-                except BufferError:
-                    producer.poll(0.05)  # local queue full: let deliveries drain
-                except KafkaException as exc:
-                    err: KafkaError = exc.args[0]
-                    if err.fatal():
-                        raise TransientError(f"fatal producer error: {err.str()}") from exc
-                    if err.retriable() or err.code() == KafkaError._QUEUE_FULL:
-                        if time.monotonic() > deadline:
-                            raise TransientError(f"produce kept failing: {err.str()}") from exc
-                        log.warning("produce_retried", topic=r.topic, error=err.str(), wait_s=wait)
-                        producer.poll(wait)
-                        wait = min(2.0, wait * 2)
-                        continue
-                    if r.topic == self.topics.changelog:
-                        raise TransientError(
-                            f"an item state was refused ({err.str()}, {len(r.value or b''):,} "
-                            f"bytes): the changelog must hold what the marks claim"
-                        ) from exc
-                    self._refused(r.topic, r.value, err)
-                    break
-
-    def _flush(self) -> None:
-        producer = self._producer
-        if producer is None:
-            return
-        left = producer.flush(_FLUSH_TIMEOUT_S)
-        if left:
-            raise TransientError(f"{left} records not delivered within {_FLUSH_TIMEOUT_S}s")
-        if self._delivery_error is not None:
-            err, self._delivery_error = self._delivery_error, None
-            raise TransientError(f"delivery failed: {err.str()}")
-
-    def _settle(self, *, in_revoke: bool = False) -> None:
-        """One stage of the checkpoint pipeline: wait, commit, produce the next changelog.
-
-        Waits until everything produced so far is acknowledged; then the changelog
-        produced by the previous stage is durable, so its input offsets are committed,
-        and the held checkpoint's outputs are durable, so its changelog records are
-        produced (and acknowledged by the next stage). Called after each batch, the wait
-        is for records produced one batch earlier: the broker answered them while that
-        batch was processed.
-        """
-        sent, held = self._sent, self._held
-        if sent is None and held is None:
-            return
-        t0 = time.perf_counter()
-        self._flush()
-        if sent is not None:
-            self._commit(sent, in_revoke=in_revoke)
-            self._sent = None
-        if held is not None:
-            self._produce(held.records)
-            self._sent, self._held = held, None
-        self.metrics.checkpoint.observe(time.perf_counter() - t0)
-
-    def _commit(self, cp: CheckpointRecords, *, in_revoke: bool) -> None:
-        """Commit the offsets of a checkpoint whose changelog records are durable."""
-        self.faults.hit("after_changelog")
-        self._marks.update(cp.marks)
-        if cp.offsets and self._consumer is not None:
-            tps = [TopicPartition(t, p, o) for (t, p), o in sorted(cp.offsets.items())]
-            self._commit_offsets(self._consumer, tps, in_revoke=in_revoke)
-            self.faults.hit("after_commit")
-        self.checkpoints += 1
-        self._write_stats()
+        """The poison-pill guard: note the batch's offsets in the changelog, then exit."""
+        write_suspect_notes(self.settings, batch, exc, self.processor.suspects)
 
     def _start_transactions(self, base: dict[str, str]) -> TransactionalCheckpoint:
         """``exactly_once``: the transactional producer, checked before joining the group.
@@ -659,80 +376,9 @@ class Worker:
         txn.check_isolation(self.topics.changelog, reader_conf(base))
         return txn
 
-    def _commit_transaction(self, outputs: list[Outbound], cp: CheckpointRecords) -> None:
-        """``exactly_once``: the batch's outputs, changelog and offsets in one transaction."""
-        if self._txn is None or self._consumer is None:
-            raise TransientError("the transactional producer or the consumer is closed")
-        t0 = time.perf_counter()
-        self._txn.commit(
-            outputs,
-            cp.records,
-            cp.offsets,
-            self._consumer,
-            before_commit=lambda: self.faults.hit("after_changelog"),
-        )
-        self.faults.hit("after_commit")
-        self._marks.update(cp.marks)
-        if cp.records:
-            self.checkpoints += 1
-            self._write_stats()
-        self.metrics.checkpoint.observe(time.perf_counter() - t0)
-
     def _checkpoint(self, *, in_revoke: bool = False) -> None:
-        """Drain the pipeline: everything processed is durable and committed."""
-        self._settle(in_revoke=in_revoke)
-        self._settle(in_revoke=in_revoke)
-
-    def _commit_offsets(
-        self, consumer: Consumer, tps: list[TopicPartition], *, in_revoke: bool
-    ) -> None:
-        """Commit synchronously, check every partition's result, retry what failed.
-
-        A commit that raises is retried whole; one whose result names failed partitions
-        is retried for those. After :data:`_COMMIT_ATTEMPTS` it raises, unless the member
-        lost its generation (a rebalance: the marks just flushed are authoritative and
-        the next owner resumes from them) or the commit runs in a revoke.
-
-        Raises:
-            TransientError: A partition could not be committed.
-        """
-        todo, wait = tps, 0.2
-        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            try:
-                result = consumer.commit(offsets=todo, asynchronous=False)
-            except KafkaException as exc:
-                code = exc.args[0].code() if exc.args else None
-                if in_revoke or code in _REBALANCE_CODES:
-                    # The marks just flushed are authoritative; the next owner (this
-                    # worker after it rejoins, e.g. when the broker froze past the
-                    # session timeout) restores them from the changelog and resumes there.
-                    log.warning("commit_failed_in_rebalance", error=str(exc), in_revoke=in_revoke)
-                    return
-                failed_names = [f"{tp.topic}[{tp.partition}]" for tp in todo]
-                error = str(exc)
-            else:
-                failed = [(tp, tp.error) for tp in (result or []) if tp.error is not None]
-                if not failed:
-                    return
-                codes = {e.code() for _, e in failed}
-                if in_revoke or codes <= _REBALANCE_CODES:
-                    names = [f"{tp.topic}[{tp.partition}]: {e.str()}" for tp, e in failed]
-                    log.warning("commit_failed_in_rebalance", partitions=names, in_revoke=in_revoke)
-                    return
-                todo = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp, _ in failed]
-                failed_names = [f"{tp.topic}[{tp.partition}]" for tp, _ in failed]
-                error = "; ".join(e.str() for _, e in failed)
-            self.metrics.commit_retries.inc(len(todo))
-            log.warning(
-                "commit_partition_failed", partitions=failed_names, error=error, attempt=attempt
-            )
-            if attempt == _COMMIT_ATTEMPTS:
-                raise TransientError(
-                    f"offset commit failed for {', '.join(failed_names)} after {attempt} "
-                    f"attempts: {error}"
-                )
-            time.sleep(wait)
-            wait *= 2
+        """Drain the commit pipeline: everything processed is durable and committed."""
+        self.pipeline.drain(in_revoke=in_revoke)
 
     def _write_stats(self) -> None:
         if self.stats_path is None:
@@ -754,7 +400,7 @@ class Worker:
             "process": self.processor.counts.to_dict(),
             "marks": {
                 str(p): {"positions": m.positions, "counts": m.counts.to_dict()}
-                for p, m in sorted(self._marks.items())
+                for p, m in sorted(self.pipeline.marks.items())
             },
         }
         tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
@@ -795,13 +441,13 @@ class Worker:
                 r = restored[p]
                 starts = self.processor.assign(p, r.items, r.mark, r.suspect)
                 if r.mark is not None:
-                    self._marks[p] = r.mark
-                for role, topic in (
-                    ("items", self.topics.items),
-                    ("interactions", self.topics.interactions),
-                ):
+                    self.pipeline.marks[p] = r.mark
+                for role in INPUT_ROLES:
                     off = starts[role]
-                    tps.append(TopicPartition(topic, p, OFFSET_STORED if off is None else off))
+                    tp = TopicPartition(
+                        self.topics.name(role), p, OFFSET_STORED if off is None else off
+                    )
+                    tps.append(tp)
             consumer.assign(tps)
             self.flow.assigned(numbers, time.monotonic())
             self._last_activity = time.monotonic()
@@ -837,7 +483,7 @@ class Worker:
         numbers = sorted({tp.partition for tp in partitions})
         # Another member may own them now: what is not yet in the changelog stays out
         # of it (its records are replayed by the new owner from the last mark).
-        self._held = self._sent = None
+        self.pipeline.drop()
         for p in numbers:
             self.processor.revoke(p)
         self.flow.revoked(numbers)
@@ -848,11 +494,11 @@ class Worker:
             # close() revokes: the revoke callback checkpoints (unless the loop failed).
             self._consumer.close()
             self._consumer = None
-        if self._producer is not None:
+        if self.output.producer is not None:
             # exactly_once: each batch's commit flushed it; a fenced producer would raise
             if self._txn is None:
-                self._producer.flush(_FLUSH_TIMEOUT_S)
-            self._producer = None
+                self.output.producer.flush(FLUSH_TIMEOUT_S)
+            self.output.producer = None
         if self._restorer is not None:
             self._restorer.close()
             self._restorer = None

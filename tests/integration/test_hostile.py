@@ -359,9 +359,10 @@ def test_an_output_refused_for_good_is_counted_not_fatal(
 
     settings = settings_for(bootstrap, topics, unique_name("group"))
     worker = Worker(settings, handler)
-    worker._producer = Producer(producer_conf(settings))
+    out = worker.output
+    out.producer = Producer(producer_conf(settings))
     huge = b"p" * 1_200_000
-    worker._produce(
+    out.produce(
         [Outbound(topics.predictions, b"k", huge), Outbound(topics.predictions, b"k", b"ok")]
     )
     refused = worker.metrics.registry.get_sample_value(
@@ -369,7 +370,7 @@ def test_an_output_refused_for_good_is_counted_not_fatal(
         {"topic": topics.predictions, "error": "MSG_SIZE_TOO_LARGE"},
     )
     assert refused == 1.0
-    worker._flush()  # the record after it was delivered
+    out.flush()  # the record after it was delivered
     # a dead letter refused for good is re-sent without its raw bytes
     big = worker.processor.dead.serde.encode(
         {
@@ -383,15 +384,15 @@ def test_an_output_refused_for_good_is_counted_not_fatal(
             "failed_time": 0,
         }
     )
-    worker._produce([Outbound(topics.dead_letter, b"k", big)])
-    worker._flush()
+    out.produce([Outbound(topics.dead_letter, b"k", big)])
+    out.flush()
     (d,) = dead_letters(kafka_conf, topics)
     assert (d["value"], d["truncated"], d["source_offset"]) == (None, True, 3)
     assert d["message"].startswith("raw bytes left out: MSG_SIZE_TOO_LARGE")
     with pytest.raises(TransientError, match="an item state was refused"):
-        worker._produce([Outbound(topics.changelog, b"k", huge, partition=0)])
-    worker._producer.flush(10)
-    worker._producer = None
+        out.produce([Outbound(topics.changelog, b"k", huge, partition=0)])
+    out.producer.flush(10)
+    out.producer = None
 
 
 def test_a_failed_partition_commit_is_logged_retried_then_raised(
@@ -400,15 +401,17 @@ def test_a_failed_partition_commit_is_logged_retried_then_raised(
     from confluent_kafka import Consumer, TopicPartition
 
     from emerg_stream.errors import TransientError
+    from emerg_stream.stream.commit import commit_offsets
 
     settings = settings_for(bootstrap, topics, unique_name("group"))
     worker = Worker(settings, handler)
     consumer = Consumer({**kafka_conf, "group.id": unique_name("group")})
     try:
-        worker._commit_offsets(consumer, [TopicPartition(topics.items, 0, 1)], in_revoke=False)
+        ok = [TopicPartition(topics.items, 0, 1)]
+        commit_offsets(consumer, ok, in_revoke=False, metrics=worker.metrics)
         bad = [TopicPartition(topics.items, 0, 2), TopicPartition(unique_name("none"), 7, 1)]
         with pytest.raises(TransientError, match=r"offset commit failed for .*\[7\]"):
-            worker._commit_offsets(consumer, bad, in_revoke=False)
+            commit_offsets(consumer, bad, in_revoke=False, metrics=worker.metrics)
         retries = worker.metrics.registry.get_sample_value("emerg_worker_commit_retries_total")
         assert retries is not None and retries >= 4
     finally:

@@ -36,6 +36,7 @@ from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemPara
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.stream.changelog import ChangelogFold
+from emerg_stream.stream.commit import CommitPipeline
 from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
@@ -304,7 +305,9 @@ def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
     worker = Worker(settings, handler)
     events: list[tuple[str, int]] = []  # (what, id of the object it concerns)
     process, checkpoint = worker.processor.process, worker.processor.checkpoint
-    produce_, flush, commit = worker._produce, worker._flush, worker._commit
+    pipeline = worker.pipeline
+    assert isinstance(pipeline, CommitPipeline)
+    produce_, flush, commit = pipeline.output.produce, pipeline.output.flush, pipeline.commit
     batches: list[tuple[int, int]] = []  # (id of outputs, id of checkpoint records)
     alive: list[Any] = []  # every object whose id is recorded (ids are not reused then)
 
@@ -335,9 +338,9 @@ def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
 
     worker.processor.process = spy_process  # type: ignore[method-assign]
     worker.processor.checkpoint = spy_checkpoint  # type: ignore[method-assign]
-    worker._produce = spy_produce  # type: ignore[method-assign]
-    worker._flush = spy_flush  # type: ignore[method-assign]
-    worker._commit = spy_commit  # type: ignore[method-assign]
+    pipeline.output.produce = spy_produce  # type: ignore[method-assign]
+    pipeline.output.flush = spy_flush  # type: ignore[method-assign]
+    pipeline.commit = spy_commit  # type: ignore[method-assign]
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
@@ -348,11 +351,10 @@ def test_each_batch_is_checkpointed_in_order_and_committed_only_when_durable(
         # idle, the worker drains the pipeline by itself (before any stop)
         def drained() -> bool:  # and stays so (no batch in between)
             before = worker.checkpoints
-            if worker._held is not None or worker._sent is not None:
+            if not pipeline.idle:
                 return False
             time.sleep(0.5)
-            idle = worker._held is None and worker._sent is None
-            return idle and worker.checkpoints == before
+            return pipeline.idle and worker.checkpoints == before
 
         wait_for(drained, 20, "the idle drain")
         committed_while_idle = worker.checkpoints

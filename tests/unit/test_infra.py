@@ -166,6 +166,11 @@ def test_dockerfile_ships_what_the_commands_need():
     text = (INFRA / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["emerg-stream", "--log-json"]' in text
     assert "COPY infra/topics.yaml ./infra/topics.yaml" in text
+    # the non-editable install builds the wheel with its schemas (setup.py's hook)
+    assert "COPY pyproject.toml setup.py MANIFEST.in README.md ./" in text
+    assert "COPY schemas ./schemas" in text
+    ignore = (INFRA / "Dockerfile.dockerignore").read_text()
+    assert all(f"!{p}" in ignore for p in ("setup.py", "MANIFEST.in", "schemas/**"))
     assert "WORKDIR /app" in text
     # the CPU warm-up kernel is built at start: a compiler and a writable cache (/tmp is
     # the pod's one writable path)

@@ -18,7 +18,7 @@ from emerg_stream.errors import SchemaError
 from emerg_stream.io.avro import AvroSerde, frame
 from emerg_stream.io.records import ItemState
 from emerg_stream.io.schemas import load_manifest, load_schema
-from emerg_stream.state import ItemMap, RecentIds, StateStore, SupportRows, crossed_phase
+from emerg_stream.state import ItemMap, RecentIds, StateStore, SupportRows
 from emerg_stream.state.codec import ItemStateCodec
 from emerg_stream.state.dedupe import CONFLICT, DUPLICATE, NEW, content_digest, event_hash
 from emerg_stream.state.item import ItemTask
@@ -93,22 +93,6 @@ def assert_same_task(a: ItemTask, b: ItemTask) -> None:
     assert a.support == b.support and a.recent == b.recent
     assert a.last_offsets == b.last_offsets and a.updated_time == b.updated_time
     assert a.phi_bytes == b.phi_bytes and a.n_fields == b.n_fields
-
-
-def test_phase_thresholds_follow_the_protocol():
-    k = 20
-    assert [crossed_phase(t * k, k) for t in range(1, 7)] == [
-        "warm_a",
-        "warm_b",
-        "warm_c",
-        "common",
-        "common",
-        "common",
-    ]
-    with pytest.raises(ValueError, match="multiple"):
-        crossed_phase(30, k)
-    with pytest.raises(ValueError, match="positive"):
-        crossed_phase(0, 0)
 
 
 # -- de-duplication window -------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""Prequential rounds: score with the params in force, apply, run the batched updates.
+
+Step 4 of :mod:`emerg_stream.stream.processor`: each round takes, for every item, its
+queued interactions up to its next threshold (:class:`~emerg_stream.phases.WarmupSchedule`);
+ONE scoring call scores all of them; they are appended to the support buffers; ONE
+``update`` call runs the warm-up of every item that reached its threshold.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from emerg_stream.errors import ModelError
+from emerg_stream.phases import OLD
+from emerg_stream.state import ItemTask
+from emerg_stream.stream.envelope import Outbound
+from emerg_stream.stream.handler import BatchSession, ItemFeatures, ParamsArrays
+from emerg_stream.stream.metrics import APPLIED, IGNORED_OLD_ITEM
+from emerg_stream.stream.processor_base import BatchSummary, Key, ProcessorBase, _features, _Queued
+
+__all__ = ["Rounds"]
+
+
+class Rounds(ProcessorBase):
+    """The prequential rounds of a batch (step 4)."""
+
+    def _rounds(
+        self,
+        queues: dict[Key, list[_Queued]],
+        old_rows: list[tuple[Key, _Queued]],
+        out: list[Outbound],
+        summary: BatchSummary,
+    ) -> None:
+        if not queues and not old_rows:
+            return
+        keys = list(queues)
+        tasks = [self.store.partition(p).items[i] for p, i in keys]
+        old_keys = list(dict.fromkeys(k for k, _ in old_rows))
+        old_slot = {k: len(tasks) + j for j, k in enumerate(old_keys)}
+        features = [_features(t) for t in tasks]
+        for p, item_id in old_keys:
+            task = self.store.get(p, item_id)
+            features.append(
+                _features(task) if task is not None else ItemFeatures(item_id, {}, {}, {})
+            )
+        n_new, n_all = len(tasks), len(features)
+        params = ParamsArrays.zeros(n_all, self.handler.layout)
+        for j, task in enumerate(tasks):
+            if task.adjacency is None or task.id_embedding is None:
+                raise ModelError(f"item {task.item_id!r} has no params")
+            params.adjacency[j] = task.adjacency
+            params.id_embedding[j] = task.id_embedding
+        trained = np.zeros(n_all, dtype=np.bool_)
+        trained[n_new:] = True
+        session = self.handler.open_batch(features, params, trained)
+        cursor = [0] * n_new
+        first = True
+        while True:
+            slots: list[int] = []
+            rows: list[_Queued] = []
+            crossing: list[int] = []
+            if first:
+                for key, q in old_rows:
+                    slots.append(old_slot[key])
+                    rows.append(q)
+                first = False
+            for j, key in enumerate(keys):
+                queue, c = queues[key], cursor[j]
+                if c >= len(queue):
+                    continue
+                task = tasks[j]
+                room = task.next_threshold - task.support_size
+                take = queue[c : c + room]
+                cursor[j] = c + len(take)
+                slots += [j] * len(take)
+                rows += take
+                if len(take) == room:
+                    crossing.append(j)
+            if not rows:
+                break
+            summary.rounds += 1
+            self._score_and_apply(session, slots, rows, tasks, out, summary)
+            if crossing:
+                self._update(session, crossing, tasks, out, summary)
+
+    def _score_and_apply(
+        self,
+        session: BatchSession,
+        slots: list[int],
+        rows: list[_Queued],
+        tasks: list[ItemTask],
+        out: list[Outbound],
+        summary: BatchSummary,
+    ) -> None:
+        scores = session.score(np.asarray(slots, dtype=np.int64), [q.rec for q in rows])
+        self.auc.add(scores, [q.rec["label"] for q in rows])
+        now = self._now()
+        n_new = len(tasks)
+        for slot, q, score in zip(slots, rows, scores.tolist(), strict=True):
+            rec, p = q.rec, q.msg.partition
+            task = tasks[slot] if slot < n_new else None
+            out.append(
+                Outbound(
+                    self.topics.predictions,
+                    rec["item_id"].encode(),
+                    self.pred_serde.encode(
+                        {
+                            "event_id": rec["event_id"],
+                            "item_id": rec["item_id"],
+                            "user_id": rec["user_id"],
+                            "score": float(score),
+                            "label": rec["label"],
+                            "params_version": 0 if task is None else task.version,
+                            "phase": OLD if task is None else task.phase,
+                            "event_time": rec["event_time"],
+                        }
+                    ),
+                )
+            )
+            summary.predictions += 1
+            if task is None:
+                self._count(p, "interactions", IGNORED_OLD_ITEM, summary)
+                continue
+            task.support.append(self.codec.encode_row(rec))
+            task.support_size += 1
+            task.last_offsets[(q.msg.topic, p)] = q.msg.offset
+            task.updated_time = now
+            self._count(p, "interactions", APPLIED, summary)
+
+    def _update(
+        self,
+        session: BatchSession,
+        crossing: list[int],
+        tasks: list[ItemTask],
+        out: list[Outbound],
+        summary: BatchSummary,
+    ) -> None:
+        slots = np.asarray(crossing, dtype=np.int64)
+        support = [self.codec.decode_rows(tasks[j].support) for j in crossing]
+        t0 = time.perf_counter()
+        session.update(slots, support)
+        if self.on_update is not None:
+            self.on_update()
+        params = session.params(slots)
+        took = time.perf_counter() - t0
+        summary.update_s += took
+        summary.updated_items += len(crossing)
+        if self.metrics is not None:
+            self.metrics.batch_update.observe(took)
+        now = self._now()
+        for i, j in enumerate(crossing):
+            task = tasks[j]
+            threshold = task.next_threshold
+            task.set_params(params.adjacency[i], params.id_embedding[i])
+            task.version += 1
+            task.phase = self.schedule.phase_at(threshold)
+            task.support.clear()
+            task.next_threshold = self.schedule.next_threshold(threshold)
+            out.append(self._params(task, threshold, now))
+            summary.params[task.phase] = summary.params.get(task.phase, 0) + 1

@@ -128,6 +128,27 @@ def registry_client(registry: SchemaRegistryServer) -> ConfluentRegistryClient:
     return ConfluentRegistryClient(registry.url)
 
 
+def test_an_older_writer_decodes_and_an_unknown_id_is_refused(registry, world, unique_name):
+    topic = unique_name("inter")
+    subject = f"{topic}-value"
+    older = load_schema("Interaction")
+    older["fields"] = [f for f in older["fields"] if f["name"] != "numeric"]  # an older shape
+    client = registry_client(registry)
+    old_id = client.register(subject, json.dumps(older))  # version 1, by an older producer
+    serde = AvroSerde(Interaction, topic=topic, ids=RegistrySchemaIds(client))
+    assert serde.schema_id != old_id  # ours is version 2 (adds a field with a default)
+    assert get_json(f"{registry.url}/subjects/{subject}/versions") == [1, 2]
+    value = dict(world.interactions[0])
+    buf = io.BytesIO()
+    old_value = {k: v for k, v in value.items() if k != "numeric"}
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(older), old_value)
+    reader = AvroSerde(Interaction, topic=topic, ids=RegistrySchemaIds(registry_client(registry)))
+    assert reader.decode(frame(old_id, buf.getvalue())) == {**value, "numeric": {}}
+    unknown = max(old_id, serde.schema_id) + 10_000
+    with pytest.raises(SchemaError, match=rf"schema id {unknown}: schema registry refused \(404\)"):
+        reader.decode(frame(unknown, buf.getvalue()))
+
+
 # -- (2) schema evolution under the registry's compatibility rule -----------------------
 
 

@@ -38,6 +38,7 @@ from emerg_stream.io.avro import AvroSerde, frame, peek_schema_id
 from emerg_stream.io.records import DeadLetter, Interaction, ItemEvent, ItemParams, Prediction
 from emerg_stream.io.schemas import (
     RECORD_NAMES,
+    REGISTRY_TIMEOUT_S,
     REGISTRY_URL_ENV,
     ConfluentRegistryClient,
     ManifestSchemaIds,
@@ -182,6 +183,24 @@ def test_incompatible_evolution_is_refused_and_a_compatible_one_is_read(
     fastavro.schemaless_writer(buf, fastavro.parse_schema(evolved), {**value, "region": "eu"})
     reader = AvroSerde(Interaction, topic=topic, ids=RegistrySchemaIds(registry_client(registry)))
     assert reader.decode(frame(new_id, buf.getvalue())) == value
+
+
+def test_a_frozen_registry_fails_the_call_instead_of_hanging(registry, unique_name):
+    topic = unique_name("inter")
+    writer = AvroSerde(Interaction, topic=topic, ids=RegistrySchemaIds(registry_client(registry)))
+    reader = RegistrySchemaIds(registry_client(registry))  # a cold cache: it must ask
+    registry.pause()  # SIGSTOP: the port accepts connections, nothing answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransientError, match=f"schema id {writer.schema_id}: schema registry"):
+            reader.writer_schema(writer.schema_id)
+        took = time.monotonic() - t0
+    finally:
+        registry.resume()
+    print(f"\n[registry] a frozen registry failed the call after {took:.1f}s")
+    # 4 tries (the client's 3 retries) of REGISTRY_TIMEOUT_S each, plus its backoff
+    assert took < 4 * REGISTRY_TIMEOUT_S + 10
+    assert reader.writer_schema(writer.schema_id).record == "Interaction"  # thawed: answers
 
 
 # -- (3) the worker through the registry, which goes down mid-stream ---------------------

@@ -39,6 +39,7 @@ kafka: $(STAMP) ## run Apache Kafka on 127.0.0.1 (PLAINTEXT + SASL_SSL/SCRAM) un
 	$(VENV)/bin/emerg-stream broker --kafka
 
 test-registry: $(STAMP) ## the schema-registry tests on a real registry (Apicurio, built once with Maven; Java 17+)
+	$(PY) -m emerg_stream.stream.schema_registry_server --build-only
 	EMERG_TEST_SCHEMA_REGISTRY=apicurio $(PY) -m pytest -m "integration and not slow and not gpu" tests/integration/test_schema_registry.py $(PYTEST_ARGS)
 
 schema-registry: $(STAMP) ## run Apicurio Registry (Confluent-compatible API) on 127.0.0.1 until Ctrl-C

@@ -30,7 +30,7 @@ Example:
     ...     os.environ["EMERG_SCHEMA_REGISTRY_URL"] = registry.url
 
 Or from a shell: ``python -m emerg_stream.stream.schema_registry_server`` (prints the URL,
-runs until Ctrl-C).
+runs until Ctrl-C; ``--build-only`` only builds it).
 """
 
 from __future__ import annotations
@@ -417,8 +417,19 @@ class SchemaRegistryServer(ChildServer):
         return code
 
 
-def main() -> int:
-    """Run the registry until Ctrl-C; print ``EMERG_SCHEMA_REGISTRY_URL=...`` when up."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the registry until Ctrl-C; print ``EMERG_SCHEMA_REGISTRY_URL=...`` when up.
+
+    ``--build-only`` builds it (once) and prints the runner jar's path instead.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m emerg_stream.stream.schema_registry_server")
+    parser.add_argument("--build-only", action="store_true", help="build it once, do not run it")
+    args = parser.parse_args(argv)
+    if args.build_only:
+        print(build_registry(), flush=True)
+        return 0
     with SchemaRegistryServer() as registry:
         print(f"EMERG_SCHEMA_REGISTRY_URL={registry.url}", flush=True)
         print(

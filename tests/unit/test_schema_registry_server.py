@@ -55,3 +55,16 @@ def test_bad_arguments_and_a_stopped_server_are_refused(tmp_path: Path):
         _ = server.url
     server.stop()  # idempotent on a server never started
     assert not server.running
+
+
+def test_build_only_prints_the_runner_jar(monkeypatch, tmp_path, capsys):
+    from emerg_stream.stream.schema_registry_server import main
+
+    monkeypatch.setenv("EMERG_REGISTRY_CACHE", str(tmp_path))
+    root = tmp_path / f"apicurio-registry-{APICURIO_VERSION}"
+    jar = root / "app" / f"apicurio-registry-runner-{APICURIO_VERSION}-runner.jar"
+    jar.parent.mkdir(parents=True)
+    jar.write_bytes(b"PK")
+    (root / ".complete").write_text(APICURIO_VERSION)
+    assert main(["--build-only"]) == 0
+    assert capsys.readouterr().out.strip() == str(jar)

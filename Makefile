@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint format test test-all test-kafka kafka demo bench config-doc infra
+.PHONY: help setup lint format test test-all test-kafka test-registry kafka schema-registry demo bench config-doc infra
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,13 @@ test-kafka: $(STAMP) ## every integration test on Apache Kafka (Java 17+, Maven;
 
 kafka: $(STAMP) ## run Apache Kafka on 127.0.0.1 (PLAINTEXT + SASL_SSL/SCRAM) until Ctrl-C
 	$(VENV)/bin/emerg-stream broker --kafka
+
+test-registry: $(STAMP) ## the schema-registry tests on a real registry (Apicurio, built once with Maven; Java 17+)
+	$(PY) -m emerg_stream.stream.schema_registry_server --build-only
+	EMERG_TEST_SCHEMA_REGISTRY=apicurio $(PY) -m pytest -m "integration and not slow and not gpu" tests/integration/test_schema_registry.py $(PYTEST_ARGS)
+
+schema-registry: $(STAMP) ## run Apicurio Registry (Confluent-compatible API) on 127.0.0.1 until Ctrl-C
+	$(PY) -m emerg_stream.stream.schema_registry_server
 
 test-all: $(STAMP) ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)

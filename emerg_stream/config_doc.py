@@ -135,6 +135,17 @@ def other_variables() -> list[tuple[str, str]]:
             "--kafka` and `make test-kafka` (default `$XDG_CACHE_HOME/emerg-stream`, else "
             "`~/.cache/emerg-stream`; one `kafka-<version>` folder per version).",
         ),
+        (
+            "EMERG_TEST_SCHEMA_REGISTRY",
+            "Tests only: `apicurio` runs the schema-registry tests on Apicurio Registry "
+            "started for them (`make test-registry`); unset, they are skipped.",
+        ),
+        (
+            "EMERG_REGISTRY_CACHE",
+            "Folder of the Apicurio Registry built with Maven for `make schema-registry` "
+            "and `make test-registry` (default `$XDG_CACHE_HOME/emerg-stream`, else "
+            "`~/.cache/emerg-stream`; one `apicurio-registry-<version>` folder per version).",
+        ),
     ]
 
 

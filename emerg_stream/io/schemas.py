@@ -62,6 +62,7 @@ from emerg_stream.topic_roles import RECORD_NAMES
 __all__ = [
     "NAMESPACE",
     "RECORD_NAMES",
+    "REGISTRY_TIMEOUT_S",
     "REGISTRY_URL_ENV",
     "SCHEMA_DIR_ENV",
     "ConfluentRegistryClient",
@@ -87,6 +88,8 @@ NAMESPACE = "emerg_stream"
 SCHEMA_DIR_ENV = "EMERG_SCHEMA_DIR"
 #: Environment variable naming a Confluent Schema Registry (switches ids to the registry).
 REGISTRY_URL_ENV = "EMERG_SCHEMA_REGISTRY_URL"
+#: Seconds one schema-registry request may take (connect, send, read) before it fails.
+REGISTRY_TIMEOUT_S = 5.0
 
 _MANIFEST = "ids.json"
 
@@ -336,11 +339,15 @@ class ConfluentRegistryClient:
 
     Registry failures are sorted the way the stream needs them: an id or subject the
     registry does not know is a :class:`SchemaError` (the record is dead-lettered), any
-    other failure (connection, HTTP 5xx) a :class:`TransientError` (retry, don't drop).
+    other failure (connection, HTTP 5xx, no answer) a :class:`TransientError` (retry, don't
+    drop). Each request times out after :data:`REGISTRY_TIMEOUT_S` (the client's own default
+    is no timeout: a frozen registry held the caller until it thawed); with the client's
+    3 retries a registry that does not answer fails a call in about half a minute.
 
     Args:
         url: Registry URL, e.g. ``http://127.0.0.1:8081``.
-        conf: Extra client settings (``basic.auth.user.info``, ``ssl.ca.location``, ...).
+        conf: Extra client settings (``basic.auth.user.info``, ``ssl.ca.location``,
+            ``timeout``, ...).
 
     Raises:
         ConfigError: The registry extra of confluent-kafka is not installed.
@@ -358,7 +365,8 @@ class ConfluentRegistryClient:
         # typed loosely: the class's stub differs between confluent-kafka releases
         self._schema_cls: Any = Schema
         self._error_cls: type[Exception] = SchemaRegistryError
-        self._client = SchemaRegistryClient({"url": url, **(conf or {})})
+        settings: dict[str, object] = {"url": url, "timeout": REGISTRY_TIMEOUT_S}
+        self._client = SchemaRegistryClient({**settings, **(conf or {})})
 
     def _wrap(self, what: str, exc: Exception) -> EmergError:
         status = getattr(exc, "http_status_code", None)

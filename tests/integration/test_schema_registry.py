@@ -47,7 +47,7 @@ from emerg_stream.io.schemas import (
     load_schema,
 )
 from emerg_stream.serving.handler import TorchWarmupHandler
-from emerg_stream.stream.replay import read_to_end
+from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.schema_registry_server import APICURIO_VERSION, SchemaRegistryServer
 from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker

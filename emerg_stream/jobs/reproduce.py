@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.ablations import ABLATIONS
 from emerg_stream.devices import DEVICES
 from emerg_stream.methods import METHOD_NAMES
 
@@ -44,17 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablation",
         default="none",
-        choices=[
-            "none",
-            "random-graph",
-            "shared-graph",
-            "no-sparsify",
-            "no-mask",
-            "no-meta",
-            "no-inner-update",
-            "field-attention",
-        ],
-        help="an EmerG ablation of the paper (baselines are unaffected)",
+        choices=list(ABLATIONS),
+        help="an EmerG ablation of the paper or a fixed structure (baselines are unaffected)",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="rows per pretraining step")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -34,19 +34,6 @@ log = structlog.get_logger(__name__)
 #: The methods the protocol runs (all registered ones: :mod:`emerg_stream.methods`).
 METHODS: tuple[str, ...] = METHOD_NAMES
 
-#: The paper's ablations of EmerG: name -> (model config overrides, train config overrides).
-ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "none": ({}, {}),
-    "random-graph": ({"graph_mode": "random"}, {}),
-    "shared-graph": ({"graph_mode": "shared"}, {}),
-    "no-sparsify": ({"topk_ratio": 1.0}, {}),
-    "no-mask": ({"use_mask": False}, {}),
-    "no-meta": ({}, {"meta_epochs": 0}),
-    "no-inner-update": ({}, {"inner_update": False}),
-    # each reading of eq. (9) alone (by default selection chooses one: READINGS)
-    "field-attention": ({"attention": "field"}, {}),
-    "joint-attention": ({"attention": "joint"}, {}),
-}
 
 #: EmerG's structures that model selection chooses from per dataset, on pseudo-new items:
 #: the two readings of eq. (9) (the paper's symbols are lost: one self-attention over all

@@ -15,6 +15,7 @@ import numpy as np
 import structlog
 import torch
 
+from emerg_stream.ablations import ABLATIONS
 from emerg_stream.data import load_dataset, split_log, write_split
 from emerg_stream.devices import resolve_device
 from emerg_stream.errors import ConfigError
@@ -23,7 +24,6 @@ from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.meta.evaluate import run_phases
 from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.meta.pipeline import (
-    ABLATIONS,
     EPOCH_WARMUP_GRID,
     MAX_META_EPOCHS,
     MAX_PRETRAIN_EPOCHS,

@@ -232,21 +232,6 @@ class ApacheKafka(ChildServer):
         code = self._terminate()
         log.info("kafka_stopped", pid=pid, returncode=code)
 
-    def pause(self) -> None:
-        """Freeze the JVM (SIGSTOP): connections stay open but nothing answers."""
-        self._signal(signal.SIGSTOP)
-        self._paused = True
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the node's output (stdout and stderr)."""
-        if self._log is None:
-            return ""
-        try:
-            text = Path(self._log.name).read_bytes()[-32768:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def __repr__(self) -> str:
         where = self.bootstrap if self.running else "stopped"
         return f"ApacheKafka({self.version}, {where})"

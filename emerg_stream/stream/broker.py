@@ -247,8 +247,7 @@ class EmbeddedBroker(ChildServer):
         ``/proc``; elsewhere at once), so a request sent afterwards cannot be answered
         by a thread the signal had not reached yet.
         """
-        self._signal(signal.SIGSTOP)
-        self._paused = True
+        super().pause()
         tasks = Path(f"/proc/{self.pid}/task")
         deadline = time.monotonic() + 2.0
         while tasks.is_dir() and time.monotonic() < deadline:
@@ -262,15 +261,11 @@ class EmbeddedBroker(ChildServer):
                 return
             time.sleep(0.005)
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines the broker wrote (stdout and stderr), colours removed."""
-        if self._log is None:
-            return ""
-        try:
-            text = Path(self._log.name).read_bytes()[-16384:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(_ANSI.sub("", text).splitlines()[-lines:])
+    _LOG_TAIL_BYTES = 16384
+
+    def _clean_log(self, text: str) -> str:
+        """Tansu colours its log; :meth:`log_tail` shows it without the colours."""
+        return _ANSI.sub("", text)
 
     def __repr__(self) -> str:
         where = f"{HOST}:{self._port}" if self._port else "stopped"

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
@@ -53,9 +54,27 @@ class ChildServer:
         """Stop the child; subclasses define it."""
         raise NotImplementedError
 
+    #: How much of the end of the child's output :meth:`log_tail` reads.
+    _LOG_TAIL_BYTES = 32768
+
     def log_tail(self, lines: int = 20) -> str:
-        """The last lines the child wrote; subclasses define it."""
-        raise NotImplementedError
+        """The last ``lines`` lines the child wrote (stdout and stderr)."""
+        if self._log is None:
+            return ""
+        try:
+            raw = Path(self._log.name).read_bytes()[-self._LOG_TAIL_BYTES :]
+        except OSError:
+            return ""
+        return "\n".join(self._clean_log(raw.decode("utf-8", "replace")).splitlines()[-lines:])
+
+    def _clean_log(self, text: str) -> str:
+        """What :meth:`log_tail` shows of the output (subclasses strip colours)."""
+        return text
+
+    def pause(self) -> None:
+        """Freeze the child (SIGSTOP): connections stay open but nothing answers."""
+        self._signal(signal.SIGSTOP)
+        self._paused = True
 
     @property
     def pid(self) -> int:

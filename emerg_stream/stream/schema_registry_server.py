@@ -311,21 +311,6 @@ class SchemaRegistryServer(ChildServer):
         code = self._terminate()
         log.info("schema_registry_stopped", pid=pid, returncode=code)
 
-    def pause(self) -> None:
-        """Freeze the JVM (SIGSTOP): connections are accepted but nothing answers."""
-        self._signal(signal.SIGSTOP)
-        self._paused = True
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of the registry's output."""
-        if self._log is None:
-            return ""
-        try:
-            text = Path(self._log.name).read_bytes()[-32768:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def __repr__(self) -> str:
         where = self.url if self.running else "stopped"
         return f"SchemaRegistryServer(Apicurio {self.version}, {where})"

@@ -34,6 +34,7 @@ from test_worker import (
     read_values,
     settings_for,
 )
+from topic_names import topic_names
 
 from emerg_stream.config import TopicSettings, WorkerSettings
 from emerg_stream.serving.handler import TorchWarmupHandler
@@ -318,15 +319,7 @@ def test_refuses_bounds_whose_largest_state_cannot_fit_the_changelog(
     from emerg_stream.errors import ConfigError
     from emerg_stream.stream.topics import TopicSpec, ensure_topics, load_topic_specs
 
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=2,
-    )
+    names = topic_names(unique_name, 2)
     specs = [s for s in load_topic_specs(None, names) if s.role != "changelog"]
     config = {"cleanup.policy": "compact", "max.message.bytes": "200000"}
     specs.append(TopicSpec("changelog", names.changelog, 2, 1, config))

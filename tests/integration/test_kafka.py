@@ -44,6 +44,7 @@ from test_worker import (
     wait_for,
     worker_proc,
 )
+from topic_names import topic_names
 
 from emerg_stream.config import KafkaSettings, TopicSettings
 from emerg_stream.serving.handler import TorchWarmupHandler
@@ -343,15 +344,7 @@ def changelog_fold(kafka_conf: dict[str, str], topic: str) -> ChangelogFold:
 def test_a_changelog_compacted_by_the_log_cleaner_restores_the_same_state(
     world, handler, kafka_conf, bootstrap, unique_name
 ):
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=PARTITIONS,
-    )
+    names = topic_names(unique_name, PARTITIONS)
     specs = [
         dataclasses.replace(s, config=FAST_COMPACTION) if s.role == "changelog" else s
         for s in load_topic_specs(None, names)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import worker_world as ww
 from confluent_kafka import Producer
+from topic_names import fresh_topics
 
 from emerg_stream.config import KafkaSettings, TopicSettings, WorkerSettings
 from emerg_stream.features import encode_records, to_torch
@@ -31,7 +32,6 @@ from emerg_stream.methods import METHOD_NAMES, get_method
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.serving.ranker import RankerClient, flat_features
 from emerg_stream.stream.reader import read_to_end
-from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -53,17 +53,7 @@ def method_case(
 
 
 def _topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> TopicSettings:
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=2,
-    )
-    ensure_topics(kafka_conf, load_topic_specs(None, names))
-    return names
+    return fresh_topics(kafka_conf, unique_name, 2)
 
 
 def _produce(kafka_conf: dict[str, str], records: list[tuple[str, str, bytes]]) -> None:

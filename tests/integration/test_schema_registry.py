@@ -30,6 +30,7 @@ import pytest
 import torch
 import worker_world as ww
 from confluent_kafka import Producer
+from topic_names import fresh_topics
 
 from emerg_stream.config import KafkaSettings, TopicSettings, WorkerSettings
 from emerg_stream.errors import SchemaError, TransientError
@@ -49,7 +50,6 @@ from emerg_stream.io.schemas import (
 from emerg_stream.serving.handler import TorchWarmupHandler
 from emerg_stream.stream.reader import read_to_end
 from emerg_stream.stream.schema_registry_server import APICURIO_VERSION, SchemaRegistryServer
-from emerg_stream.stream.topics import ensure_topics, load_topic_specs
 from emerg_stream.stream.worker import Worker
 
 
@@ -207,17 +207,7 @@ def test_a_frozen_registry_fails_the_call_instead_of_hanging(registry, unique_na
 
 
 def make_topics(kafka_conf: dict[str, str], unique_name: Callable[[str], str]) -> TopicSettings:
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=2,
-    )
-    ensure_topics(kafka_conf, load_topic_specs(None, names))
-    return names
+    return fresh_topics(kafka_conf, unique_name, 2)
 
 
 def produce(kafka_conf: dict[str, str], topic: str, values: list[tuple[str, bytes]]) -> None:

@@ -29,6 +29,7 @@ import pytest
 import torch
 import worker_world as ww
 from confluent_kafka import Producer
+from topic_names import fresh_topics
 
 from emerg_stream.config import KafkaSettings, TopicSettings, WorkerSettings
 from emerg_stream.io.avro import AvroSerde, frame
@@ -67,17 +68,7 @@ def make_topics(
     partitions: int = PARTITIONS,
 ) -> TopicSettings:
     """Fresh input, output and changelog topics (``partitions`` each) on the test broker."""
-    names = TopicSettings(
-        items=unique_name("items"),
-        interactions=unique_name("inter"),
-        item_params=unique_name("params"),
-        predictions=unique_name("preds"),
-        dead_letter=unique_name("dead"),
-        changelog=unique_name("changelog"),
-        partitions=partitions,
-    )
-    ensure_topics(kafka_conf, load_topic_specs(None, names))
-    return names
+    return fresh_topics(kafka_conf, unique_name, partitions)
 
 
 @pytest.fixture

@@ -93,3 +93,20 @@ def test_deepfm_is_never_meta_trained(fake_training):
     )
     assert (p.pretrain_epochs, p.meta_epochs) == (2, 0)
     assert fake_training == []
+
+
+def test_the_ablation_choices_of_the_command_line_are_the_table() -> None:
+    import argparse
+
+    from emerg_stream.ablations import ABLATIONS
+    from emerg_stream.jobs import reproduce as job
+
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    action = next(a for a in parser._actions if a.dest == "ablation")
+    assert list(action.choices or []) == list(ABLATIONS)
+    # every fixed structure is one the selection could have chosen
+    from emerg_stream.meta.pipeline import READINGS
+
+    for name in ("joint-fm", "field-fm"):
+        assert ABLATIONS[name][0] in READINGS

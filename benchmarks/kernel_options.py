@@ -1,8 +1,9 @@
 """The CPU kernel on EmerG's options: warm-up and meta-training, kernel vs autograd.
 
-On the ML-1M shape, per-field attention (the default) and the joint attention of the
-authors' code (with its LeakyReLU, linear last layer and the FM term as a third case),
-each on the compiled kernel and on autograd, timed interleaved in one run:
+On the ML-1M shape, the four structures model selection chooses from (per-field and
+joint attention, each with and without the FM term) and the joint attention with the
+authors' other options (LeakyReLU, linear last layer, FM), each on the compiled kernel
+and on autograd, timed interleaved in one run:
 
 1. Warm-up: ``warm_up`` of new items (K support rows each, 5 SGD steps), item-phases/s.
 2. Meta-training: one second-order meta-step (``meta_loss`` + backward) of 32 tasks with
@@ -47,7 +48,9 @@ from emerg_stream.model import EmerG
 #: name -> model options on top of the ML-1M shape
 VARIANTS: dict[str, dict[str, Any]] = {
     "field": {"attention": "field"},
+    "field+fm": {"attention": "field", "fm": True},
     "joint": {"attention": "joint"},
+    "joint+fm": {"attention": "joint", "fm": True},
     "joint+options": {
         "attention": "joint",
         "activation": "leaky_relu",

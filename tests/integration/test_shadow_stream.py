@@ -146,3 +146,27 @@ def test_a_deepfm_shadow_beside_emerg_scores_as_the_offline_protocol_across_a_re
     assert table["emerg"]["all"]["n"] == table["deepfm (shadow)"]["all"]["n"] == len(primary)
     text = prequential_table(table)
     assert "deepfm (shadow)" in text and "warm_a" in text
+
+
+def test_the_worker_command_refuses_a_shadow_of_another_split_in_one_line(
+    checkpoints: dict[str, Path],
+    world: ww.World,
+    bootstrap: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from emerg_stream import cli
+
+    other = ww.build_checkpoint(
+        dataclasses.replace(world, k=world.k * 2), tmp_path / "ck", method="deepfm"
+    )
+    monkeypatch.setenv("EMERG_SHADOW_CHECKPOINT", str(other))  # the setting, not the flag
+    argv = ["worker", "--checkpoint", str(checkpoints["emerg"]), "--device", "cpu"]
+    assert cli.main([*argv, "--bootstrap", bootstrap, "--exit-when-idle", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = next(e for e in err if e.startswith("emerg-stream worker: error:"))
+    assert f"split K {2 * world.k} != {world.k} (the update thresholds)" in line
+    assert "shadow checkpoint (deepfm, " in line and "the primary (emerg, " in line

@@ -17,6 +17,10 @@ the embedded broker; then, interleaved and repeated:
 Reported: events/s of each, and ``c / (1 / (1/a + 1/b))``: the worker's rate against
 running (a) then (b) back to back (target >= 0.7).
 
+With ``--shadow-checkpoint`` (a second checkpoint of the same split), (b) and (c) are
+also run with it as the worker's shadow method (docs/DEPLOYMENT.md, Shadow method), in
+the same reps, interleaved: the cost of the shadow is the ratio of the two in one run.
+
     python benchmarks/stream_throughput.py            # the whole ml-100k replay
     python benchmarks/stream_throughput.py --quick    # 5,000 interactions, 1 rep
 """
@@ -121,10 +125,16 @@ def process_offline(
     inbound: Sequence[Inbound],
     decoded: dict[tuple[str, int, int], Any],
     batch: int,
+    shadow: TorchWarmupHandler | None = None,
 ) -> int:
     """(b): the worker's processor on in-memory records; returns records counted."""
     proc = WarmupProcessor(
-        handler, topics, dedupe_window=1000, pending_max=10_000, pending_max_age_ms=3_600_000
+        handler,
+        topics,
+        dedupe_window=1000,
+        pending_max=10_000,
+        pending_max_age_ms=3_600_000,
+        shadow=shadow,
     )
     proc.decoder = _Predecoded(decoded)  # type: ignore[assignment]
     for p in range(topics.partitions or 1):
@@ -142,6 +152,7 @@ def run_worker(
     n: int,
     batch: int,
     guarantee: str = "at_least_once",
+    shadow: TorchWarmupHandler | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """(c): a worker through Kafka; returns (seconds first batch -> last record, stats)."""
     conf = {"bootstrap.servers": bootstrap}
@@ -153,7 +164,7 @@ def run_worker(
         batch_max_records=batch,
         processing_guarantee=guarantee,
     )
-    worker = Worker(settings, handler)
+    worker = Worker(settings, handler, shadow=shadow)
     marks: dict[str, float] = {}
     handle = worker._handle
 
@@ -202,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--cases", default="abc", help="which of a, b, c to run (the ratio needs all three)"
     )
+    p.add_argument(
+        "--shadow-checkpoint",
+        type=Path,
+        default=None,
+        help="also run (b) and (c) with this checkpoint as the worker's shadow method",
+    )
     args = p.parse_args(argv)
     if args.threads <= 0:
         args.threads = 1  # the worker job's default (--torch-threads 1)
@@ -213,8 +230,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         events.checkpoint, "cpu", warmup_backend=args.warmup_backend
     )
     n = len(events.records)
+    shadow = None
+    if args.shadow_checkpoint is not None:
+        shadow = TorchWarmupHandler.from_checkpoint(
+            args.shadow_checkpoint, "cpu", warmup_backend=args.warmup_backend
+        )
+    cases = [c for c in "abc" if c in args.cases]
+    if shadow is not None:
+        cases += [f"{c}+" for c in "bc" if c in args.cases]
 
-    samples: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    samples: dict[str, list[float]] = {c: [] for c in cases}
     extra: dict[str, Any] = {}
     with si.start_broker(args.broker) as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
@@ -227,19 +252,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         assert not any(isinstance(v, Rejected) for v in decoded.values())
         consume_decode(conf, inputs, n)  # warm-up: page cache, code paths
         process_offline(handler, inputs, inbound[: min(n, 2000)], decoded, args.batch)
+        if shadow is not None:
+            process_offline(handler, inputs, inbound[: min(n, 2000)], decoded, args.batch, shadow)
         for rep in range(reps):
-            order = ["a", "b", "c"] if rep % 2 == 0 else ["c", "b", "a"]
-            for case in [c for c in order if c in args.cases]:
+            order = cases if rep % 2 == 0 else cases[::-1]
+            for case in order:
+                with_shadow = shadow if case.endswith("+") else None
                 if case == "a":
                     got, took = consume_decode(conf, inputs, n)
                     samples["a"].append(took)
-                elif case == "b":
+                elif case.startswith("b"):
                     profiler = cProfile.Profile() if args.profile and rep == 0 else None
                     t0 = time.perf_counter()
                     if profiler is not None:
                         profiler.enable()
-                    got = process_offline(handler, inputs, inbound, decoded, args.batch)
-                    samples["b"].append(time.perf_counter() - t0)
+                    got = process_offline(
+                        handler, inputs, inbound, decoded, args.batch, with_shadow
+                    )
+                    samples[case].append(time.perf_counter() - t0)
                     if profiler is not None:
                         profiler.disable()
                         pstats.Stats(profiler, stream=sys.stderr).sort_stats(
@@ -247,9 +277,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         ).print_stats(args.profile)
                 else:
                     took, extra = run_worker(
-                        handler, broker.bootstrap, inputs, n, args.batch, args.guarantee
+                        handler,
+                        broker.bootstrap,
+                        inputs,
+                        n,
+                        args.batch,
+                        args.guarantee,
+                        with_shadow,
                     )
-                    samples["c"].append(took)
+                    samples[case].append(took)
                     got = n
                 if got != n:
                     raise RuntimeError(f"{case}: {got} records of {n}")
@@ -261,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "a": "(a) consume + Avro decode",
         "b": "(b) process offline (score + warm-up, no Kafka)",
         "c": "(c) worker through Kafka",
+        "b+": "(b) process offline, with the shadow method",
+        "c+": "(c) worker through Kafka, with the shadow method",
     }
     rows = [[names[k], fmt(rate[k]), fmt(statistics.median(samples[k]))] for k in rate]
     md = ""
@@ -270,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"\nratio c / (1/(1/a+1/b)) = **{ratio:.2f}** (target >= {TARGET}: "
             f"{'met' if ratio >= TARGET else 'missed'})"
         )
+    shadow_cost = {c: rate[f"{c}+"] / rate[c] for c in "bc" if c in rate and f"{c}+" in rate}
+    for c, r in shadow_cost.items():
+        md += f"\nwith the shadow / without, ({c}): **{r:.2f}**"
     md = markdown_table(["case", "events/s (median)", "seconds (median)"], rows) + md
     md += (
         f"\n{n} events ({events.n_items} items, {events.n_interactions} interactions) from "
@@ -296,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "warmup_backend": args.warmup_backend,
         "broker": args.broker,
         "guarantee": args.guarantee,
+        "shadow_checkpoint": None if shadow is None else str(args.shadow_checkpoint),
+        "shadow_over_plain": shadow_cost,
     }
     emit(result, md, args.json)
     return result

@@ -275,6 +275,13 @@ class WorkerSettings(Settings):
     Args:
         group_id: Consumer group; its members split the partitions.
         checkpoint: Model checkpoint (shared parameters, feature spec, model version).
+        shadow_checkpoint: A second checkpoint of any method, the *shadow*: scored on
+            the same clicks with the same prequential protocol and warmed up at the same
+            thresholds, its predictions written to the predictions topic marked
+            ``shadow`` and its AUC to the gauge with ``role="shadow"``; never published
+            as item params. It must share the primary's split K, feature columns and old
+            items (refused at start otherwise). Costs about one more model per batch
+            (docs/DEPLOYMENT.md, Shadow method). ``None``: no shadow.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
         batch_max_records: Most records per batch.
         batch_timeout_ms: Longest wait for the first record of a batch (how often an
@@ -330,6 +337,7 @@ class WorkerSettings(Settings):
 
     group_id: str = "emerg-worker"
     checkpoint: Path = Path("runs/checkpoint.pt")
+    shadow_checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_max_records: int = Field(default=512, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=0)

@@ -87,6 +87,8 @@ class Prediction(TypedDict):
     params_version: int
     phase: str
     event_time: int
+    method: str
+    shadow: bool
 
 
 class DeadLetter(TypedDict):
@@ -137,4 +139,7 @@ class ItemState(TypedDict):
     n_fields: int
     last_offsets: list[SourceOffset]
     updated_time: int
+    shadow_adjacency: list[float]
+    shadow_id_embedding: list[float]
+    shadow_model_version: str
     support: list[SupportRow]

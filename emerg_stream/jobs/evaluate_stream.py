@@ -41,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from emerg_stream.config import Settings, load_settings
     from emerg_stream.data import load_dataset
     from emerg_stream.meta.checkpoint import load_checkpoint
-    from emerg_stream.serving.stream_eval import comparison_table, evaluate_stream
+    from emerg_stream.serving.stream_eval import (
+        comparison_table,
+        evaluate_stream,
+        prequential_table,
+    )
 
     overrides = {"kafka": {"bootstrap_servers": args.bootstrap}} if args.bootstrap else None
     settings = load_settings(Settings, overrides)
@@ -69,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if ev.prequential:
         parts = [f"{k} {100 * v['auc']:.2f} (n={int(v['n'])})" for k, v in ev.prequential.items()]
         print("prequential AUC: " + ", ".join(parts))
+    if ev.prequential_methods:
+        print("prequential AUC per method (shadow beside primary, on the clicks both scored):")
+        print(prequential_table(ev.prequential_methods), end="")
     if args.json is not None:
         args.json.write_text(json.dumps(ev.to_dict(), indent=2) + "\n")
     return 0

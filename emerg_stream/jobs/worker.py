@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint directory (default: EMERG_CHECKPOINT, else runs/checkpoint.pt)",
     )
+    parser.add_argument(
+        "--shadow-checkpoint",
+        type=Path,
+        default=None,
+        help="a second checkpoint (any method) scored on the same clicks beside the "
+        "primary, predictions marked shadow, never published as params (default: "
+        "EMERG_SHADOW_CHECKPOINT, else none; docs/DEPLOYMENT.md, Shadow method)",
+    )
     parser.add_argument("--device", choices=DEVICES, default=None)
     parser.add_argument("--group", default=None, help="consumer group (EMERG_GROUP_ID)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port")
@@ -83,6 +91,7 @@ def load_worker_settings(args: argparse.Namespace) -> WorkerSettings:
     overrides: dict[str, Any] = {}
     for key, value in (
         ("checkpoint", args.checkpoint),
+        ("shadow_checkpoint", getattr(args, "shadow_checkpoint", None)),
         ("device", args.device),
         ("group_id", args.group),
         ("metrics_port", args.metrics_port),
@@ -117,11 +126,17 @@ def run_member(args: argparse.Namespace, index: int) -> int:
     handler = TorchWarmupHandler.from_checkpoint(
         settings.checkpoint, settings.device, warmup_backend=settings.warmup_backend
     )
+    shadow = None
+    if settings.shadow_checkpoint is not None:
+        shadow = TorchWarmupHandler.from_checkpoint(
+            settings.shadow_checkpoint, settings.device, warmup_backend=settings.warmup_backend
+        )
     worker = Worker(
         settings,
         handler,
         stats_path=member_path(args.stats_file, index, members),
         exit_when_idle_s=args.exit_when_idle,
+        shadow=shadow,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -12,9 +12,16 @@ from typing import Any
 
 from emerg_stream.meta.metrics import PHASE_METRICS
 from emerg_stream.report.plots import PHASE_LABELS, PHASES
-from emerg_stream.report.predictions import PrequentialCurve, StreamPredictions
+from emerg_stream.report.predictions import MethodComparison, PrequentialCurve, StreamPredictions
 
-__all__ = ["img", "metrics_table", "page", "prequential_section", "safe_name"]
+__all__ = [
+    "img",
+    "methods_section",
+    "metrics_table",
+    "page",
+    "prequential_section",
+    "safe_name",
+]
 
 
 def safe_name(name: str) -> str:
@@ -145,4 +152,25 @@ def page(run: Path, results: dict[str, Any], sections: list[str]) -> str:
         f"<h1>{title}</h1><table class=meta>{meta_rows}</table>"
         + "".join(sections)
         + "</body></html>\n"
+    )
+
+
+def methods_section(cmp: MethodComparison) -> str:
+    """The primary and the shadow method side by side (prequential AUC, same clicks)."""
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in cmp.methods)
+    rows = [(f"AUC, all items (n={cmp.n:,})", cmp.auc)]
+    if cmp.auc_new is not None:
+        rows.append((f"AUC, new items (n={cmp.n_new:,})", cmp.auc_new))
+    body = "".join(
+        f"<tr><th>{k}</th>" + "".join(f"<td>{_fmt_auc(v)}</td>" for v in vals) + "</tr>"
+        for k, vals in rows
+    )
+    return (
+        "<h2>Shadow method beside the primary</h2>"
+        f"<table><tr><th></th>{head}</tr>{body}</table>"
+        "<p class=note>Both methods scored the same interactions, each with its own "
+        "params in force <i>before</i> the interaction (the worker's shadow method: the "
+        "same prequential protocol, the same update thresholds). Only interactions both "
+        "scored count: a shadow started late does not score the items announced before "
+        "it. The shadow's params were never published.</p>"
     )

@@ -11,7 +11,11 @@ scored interaction, the fields of the ``Prediction`` record of the predictions t
 * Optional: ``event_id`` - rows repeating an event id (the same interaction scored again
   after a restart: delivery is at-least-once) count once, the first one wins;
   ``phase`` - rows of phase ``old`` (items the checkpoint was trained on) are left out of
-  the *new items* curve. Other columns (``item_id``, ``params_version`` ...) are ignored.
+  the *new items* curve; ``shadow`` - rows marked true (a shadow method's scores, see
+  docs/DEPLOYMENT.md, Shadow method) are read apart from the primary's:
+  :func:`read_predictions` with ``shadow=True``, and :func:`compare_methods` sets the two
+  side by side on the interactions both scored; ``method`` - the method that scored.
+  Other columns (``item_id``, ``params_version`` ...) are ignored.
 
 A JSON Lines dump of the decoded predictions topic is such a file; ``emerg-stream report
 --predictions-topic`` writes one. *Prequential* means each interaction was scored with the
@@ -37,7 +41,15 @@ import numpy.typing as npt
 from emerg_stream.errors import DataError
 from emerg_stream.meta.metrics import roc_auc
 
-__all__ = ["PrequentialCurve", "StreamPredictions", "prequential_curve", "read_predictions"]
+__all__ = [
+    "MethodComparison",
+    "PrequentialCurve",
+    "StreamPredictions",
+    "compare_methods",
+    "has_shadow",
+    "prequential_curve",
+    "read_predictions",
+]
 
 REQUIRED = ("event_time", "label", "score")
 
@@ -53,6 +65,8 @@ class StreamPredictions:
         new_item: ``[N]`` bool, false for phase ``old``; all true without a phase column.
         duplicates: Rows dropped because their event id was seen before.
         has_phase: The file had a ``phase`` column.
+        event_id: ``[N]`` the event ids (empty strings where the file has none).
+        method: The ``method`` column's value of the rows read ("" without one).
     """
 
     event_time: npt.NDArray[np.int64]
@@ -61,6 +75,8 @@ class StreamPredictions:
     new_item: npt.NDArray[np.bool_]
     duplicates: int
     has_phase: bool
+    event_id: tuple[str, ...] = ()
+    method: str = ""
 
     def __len__(self) -> int:
         return len(self.event_time)
@@ -140,11 +156,22 @@ def _event_time(value: Any) -> int:
     return int(stamp.timestamp() * 1000)
 
 
-def read_predictions(path: Path) -> StreamPredictions:
+def _is_shadow(row: dict[str, Any]) -> bool:
+    value = row.get("shadow")
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
+def has_shadow(path: Path) -> bool:
+    """Whether the file holds a shadow method's scores (rows with ``shadow`` true)."""
+    return any(_is_shadow(row) for _, row in _rows(path))
+
+
+def read_predictions(path: Path, *, shadow: bool = False) -> StreamPredictions:
     """Read a stream predictions file (see the module docstring for the format).
 
     Args:
         path: The CSV or JSON Lines file.
+        shadow: Read the shadow method's rows instead of the primary's.
 
     Returns:
         The rows sorted by event time (stable), duplicate event ids removed.
@@ -160,9 +187,13 @@ def read_predictions(path: Path) -> StreamPredictions:
     scores: list[float] = []
     new: list[bool] = []
     seen: set[str] = set()
+    ids: list[str] = []
+    method = ""
     duplicates = 0
     has_phase = False
     for lineno, row in _rows(path):
+        if _is_shadow(row) != shadow:
+            continue
         missing = [c for c in REQUIRED if row.get(c) in (None, "")]
         if missing:
             raise DataError(f"{path}:{lineno}: missing {', '.join(missing)}")
@@ -188,8 +219,11 @@ def read_predictions(path: Path) -> StreamPredictions:
         labels.append(y)
         scores.append(s)
         new.append(phase != "old")
+        ids.append("" if event_id is None else str(event_id))
+        method = method or str(row.get("method") or "")
     if not times:
-        raise DataError(f"{path}: no predictions in the file")
+        which = "shadow " if shadow else ""
+        raise DataError(f"{path}: no {which}predictions in the file")
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     return StreamPredictions(
         event_time=np.asarray(times, dtype=np.int64)[order],
@@ -198,6 +232,54 @@ def read_predictions(path: Path) -> StreamPredictions:
         new_item=np.asarray(new, dtype=bool)[order],
         duplicates=duplicates,
         has_phase=has_phase,
+        event_id=tuple(ids[i] for i in order.tolist()),
+        method=method,
+    )
+
+
+@dataclass(frozen=True)
+class MethodComparison:
+    """The primary and a shadow method on the interactions both scored.
+
+    Args:
+        methods: ``[primary label, shadow label]``.
+        n: Interactions both scored (``n_new`` of them of new items).
+        auc: Per method, the AUC over those interactions.
+        auc_new: Per method, over the new items' ones (None without a phase column).
+    """
+
+    methods: tuple[str, str]
+    n: int
+    n_new: int
+    auc: tuple[float, float]
+    auc_new: tuple[float, float] | None
+
+
+def compare_methods(primary: StreamPredictions, shadow: StreamPredictions) -> MethodComparison:
+    """AUC of both methods on the event ids both scored.
+
+    A shadow that started late scores fewer items: the comparison is on the same clicks.
+
+    Raises:
+        DataError: No event id in common (the file has no ``event_id`` column).
+    """
+    theirs = {e: i for i, e in enumerate(shadow.event_id) if e}
+    mine = [i for i, e in enumerate(primary.event_id) if e in theirs]
+    if not mine:
+        raise DataError("no interaction scored by both methods (an event_id column is needed)")
+    a = np.asarray(mine)
+    b = np.asarray([theirs[primary.event_id[i]] for i in mine])
+    new = primary.new_item[a]
+
+    def auc(p: StreamPredictions, at: npt.NDArray[np.int64]) -> float:
+        return roc_auc(p.label[at], p.score[at])
+
+    return MethodComparison(
+        methods=(primary.method or "primary", f"{shadow.method or 'shadow'} (shadow)"),
+        n=len(mine),
+        n_new=int(new.sum()),
+        auc=(auc(primary, a), auc(shadow, b)),
+        auc_new=(auc(primary, a[new]), auc(shadow, b[new])) if primary.has_phase else None,
     )
 
 

@@ -11,14 +11,26 @@ import numpy as np
 import structlog
 
 from emerg_stream.errors import EmergError
-from emerg_stream.report.page import img, metrics_table, page, prequential_section, safe_name
+from emerg_stream.report.page import (
+    img,
+    methods_section,
+    metrics_table,
+    page,
+    prequential_section,
+    safe_name,
+)
 from emerg_stream.report.plots import (
     PHASES,
     plot_item_graphs,
     plot_phase_metrics,
     plot_prequential,
 )
-from emerg_stream.report.predictions import prequential_curve, read_predictions
+from emerg_stream.report.predictions import (
+    compare_methods,
+    has_shadow,
+    prequential_curve,
+    read_predictions,
+)
 from emerg_stream.report.results import load_results, pick_items
 
 __all__ = ["FIGURES_DIR", "REPORT_FILE", "Report", "write_report"]
@@ -86,6 +98,9 @@ def write_report(
         png = plot_prequential(curve, figdir / "prequential-auc.png")
         report.figures.append(png)
         sections.append(prequential_section(stream_predictions, pred, curve, png))
+        if has_shadow(stream_predictions):  # a shadow method ran beside the primary
+            shadow = read_predictions(stream_predictions, shadow=True)
+            sections.append(methods_section(compare_methods(pred, shadow)))
 
     if report.notes:
         items_html = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)

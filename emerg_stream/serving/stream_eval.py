@@ -17,7 +17,11 @@ the offline warm-up protocol.
 Params of another model version are refused (:class:`~emerg_stream.errors.ModelError`).
 
 It also reads the predictions topic: the *prequential* AUC, each interaction scored
-with the params in force before it was applied (de-duplicated by event id).
+with the params in force before it was applied (de-duplicated by event id). When a
+shadow method ran beside the primary (records marked ``shadow``), the prequential AUC
+per phase is also given per method, on the clicks both scored
+(:func:`prequential_by_method`, :func:`prequential_table`): the shadow publishes no
+params, so the held-out tables above are the primary's only.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from emerg_stream.meta.metrics import PHASE_METRICS, phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
 from emerg_stream.model.base import Phi
-from emerg_stream.phases import PHASES, WARM_PHASES
+from emerg_stream.phases import COMMON, OLD, PHASES, WARM_PHASES
 from emerg_stream.serving.ranker import check_params, params_to_phi
 from emerg_stream.stream.reader import read_to_end
 
@@ -53,7 +57,9 @@ __all__ = [
     "comparison_table",
     "evaluate_stream",
     "offline_phases",
+    "prequential_by_method",
     "prequential_metrics",
+    "prequential_table",
 ]
 
 log = structlog.get_logger(__name__)
@@ -217,21 +223,23 @@ def offline_phases(
     return metrics
 
 
-def prequential_metrics(
-    consumer_conf: Mapping[str, str], topic: str, *, timeout_s: float = 120.0
-) -> dict[str, dict[str, float]]:
-    """Prequential AUC from the predictions topic (one score per event id, the first).
+_Scored = dict[str, tuple[int, float, str]]  # event id -> (label, score, phase)
 
-    Returns:
-        ``{"all" | "new" | <phase>: {"auc": ..., "n": ...}}``; ``new`` leaves out
-        interactions of old items (phase ``old``); AUC is NaN with one class only.
-    """
+
+def _method_label(rec: Prediction) -> str:
+    """``emerg``, ``deepfm (shadow)`` ...: a method's column (``primary``: a version 1 record)."""
+    method = rec["method"] or "primary"
+    return f"{method} (shadow)" if rec["shadow"] else method
+
+
+def _read_predictions(
+    consumer_conf: Mapping[str, str], topic: str, timeout_s: float
+) -> tuple[str, dict[str, _Scored]]:
+    """The primary's label and, per method label, the first score of each event id."""
     serde = AvroSerde(Prediction, topic=topic)
-    seen: set[str] = set()
-    labels: list[int] = []
-    scores: list[float] = []
-    phases: list[str] = []
-    duplicates = 0
+    by_label: dict[str, _Scored] = {}
+    primary = ""
+    duplicates = n = 0
     for msg in read_to_end(consumer_conf, topic, timeout_s=timeout_s):
         value = msg.value()
         if value is None:
@@ -240,23 +248,100 @@ def prequential_metrics(
             rec = serde.decode(value)
         except SchemaError:
             continue
+        label = _method_label(rec)
+        if not rec["shadow"]:
+            primary = label
+        seen = by_label.setdefault(label, {})
         if rec["event_id"] in seen:
             duplicates += 1
             continue
-        seen.add(rec["event_id"])
-        labels.append(rec["label"])
-        scores.append(rec["score"])
-        phases.append(rec["phase"])
-    y, s, ph = np.asarray(labels), np.asarray(scores), np.asarray(phases, dtype=object)
+        n += 1
+        seen[rec["event_id"]] = (rec["label"], rec["score"], rec["phase"])
+    log.info("predictions_read", topic=topic, predictions=n, duplicates=duplicates)
+    return primary, by_label
+
+
+def _groups(scored: _Scored, events: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """``{"all" | "new" | <phase>: {"auc", "n"}}`` over ``events`` (default: all)."""
+    rows = [scored[e] for e in (scored if events is None else events)]
+    y = np.asarray([r[0] for r in rows])
+    s = np.asarray([r[1] for r in rows], dtype=np.float64)
+    ph = np.asarray([r[2] for r in rows], dtype=object)
     groups = {"all": np.ones(len(y), dtype=bool), "new": ph != "old"}
-    for phase in dict.fromkeys(phases):
+    for phase in dict.fromkeys(r[2] for r in rows):
         groups[str(phase)] = ph == phase
-    out = {
+    return {
         name: {"auc": roc_auc(y[m], s[m]) if m.any() else float("nan"), "n": float(m.sum())}
         for name, m in groups.items()
     }
-    log.info("predictions_read", topic=topic, predictions=len(y), duplicates=duplicates)
-    return out
+
+
+def prequential_metrics(
+    consumer_conf: Mapping[str, str], topic: str, *, timeout_s: float = 120.0
+) -> dict[str, dict[str, float]]:
+    """Prequential AUC of the primary from the predictions topic.
+
+    One score per event id, the first; a shadow method's records are left out (they
+    are in :func:`prequential_by_method`).
+
+    Returns:
+        ``{"all" | "new" | <phase>: {"auc": ..., "n": ...}}``; ``new`` leaves out
+        interactions of old items (phase ``old``); AUC is NaN with one class only.
+    """
+    primary, by_label = _read_predictions(consumer_conf, topic, timeout_s)
+    return _groups(by_label.get(primary, {}))
+
+
+def prequential_by_method(
+    consumer_conf: Mapping[str, str], topic: str, *, timeout_s: float = 120.0
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Prequential AUC per method (the primary and a shadow) on the clicks all scored.
+
+    A shadow does not score items announced before it started (nor, after a restart
+    with another shadow checkpoint, items restored without its φ), so the methods are
+    compared on the event ids every method has a score for, by the primary's phase of
+    each (the shadow's phase is the same: same thresholds).
+
+    Returns:
+        method label (``emerg``, ``deepfm (shadow)`` ...) -> the groups of
+        :func:`prequential_metrics`; the primary first. Empty without predictions.
+    """
+    return _by_method(*_read_predictions(consumer_conf, topic, timeout_s))
+
+
+def _by_method(
+    primary: str, by_label: dict[str, _Scored]
+) -> dict[str, dict[str, dict[str, float]]]:
+    if not by_label:
+        return {}
+    order = sorted(by_label, key=lambda label: label != primary)
+    common = set(by_label[order[0]])
+    for label in order[1:]:
+        common &= set(by_label[label])
+    events = [e for e in by_label[order[0]] if e in common]
+    return {label: _groups(by_label[label], events) for label in order}
+
+
+def prequential_table(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """The per-phase prequential AUC per method (:func:`prequential_by_method`), markdown.
+
+    Rows: methods; columns: all, new items, then the phases in stream order; each cell
+    the AUC in points (n under the header: the same clicks in every row).
+    """
+    if not table:
+        return ""
+    first = next(iter(table.values()))
+    order = ["all", "new", *(p for p in (OLD, *PHASES, COMMON) if p in first)]
+    cols = [c for c in order if c in first]
+    head = "| method | " + " | ".join(f"{c} (n={int(first[c]['n'])})" for c in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    for label, groups in table.items():
+        cells = []
+        for c in cols:
+            auc = groups.get(c, {}).get("auc", float("nan"))
+            cells.append("n/a" if np.isnan(auc) else f"{100 * auc:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -274,7 +359,9 @@ class StreamEvaluation:
         model_version: Of the checkpoint (and of every params record read).
         params_records: Records read from the item-params topic.
         offline: phase -> the same metrics from the offline protocol (when asked).
-        prequential: From the predictions topic (when asked).
+        prequential: From the predictions topic (when asked): the primary's.
+        prequential_methods: With a shadow method's predictions in the topic: per method
+            (:func:`prequential_by_method`, on the clicks both scored).
     """
 
     stream: Metrics
@@ -286,6 +373,7 @@ class StreamEvaluation:
     params_records: int
     offline: Metrics | None = None
     prequential: dict[str, dict[str, float]] | None = None
+    prequential_methods: dict[str, dict[str, dict[str, float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -363,9 +451,10 @@ def evaluate_stream(
     if offline:
         result.offline = offline_phases(checkpoint, split, device=dev)
     if predictions_topic is not None:
-        result.prequential = prequential_metrics(
-            consumer_conf, predictions_topic, timeout_s=timeout_s
-        )
+        primary, by_label = _read_predictions(consumer_conf, predictions_topic, timeout_s)
+        result.prequential = _groups(by_label.get(primary, {}))
+        if len(by_label) > 1:  # a shadow method ran beside the primary
+            result.prequential_methods = _by_method(primary, by_label)
     return result
 
 

@@ -12,7 +12,8 @@ them.
 Values of an older version (an id other than the current one) go through
 :class:`AvroSerde` (Avro schema resolution to the current schema): version 1 stored the
 de-duplication window as event id strings (``recent_event_ids``), which are hashed as they
-are read, and its support rows are re-encoded into the compact form.
+are read, and its support rows are re-encoded into the compact form. Version 4 adds the
+shadow method's φ (``shadow_*``, empty by default: older values restore without it).
 
 The side features (``categorical``, ``multi``, ``numeric``, right after ``item_id``) stay
 Avro in memory too (:meth:`ItemTask.side_features` decodes them), so they are sliced out
@@ -42,6 +43,7 @@ _FRONT: tuple[str, ...] = ("item_id", "categorical", "multi", "numeric", "versio
 _FRONT += ("support_size", "next_threshold", "recent_event_ids", "recent_event_hashes")
 _FRONT += ("recent_content_hashes",)
 _FRONT += ("adjacency", "id_embedding", "n_fields", "last_offsets", "updated_time")
+_FRONT += ("shadow_adjacency", "shadow_id_embedding", "shadow_model_version")
 _ROW = ("event_id", "user_id", "categorical", "multi", "numeric", "label", "event_time")
 
 _intern = sys.intern
@@ -168,6 +170,7 @@ class ItemStateCodec:
         buf.write(item_id)
         buf.write(task.side_bytes)  # categorical, multi, numeric: already Avro
         adjacency, id_embedding = task.adjacency, task.id_embedding
+        shadow_adj, shadow_emb = task.shadow_adjacency, task.shadow_id_embedding
         fastavro.schemaless_writer(
             buf,
             self._rest,
@@ -187,6 +190,9 @@ class ItemStateCodec:
                     for (t, p), o in sorted(task.last_offsets.items())
                 ],
                 "updated_time": task.updated_time,
+                "shadow_adjacency": [] if shadow_adj is None else shadow_adj.tolist(),
+                "shadow_id_embedding": [] if shadow_emb is None else shadow_emb.tolist(),
+                "shadow_model_version": task.shadow_model_version,
             },
         )
         rows = task.support
@@ -302,6 +308,13 @@ class ItemStateCodec:
         )
         if id_embedding:
             task.set_params(adjacency, id_embedding)
+        if rec["shadow_id_embedding"]:  # version 4: the shadow method's φ
+            try:
+                task.set_shadow_params(
+                    rec["shadow_adjacency"], rec["shadow_id_embedding"], rec["shadow_model_version"]
+                )
+            except ValueError as exc:
+                raise SchemaError(f"item state {rec['item_id']!r}: {exc}") from exc
         return task
 
     def key_matches(self, key: bytes, value: bytes) -> bool:

@@ -139,6 +139,12 @@ class ItemTask:
         last_offsets: ``(topic, partition)`` -> offset of the last input record applied.
         updated_time: Milliseconds since the epoch of the last change.
 
+    The shadow method's φ (:meth:`set_shadow_params`; none by default) is kept beside the
+    primary's, in the same compact form, with the ``model_version`` of the shadow
+    checkpoint it belongs to: it travels in the changelog with the rest of the state, so
+    the shadow survives restarts and rebalances exactly as the primary does. The primary's
+    fields never depend on it.
+
     Raises:
         ValueError: Only one of ``adjacency`` and ``id_embedding`` is given, or the
             adjacency is not square.
@@ -147,12 +153,15 @@ class ItemTask:
     __slots__ = (
         "_n_fields",
         "_phi",
+        "_shadow",
+        "_shadow_n_fields",
         "_side",
         "item_id",
         "last_offsets",
         "next_threshold",
         "phase",
         "recent",
+        "shadow_model_version",
         "support",
         "support_size",
         "updated_time",
@@ -191,6 +200,9 @@ class ItemTask:
         self.updated_time = updated_time
         self._phi: bytes | None = None
         self._n_fields = 0
+        self._shadow: bytes | None = None
+        self._shadow_n_fields = 0
+        self.shadow_model_version = ""
         if adjacency is not None or id_embedding is not None:
             if adjacency is None or id_embedding is None:
                 raise ValueError(f"item {item_id!r}: adjacency and id_embedding go together")
@@ -269,13 +281,58 @@ class ItemTask:
         Raises:
             ValueError: The adjacency is not square (``F*F`` values).
         """
+        self._phi, self._n_fields = self._pack(adjacency, id_embedding)
+
+    def _pack(self, adjacency: npt.ArrayLike, id_embedding: npt.ArrayLike) -> tuple[bytes, int]:
         a = np.asarray(adjacency, dtype=_F32).reshape(-1)
         e = np.asarray(id_embedding, dtype=_F32).reshape(-1)
         f = math.isqrt(a.size)
         if f * f != a.size:
             raise ValueError(f"item {self.item_id!r}: adjacency of {a.size} values is not F x F")
-        self._phi = a.tobytes() + e.tobytes()
-        self._n_fields = f
+        return a.tobytes() + e.tobytes(), f
+
+    # -- the shadow method's φ (see the class docstring) --------------------------------
+
+    @property
+    def has_shadow(self) -> bool:
+        """Whether the item carries the shadow method's φ."""
+        return self._shadow is not None
+
+    @property
+    def shadow_adjacency(self) -> Float32Array | None:
+        """The shadow's A_i, float32 ``[G*G]`` (a read-only view; None without it)."""
+        if self._shadow is None:
+            return None
+        return np.frombuffer(self._shadow, dtype=_F32, count=self._shadow_n_fields**2)
+
+    @property
+    def shadow_id_embedding(self) -> Float32Array | None:
+        """The shadow's e_i, float32 ``[D]`` (a read-only view; None without it)."""
+        if self._shadow is None:
+            return None
+        return np.frombuffer(self._shadow, dtype=_F32, offset=4 * self._shadow_n_fields**2)
+
+    @property
+    def shadow_n_fields(self) -> int:
+        """G of the shadow's φ (0 without it, or for a shadow without an item graph)."""
+        return self._shadow_n_fields
+
+    def set_shadow_params(
+        self, adjacency: npt.ArrayLike, id_embedding: npt.ArrayLike, model_version: str
+    ) -> None:
+        """Store the shadow's φ (as :meth:`set_params`) and its checkpoint's version.
+
+        Raises:
+            ValueError: The adjacency is not square, or the id embedding is empty.
+        """
+        if np.asarray(id_embedding).size == 0:
+            raise ValueError(f"item {self.item_id!r}: shadow params without an id embedding")
+        self._shadow, self._shadow_n_fields = self._pack(adjacency, id_embedding)
+        self.shadow_model_version = model_version
+
+    def clear_shadow(self) -> None:
+        """Forget the shadow's φ (another shadow checkpoint, or none, runs now)."""
+        self._shadow, self._shadow_n_fields, self.shadow_model_version = None, 0, ""
 
     def __repr__(self) -> str:
         return (

@@ -132,7 +132,13 @@ def read_output_limits(
 
 
 def state_bound(
-    inputs: InputSettings, *, k: int, dedupe_window: int, n_fields: int, dim: int
+    inputs: InputSettings,
+    *,
+    k: int,
+    dedupe_window: int,
+    n_fields: int,
+    dim: int,
+    shadow_floats: int = 0,
 ) -> int:
     """Upper bound of one item's ``ItemState`` record (key + framed value), in bytes.
 
@@ -140,7 +146,8 @@ def state_bound(
     side features at most ``max_value_bytes`` (they arrived in one ItemEvent); at most
     ``K`` support rows of at most ``max_support_row_bytes``; the de-duplication window
     (8-byte hashes and 4-byte content hashes); φ (``F*F + D`` floats); two source offsets
-    and the fixed fields (a generous 512 bytes).
+    and the fixed fields (a generous 512 bytes); with a shadow method, its φ
+    (``shadow_floats`` floats) and its model version (64 bytes).
     """
     ids = 2 * (inputs.max_string_bytes + 5)
     side = inputs.max_value_bytes
@@ -148,7 +155,8 @@ def state_bound(
     window = dedupe_window * 12 + 20
     phi = 4 * (n_fields * n_fields + dim) + 20
     offsets = 2 * (inputs.max_string_bytes + 30)
-    return ids + side + support + window + phi + offsets + 512
+    shadow = 4 * shadow_floats + 84 if shadow_floats else 0
+    return ids + side + support + window + phi + offsets + shadow + 512
 
 
 def check_state_fits(
@@ -159,6 +167,7 @@ def check_state_fits(
     dedupe_window: int,
     n_fields: int,
     dim: int,
+    shadow_floats: int = 0,
 ) -> int:
     """Refuse input bounds whose largest item state would not fit the changelog.
 
@@ -168,7 +177,14 @@ def check_state_fits(
     Raises:
         ConfigError: It does not fit; the message says what to lower or raise.
     """
-    bound = state_bound(inputs, k=k, dedupe_window=dedupe_window, n_fields=n_fields, dim=dim)
+    bound = state_bound(
+        inputs,
+        k=k,
+        dedupe_window=dedupe_window,
+        n_fields=n_fields,
+        dim=dim,
+        shadow_floats=shadow_floats,
+    )
     if bound > limits.changelog:
         src = (limits.sources or {}).get("changelog", "")
         raise ConfigError(

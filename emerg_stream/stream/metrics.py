@@ -218,12 +218,15 @@ class WorkerMetrics:
         self.prequential_auc = Gauge(
             "emerg_worker_prequential_auc",
             "ROC AUC of the latest labelled predictions (sliding window; NaN until both "
-            "labels were seen), updated once per batch.",
+            "labels were seen), updated once per batch; per method: role primary, and "
+            "role shadow for a shadow method's predictions (docs/DEPLOYMENT.md).",
+            ["method", "role"],
             registry=self.registry,
         )
         self.prequential_window = Gauge(
             "emerg_worker_prequential_window",
-            "Labelled predictions in the prequential AUC window.",
+            "Labelled predictions in the prequential AUC window, per method and role.",
+            ["method", "role"],
             registry=self.registry,
         )
         self.pending_held = Gauge(
@@ -268,7 +271,6 @@ class WorkerMetrics:
             "Partitions whose offset commit failed and was retried.",
             registry=self.registry,
         )
-        self.prequential_auc.set(float("nan"))
         self._lag_labels: set[tuple[str, str]] = set()
         for role in ROLES:
             for outcome in OUTCOMES:
@@ -308,11 +310,19 @@ class WorkerMetrics:
             self.pending_oldest_age.remove(label)
         self._held_labels = now
 
-    def set_auc(self, auc: SlidingAUC) -> None:
-        """Publish the window's AUC (NaN while undefined) and size."""
+    def set_auc(self, auc: SlidingAUC, *, method: str, role: str = "primary") -> None:
+        """Publish a method's window AUC (NaN while undefined) and size.
+
+        Args:
+            auc: The window.
+            method: The checkpoint's method (``emerg``, ``deepfm`` ...).
+            role: ``primary``, or ``shadow`` for the shadow method's predictions.
+        """
         value = auc.value()
-        self.prequential_auc.set(float("nan") if value is None else value)
-        self.prequential_window.set(len(auc))
+        self.prequential_auc.labels(method=method, role=role).set(
+            float("nan") if value is None else value
+        )
+        self.prequential_window.labels(method=method, role=role).set(len(auc))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread.

@@ -82,6 +82,7 @@ def preflight(settings: WorkerSettings, handler: WarmupHandler, processor: Warmu
         dedupe_window=settings.dedupe_window,
         n_fields=handler.n_fields,
         dim=handler.dim,
+        shadow_floats=0 if (s := processor.shadow) is None else s.layout.adjacency_size + s.dim,
     )
     processor.use_limits(limits)
     log.info(

@@ -69,6 +69,9 @@ class WarmupProcessor(Intake, Rounds, Checkpointing):
         clock: Wall clock in seconds (for produced/updated times and the event-time bound).
         inputs: Bounds on input records (sizes, clocks, the item conflict policy).
         limits: Record size limits of the changelog and dead-letter topics.
+        shadow: A second checkpoint scored on the same clicks (see
+            :mod:`emerg_stream.stream.shadow`); refused at construction
+            (:class:`~emerg_stream.errors.ConfigError`) if it does not fit ``handler``.
     """
 
     # -- partitions ------------------------------------------------------------------
@@ -115,7 +118,22 @@ class WarmupProcessor(Intake, Rounds, Checkpointing):
         return prog.start_offsets()
 
     def _check_restored(self, task: ItemTask) -> None:
-        """Refuse a restored item of another model shape, or one past its threshold."""
+        """Refuse a restored item of another model shape, or one past its threshold.
+
+        Shadow φ of another shadow checkpoint than this worker's (or of a shadow no
+        longer run) is dropped, not refused: the primary's state is valid either way.
+        """
+        if task.has_shadow:
+            shadow, adj, emb = self.shadow, task.shadow_adjacency, task.shadow_id_embedding
+            if (
+                shadow is None
+                or adj is None
+                or emb is None
+                or task.shadow_model_version != shadow.model_version
+                or not shadow.layout.fits(adj.size, emb.size)
+            ):
+                task.clear_shadow()
+                self.shadow_dropped += 1
         adjacency, id_embedding = task.adjacency, task.id_embedding
         if adjacency is not None and (
             id_embedding is None or not self.handler.layout.fits(adjacency.size, id_embedding.size)
@@ -185,6 +203,6 @@ class WarmupProcessor(Intake, Rounds, Checkpointing):
                 self._dead(entry.msg, "interactions", why, out, summary)
         summary.pending = len(self.pending)
         self._gauges()
-        if self.metrics is not None and summary.predictions:
-            self.metrics.set_auc(self.auc)
+        if summary.predictions:
+            self._publish_auc()
         return out, summary

@@ -26,6 +26,7 @@ from emerg_stream.stream.metrics import (
     WorkerMetrics,
 )
 from emerg_stream.stream.pending import PendingBuffer
+from emerg_stream.stream.shadow import PRIMARY, SHADOW, check_shadow
 from emerg_stream.topic_roles import INPUT_ROLES
 
 __all__ = ["BatchSummary", "Key", "ProcessorBase"]
@@ -47,6 +48,7 @@ class BatchSummary:
     predictions: int = 0
     params: dict[str, int] = field(default_factory=dict)
     update_s: float = 0.0
+    shadow_predictions: int = 0
 
 
 @dataclass
@@ -71,8 +73,13 @@ class ProcessorBase:
         clock: Callable[[], float] = time.time,
         inputs: InputSettings | None = None,
         limits: OutputLimits | None = None,
+        shadow: WarmupHandler | None = None,
     ) -> None:
+        if shadow is not None:
+            check_shadow(handler, shadow)
         self.handler = handler
+        #: The shadow method (:mod:`emerg_stream.stream.shadow`), or None.
+        self.shadow = shadow
         self.topics = topics
         self.schedule = WarmupSchedule(handler.k)
         self.old_ids = handler.old_item_ids
@@ -86,6 +93,10 @@ class ProcessorBase:
         self.counts = OutcomeCounts()
         #: Prequential AUC of the latest labelled predictions (published once per batch).
         self.auc = SlidingAUC(auc_window)
+        #: The same for the shadow method's predictions (None without a shadow).
+        self.shadow_auc = None if shadow is None else SlidingAUC(auc_window)
+        #: Restored items whose shadow φ belonged to another shadow checkpoint (dropped).
+        self.shadow_dropped = 0
         self.codec = ItemStateCodec(dedupe_window=dedupe_window, topic=topics.changelog)
         self.inputs = InputSettings() if inputs is None else inputs
         self.decoder = RecordDecoder(
@@ -107,6 +118,7 @@ class ProcessorBase:
         #: Called inside every batched update, between the inner loop and storing its
         #: params (the worker's fault-injection point ``mid_update``).
         self.on_update: Callable[[], None] | None = None
+        self._publish_auc()
 
     def use_limits(self, limits: OutputLimits) -> None:
         """Size dead letters and item states to the topics' record limits (read at start)."""
@@ -160,6 +172,14 @@ class ProcessorBase:
             }
         )
         return Outbound(self.topics.item_params, task.item_id.encode(), value)
+
+    def _publish_auc(self) -> None:
+        """The prequential AUC gauges, one per method (``role`` primary / shadow)."""
+        if self.metrics is None:
+            return
+        self.metrics.set_auc(self.auc, method=self.handler.layout.method, role=PRIMARY)
+        if self.shadow is not None and self.shadow_auc is not None:
+            self.metrics.set_auc(self.shadow_auc, method=self.shadow.layout.method, role=SHADOW)
 
     def _gauges(self) -> None:
         if self.metrics is not None:

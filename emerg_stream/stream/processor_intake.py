@@ -117,7 +117,14 @@ class Intake(ProcessorBase):
                 released.setdefault(p, []).extend(self.pending.take(p, item_id))
         if new:
             tasks = list(new.values())
-            params = self.handler.cold_start([_features(t) for t in tasks])
+            features = [_features(t) for t in tasks]
+            params = self.handler.cold_start(features)
+            if self.shadow is not None:  # the shadow's φ⁰ (published nowhere, kept in state)
+                shadow = self.shadow.cold_start(features)
+                for i, task in enumerate(tasks):
+                    task.set_shadow_params(
+                        shadow.adjacency[i], shadow.id_embedding[i], self.shadow.model_version
+                    )
             for i, task in enumerate(tasks):
                 task.set_params(params.adjacency[i], params.id_embedding[i])
                 task.version += 1

@@ -107,6 +107,10 @@ class Worker:
             ``settings.metrics_port`` is set).
         exit_when_idle_s: Stop by itself after this long without a record, counted from
             the first partition assignment on (``None``: run until :meth:`stop`).
+        shadow: A shadow method's handler (:mod:`emerg_stream.stream.shadow`), or None.
+
+    Raises:
+        ConfigError: The shadow does not fit the primary (one line: which contract).
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class Worker:
         stats_path: Path | None = None,
         metrics: WorkerMetrics | None = None,
         exit_when_idle_s: float | None = None,
+        shadow: WarmupHandler | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
@@ -133,6 +138,7 @@ class Worker:
             metrics=self.metrics,
             auc_window=settings.auc_window,
             inputs=settings.inputs,
+            shadow=shadow,
         )
         #: Crash points for the fault-injection tests (``EMERG_FAULT_INJECT``; off if unset).
         self.faults = FaultInjector.from_env()
@@ -228,7 +234,14 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        log.info("worker_started", partitions=n, pid=os.getpid())
+        shadow = self.processor.shadow
+        log.info(
+            "worker_started",
+            partitions=n,
+            pid=os.getpid(),
+            method=self.handler.layout.method,
+            shadow=None if shadow is None else f"{shadow.layout.method} {shadow.model_version}",
+        )
         try:
             while not self._stop.is_set():
                 batch = self._inbound(self._next_batch(self._consumer))
@@ -349,6 +362,7 @@ class Worker:
             updated_items=summary.updated_items,
             params=summary.params,
             predictions=summary.predictions,
+            shadow_predictions=summary.shadow_predictions,
             update_ms=round(summary.update_s * 1000, 1),
             process_ms=round((t1 - t0) * 1000, 1),
             settle_ms=round((time.perf_counter() - t1) * 1000, 1),
@@ -397,6 +411,10 @@ class Worker:
             "partitions": self.processor.partitions,
             "items_in_state": len(self.processor.store),
             "pending": len(self.processor.pending),
+            "shadow_model_version": None
+            if (sh := self.processor.shadow) is None
+            else sh.model_version,
+            "shadow_dropped": self.processor.shadow_dropped,
             "process": self.processor.counts.to_dict(),
             "marks": {
                 str(p): {"positions": m.positions, "counts": m.counts.to_dict()}

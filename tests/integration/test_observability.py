@@ -109,10 +109,11 @@ def test_lag_auc_gauges_and_status(
         (p, t) for p in range(PARTITIONS) for t in (topics.items, topics.interactions)
     }
     assert all(float(v) == 0.0 for *_, v in lags)
-    auc = float(re.search(r"^emerg_worker_prequential_auc (\S+)$", scraped, re.M).group(1))
-    assert 0.0 <= auc <= 1.0
-    window = float(re.search(r"^emerg_worker_prequential_window (\S+)$", scraped, re.M).group(1))
-    assert window == len(world.interactions)  # every interaction is scored once
+    primary = r'\{method="emerg",role="primary"\}'  # the AUC gauges are per method
+    auc = re.search(rf"^emerg_worker_prequential_auc{primary} (\S+)$", scraped, re.M)
+    assert 0.0 <= float(auc.group(1)) <= 1.0
+    window = re.search(rf"^emerg_worker_prequential_window{primary} (\S+)$", scraped, re.M)
+    assert float(window.group(1)) == len(world.interactions)  # every interaction is scored once
 
     after = status_json(bootstrap, topics, group, monkeypatch, capsys)
     assert after["total_lag"] == 0

@@ -64,6 +64,8 @@ PREDICTION: Prediction = {
     "params_version": 2,
     "phase": "warm_a",
     "event_time": T0 + 5,
+    "method": "deepfm",
+    "shadow": True,
 }
 DEAD_LETTER: DeadLetter = {
     "source_topic": "emerg.interactions",
@@ -107,6 +109,9 @@ ITEM_STATE: ItemState = {
     "n_fields": 2,
     "last_offsets": [{"topic": "emerg.interactions", "partition": 2, "offset": 1234}],
     "updated_time": T0 + 30,
+    "shadow_adjacency": [],
+    "shadow_id_embedding": [0.125, 0.5],
+    "shadow_model_version": "b" * 16,
 }
 
 EXAMPLES: list[tuple[type[Any], dict[str, Any]]] = [

@@ -15,7 +15,7 @@ from emerg_stream.errors import ConfigError, DataError
 from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.model import ModelConfig, build_model
 from emerg_stream.report import load_results, pick_items, write_report
-from emerg_stream.report.predictions import prequential_curve, read_predictions
+from emerg_stream.report.predictions import compare_methods, prequential_curve, read_predictions
 
 F = 6
 PHASES = ("cold", "warm_a", "warm_b", "warm_c")
@@ -265,3 +265,50 @@ def test_no_old_items_means_one_cumulative_curve(tmp_path: Path):
     curve = prequential_curve(read_predictions(path))
     assert curve.cumulative_auc_new is None
     assert curve.auc_new == curve.auc == 1.0
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_shadow_methods_rows_are_read_apart_and_compared_on_the_same_clicks(
+    tmp_path: Path, suffix: str
+):
+    """The primary's curve ignores the shadow's rows; the report sets both side by side
+    on the clicks both scored (here the shadow missed the first 100: a late start)."""
+    plain = tmp_path / f"plain{suffix}"
+    write_predictions(plain)
+    both = tmp_path / f"both{suffix}"
+    write_predictions(both)
+    text = both.read_text()
+    if suffix == ".csv":
+        head, *lines = text.splitlines()
+        cols = head.split(",")
+        rows = [dict(zip(cols, line.split(","), strict=True)) for line in lines]
+        shadow = [
+            {**r, "score": "0.5", "method": "deepfm", "shadow": "true"}
+            for r in rows
+            if int(r["event_id"][1:]) >= 100
+        ]
+        rows = [{**r, "method": "emerg", "shadow": "false"} for r in rows] + shadow
+        cols += ["method", "shadow"]
+        out = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+        both.write_text("\n".join(out) + "\n")
+    else:
+        rows = [json.loads(line) for line in text.splitlines()]
+        shadow = [
+            {**r, "score": 0.5, "method": "deepfm", "shadow": True}
+            for r in rows
+            if int(r["event_id"][1:]) >= 100
+        ]
+        rows = [{**r, "method": "emerg", "shadow": False} for r in rows] + shadow
+        both.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    primary, want = read_predictions(both), read_predictions(plain)
+    np.testing.assert_array_equal(primary.score, want.score)
+    assert primary.duplicates == want.duplicates == 1 and primary.method == "emerg"
+    theirs = read_predictions(both, shadow=True)
+    assert len(theirs) == 300 and theirs.method == "deepfm"
+    cmp = compare_methods(primary, theirs)
+    assert cmp.methods == ("emerg", "deepfm (shadow)") and cmp.n == 300
+    assert cmp.auc[1] == 0.5 and cmp.auc[0] > 0.7
+    run = make_run(tmp_path / "run")
+    page = write_report(run, stream_predictions=both).html.read_text()
+    assert "Shadow method beside the primary" in page and "deepfm (shadow)" in page
+    assert "Shadow method" not in write_report(run, stream_predictions=plain).html.read_text()

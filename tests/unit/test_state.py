@@ -242,6 +242,42 @@ def test_a_version_1_value_restores_with_its_ids_hashed_and_rows_kept():
     assert list(small.recent.hashes()) == [event_hash("e1"), event_hash("e2")]
 
 
+def test_the_shadow_methods_phi_round_trips_beside_the_primarys():
+    """ItemState v4 carries the shadow's φ (with its checkpoint's version); the fast
+    path writes what the generic encoder writes, and the primary's φ is untouched."""
+    codec = ItemStateCodec(dedupe_window=5)
+    task = make_task(codec)
+    plain = codec.decode(codec.encode(task))
+    task.set_shadow_params([], np.full(8, 0.25, dtype=np.float32), "shadow-v1")
+    value = codec.encode(task)
+    assert codec.serde.encode(codec.serde.decode(value)) == value
+    back = codec.decode(value)
+    assert_same_task(back, task)
+    assert back.phi_bytes == plain.phi_bytes
+    assert back.has_shadow and back.shadow_model_version == "shadow-v1"
+    assert back.shadow_adjacency is not None and back.shadow_adjacency.size == 0
+    np.testing.assert_array_equal(back.shadow_id_embedding, np.full(8, 0.25))
+    back.clear_shadow()
+    assert not codec.decode(codec.encode(back)).has_shadow
+
+
+def test_a_version_3_value_restores_without_shadow_params():
+    codec = ItemStateCodec(dedupe_window=5)
+    task = make_task(codec)
+    generic = dict(codec.serde.decode(codec.encode(task)))
+    for name in ("shadow_adjacency", "shadow_id_embedding", "shadow_model_version"):
+        del generic[name]
+    schema = json.loads(json.dumps(load_schema("ItemState", 3)).replace("timestamp-millis", "x"))
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema, named_schemas={}), generic)
+    v3_id = load_manifest().records["ItemState"].versions[3].schema_id
+    old = frame(v3_id, buf.getvalue())
+    assert not codec.is_current(old)
+    back = codec.decode(old, "i1")
+    assert_same_task(back, task)
+    assert not back.has_shadow and back.shadow_model_version == ""
+
+
 def test_restored_window_is_cut_to_the_configured_size():
     codec = ItemStateCodec(dedupe_window=5)
     value = codec.encode(make_task(codec))

@@ -82,12 +82,12 @@ def test_lag_gauge_drops_revoked_partitions_and_auc_is_published():
     metrics.set_lag({("inter", 1): 0})
     auc = SlidingAUC(4)
     auc.add([0.2, 0.8, 0.6, 0.4], [0, 1, 1, 0])
-    metrics.set_auc(auc)
+    metrics.set_auc(auc, method="emerg")
     text = scrape(metrics)
     assert 'emerg_worker_consumer_lag{partition="1",topic="inter"} 0.0' in text
     assert 'partition="0"' not in text
-    assert "emerg_worker_prequential_auc 1.0" in text
-    assert "emerg_worker_prequential_window 4.0" in text
+    assert 'emerg_worker_prequential_auc{method="emerg",role="primary"} 1.0' in text
+    assert 'emerg_worker_prequential_window{method="emerg",role="primary"} 4.0' in text
 
 
 def test_metrics_host_and_checkpoint_come_from_the_environment(monkeypatch, tmp_path, capsys):

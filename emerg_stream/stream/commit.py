@@ -152,6 +152,9 @@ class CommitPipeline:
         """Nothing produced is waiting to be made durable or committed."""
         return self.held is None and self.sent is None
 
+    def polled(self, consumer: Consumer) -> None:
+        """Nothing to note: offsets are committed outside any transaction."""
+
     def submit(self, outputs: list[Outbound], cp: CheckpointRecords) -> None:
         """A processed batch: settle the earlier stages, produce its outputs, hold ``cp``."""
         self.settle()
@@ -239,18 +242,34 @@ class TransactionalPipeline:
         self.on_checkpoint = on_checkpoint
         self.marks: dict[int, PartitionMark] = {}
         self.checkpoints = 0
+        self.group_metadata: object | None = None
+
+    def polled(self, consumer: Consumer) -> None:
+        """Note the group generation the batch just polled belongs to (see :meth:`submit`)."""
+        self.group_metadata = consumer.consumer_group_metadata()
 
     def submit(self, outputs: list[Outbound], cp: CheckpointRecords) -> None:
-        """The batch's outputs, changelog and offsets in one transaction."""
+        """The batch's outputs, changelog and offsets in one transaction.
+
+        The offsets go with the group metadata noted when the batch was polled
+        (:meth:`polled`), not the current one: a member frozen between poll and commit
+        whose session expired has rejoined by the time it resumes, and only the poll's
+        generation gets its stale batch refused (the transaction aborts; nothing of the
+        batch is visible).
+        """
         consumer = self.consumer()
         if consumer is None:
             raise TransientError("the transactional producer or the consumer is closed")
+        metadata = self.group_metadata
+        if metadata is None:
+            metadata = consumer.consumer_group_metadata()
+        self.group_metadata = None
         t0 = time.perf_counter()
         self.txn.commit(
             outputs,
             cp.records,
             cp.offsets,
-            consumer,
+            metadata,
             before_commit=lambda: self.faults.hit("after_changelog"),
         )
         self.faults.hit("after_commit")

@@ -195,7 +195,7 @@ class TransactionalCheckpoint:
         outputs: Sequence[Outbound],
         changelog: Sequence[Outbound],
         offsets: Mapping[tuple[str, int], int],
-        consumer: Consumer,
+        group_metadata: object,
         *,
         before_commit: Callable[[], None] | None = None,
     ) -> None:
@@ -205,7 +205,11 @@ class TransactionalCheckpoint:
             outputs: ItemParams, Predictions and DeadLetters of the batch.
             changelog: Its changelog records (states, then marks).
             offsets: ``(topic, partition)`` -> next offset to read.
-            consumer: The group consumer (its group metadata fences zombies).
+            group_metadata: The group consumer's metadata (generation, member) as it was
+                when the batch was polled. A member frozen past its session after the
+                poll may have rejoined by now; sent with the poll's generation, its
+                offsets are refused and the transaction aborted, where the current
+                generation would let a zombie's stale batch commit beside its new owner's.
             before_commit: Called right before ``commit_transaction`` (fault injection).
 
         Raises:
@@ -222,7 +226,7 @@ class TransactionalCheckpoint:
             self._produce(changelog)
             if offsets:
                 tps = [TopicPartition(tp, part, o) for (tp, part), o in sorted(offsets.items())]
-                p.send_offsets_to_transaction(tps, consumer.consumer_group_metadata(), t)
+                p.send_offsets_to_transaction(tps, group_metadata, t)
             if before_commit is not None:
                 before_commit()
             self._commit_with_retries(t)

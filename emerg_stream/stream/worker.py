@@ -246,6 +246,7 @@ class Worker:
             while not self._stop.is_set():
                 batch = self._inbound(self._next_batch(self._consumer))
                 if batch:
+                    self.pipeline.polled(self._consumer)
                     self._last_activity = time.monotonic()
                     self._handle(batch)
                 elif self._idle():

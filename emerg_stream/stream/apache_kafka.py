@@ -224,14 +224,6 @@ class ApacheKafka(ChildServer):
         )
         return self
 
-    def stop(self) -> None:
-        """Stop the node (SIGTERM, then SIGKILL) and remove the run folder. Idempotent."""
-        if self._proc is None:
-            return
-        pid = self._proc.pid
-        code = self._terminate()
-        log.info("kafka_stopped", pid=pid, returncode=code)
-
     def __repr__(self) -> str:
         where = self.bootstrap if self.running else "stopped"
         return f"ApacheKafka({self.version}, {where})"
@@ -441,6 +433,7 @@ class ApacheKafka(ChildServer):
             raise TransientError(self._failure(f"could not create the ACLs: {exc}")) from exc
 
     _noun = "the Kafka broker"
+    _stopped_event = "kafka_stopped"
 
     @property
     def _what(self) -> str:

@@ -232,14 +232,6 @@ class EmbeddedBroker(ChildServer):
             return self
         raise TransientError(f"the embedded broker found no free port in {attempts} tries")
 
-    def stop(self) -> None:
-        """Stop the broker: SIGINT, then SIGKILL after ``stop_timeout_s``. Idempotent."""
-        if self._proc is None:
-            return
-        pid = self._proc.pid
-        code = self._terminate()
-        log.info("broker_stopped", pid=pid, returncode=code)
-
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP): connections stay open but nothing answers.
 
@@ -344,6 +336,7 @@ class EmbeddedBroker(ChildServer):
             return
 
     _noun = "the embedded broker"
+    _stopped_event = "broker_stopped"
 
     @property
     def _what(self) -> str:

@@ -50,8 +50,19 @@ class ChildServer:
         """Start the child; subclasses define it."""
         raise NotImplementedError
 
+    #: The log event :meth:`stop` writes.
+    _stopped_event = "server_stopped"
+
     def stop(self) -> None:
-        """Stop the child; subclasses define it."""
+        """Stop the child (its stop signal, then SIGKILL: ``_terminate``). Idempotent."""
+        if self._proc is None:
+            return
+        pid = self._proc.pid
+        code = self._terminate()
+        log.info(self._stopped_event, pid=pid, returncode=code)
+
+    def _terminate(self) -> int | None:
+        """End the child and clean up after it; subclasses define it."""
         raise NotImplementedError
 
     #: How much of the end of the child's output :meth:`log_tail` reads.

@@ -223,6 +223,7 @@ class SchemaRegistryServer(ChildServer):
     """
 
     _noun = "the schema registry"
+    _stopped_event = "schema_registry_stopped"
 
     def __init__(
         self,
@@ -302,14 +303,6 @@ class SchemaRegistryServer(ChildServer):
             **{f"{k}_s": round(v, 2) for k, v in self.timings.items()},
         )
         return self
-
-    def stop(self) -> None:
-        """Stop the registry (SIGTERM, then SIGKILL). Idempotent; keeps ``port``."""
-        if self._proc is None:
-            return
-        pid = self._proc.pid
-        code = self._terminate()
-        log.info("schema_registry_stopped", pid=pid, returncode=code)
 
     def __repr__(self) -> str:
         where = self.url if self.running else "stopped"

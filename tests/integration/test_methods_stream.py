@@ -78,14 +78,15 @@ def _run_until(worker: Worker, n_interactions: int, timeout_s: float = 90.0) -> 
     assert not thread.is_alive(), "worker did not stop"
 
 
-def test_the_worker_restarted_from_its_changelog_publishes_the_offline_params(
-    method_case: tuple[str, Path, dict[str, list[dict[str, np.ndarray]]]],
+def run_in_two_halves(
     world: ww.World,
     kafka_conf: dict[str, str],
     bootstrap: str,
     unique_name: Callable[[str], str],
-) -> None:
-    method, path, offline = method_case
+    make_worker: Callable[[WorkerSettings], Worker],
+) -> tuple[TopicSettings, Worker]:
+    """The world's items and first half of its clicks through one worker, the second half
+    through a fresh one that restores from the changelog; returns the topics and it."""
     topics = _topics(kafka_conf, unique_name)
     half = len(world.interactions) // 2
     first, rest = world.interactions[:half], world.interactions[half:]
@@ -99,10 +100,28 @@ def test_the_worker_restarted_from_its_changelog_publishes_the_offline_params(
         batch_timeout_ms=100,
         batch_max_records=16,
     )
-    _run_until(Worker(settings, TorchWarmupHandler.from_checkpoint(path, "cpu")), half)
+    _run_until(make_worker(settings), half)
     _produce(kafka_conf, [(topics.interactions, r["item_id"], INTER.encode(r)) for r in rest])
-    again = Worker(settings, TorchWarmupHandler.from_checkpoint(path, "cpu"))
+    again = make_worker(settings)
     _run_until(again, len(rest))
+    return topics, again
+
+
+def test_the_worker_restarted_from_its_changelog_publishes_the_offline_params(
+    method_case: tuple[str, Path, dict[str, list[dict[str, np.ndarray]]]],
+    world: ww.World,
+    kafka_conf: dict[str, str],
+    bootstrap: str,
+    unique_name: Callable[[str], str],
+) -> None:
+    method, path, offline = method_case
+    topics, again = run_in_two_halves(
+        world,
+        kafka_conf,
+        bootstrap,
+        unique_name,
+        lambda settings: Worker(settings, TorchWarmupHandler.from_checkpoint(path, "cpu")),
+    )
     assert again.restored_items > 0  # the second half warmed up φ restored from the changelog
 
     params = [

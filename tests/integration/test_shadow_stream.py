@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import worker_world as ww
-from test_methods_stream import _produce, _run_until, _topics
+from test_methods_stream import run_in_two_halves
 
-from emerg_stream.config import KafkaSettings, WorkerSettings
+from emerg_stream.config import WorkerSettings
 from emerg_stream.features import encode_records, to_torch
 from emerg_stream.io.avro import AvroSerde
 from emerg_stream.io.records import Interaction, ItemEvent, ItemParams, Prediction
@@ -84,29 +84,12 @@ def test_a_deepfm_shadow_beside_emerg_scores_as_the_offline_protocol_across_a_re
     bootstrap: str,
     unique_name: Any,
 ) -> None:
-    topics = _topics(kafka_conf, unique_name)
-    half = len(world.interactions) // 2
-    first, rest = world.interactions[:half], world.interactions[half:]
-    _produce(kafka_conf, [(topics.items, r["item_id"], ITEM.encode(r)) for r in world.items])
-    _produce(kafka_conf, [(topics.interactions, r["item_id"], INTER.encode(r)) for r in first])
-    settings = WorkerSettings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
-        topics=topics,
-        group_id=unique_name("group"),
-        heartbeat_interval_ms=500,
-        batch_timeout_ms=100,
-        batch_max_records=16,
-    )
-
-    def worker() -> Worker:
+    def worker(settings: WorkerSettings) -> Worker:
         primary = TorchWarmupHandler.from_checkpoint(checkpoints["emerg"], "cpu")
         shadow = TorchWarmupHandler.from_checkpoint(checkpoints["deepfm"], "cpu")
         return Worker(settings, primary, shadow=shadow)
 
-    _run_until(worker(), half)
-    _produce(kafka_conf, [(topics.interactions, r["item_id"], INTER.encode(r)) for r in rest])
-    again = worker()
-    _run_until(again, len(rest))
+    topics, again = run_in_two_halves(world, kafka_conf, bootstrap, unique_name, worker)
     assert again.restored_items > 0
     assert again.processor.shadow_dropped == 0
 
@@ -122,6 +105,7 @@ def test_a_deepfm_shadow_beside_emerg_scores_as_the_offline_protocol_across_a_re
 
     for method, got in (("deepfm", shadow), ("emerg", primary)):
         want = offline_scores(world, checkpoints[method])
+        rest = world.interactions[len(world.interactions) // 2 :]  # the restored worker's
         after = {r["event_id"] for r in rest} & set(want)
         assert after  # clicks of items whose φ came back from the changelog
         worst = max(abs(got[e]["score"] - s) for e, s in want.items())

@@ -77,6 +77,8 @@ THREAD_ENV_VARS = (
 OMP_WAIT_POLICY = "PASSIVE"
 #: The ``OMP_NUM_THREADS`` this process wrote (not a user's cap when read back).
 _written_omp: str | None = None
+#: The user's ``OMP_NUM_THREADS`` that the first write replaced (still the cap after it).
+_user_omp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,18 @@ def _omp_cap(raw: str) -> int | None:
     return value
 
 
+def _users_omp(env: Mapping[str, str]) -> str:
+    """The user's ``OMP_NUM_THREADS`` ("" if none).
+
+    The one in ``env``, unless this process wrote it: then the one the user had set before
+    that (a second resolution in one process keeps the user's cap).
+    """
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if env is os.environ and _written_omp is not None and omp == _written_omp:
+        return (_user_omp or "").strip()
+    return omp
+
+
 def resolve_threads(
     explicit: int | None = None,
     *,
@@ -270,10 +284,8 @@ def resolve_threads(
         setting, setting_name = _positive_int("--threads", str(explicit)), "flag"
     elif env.get(THREADS_ENV, "").strip():
         setting, setting_name = _positive_int(THREADS_ENV, env[THREADS_ENV]), THREADS_ENV
-    elif env.get("OMP_NUM_THREADS", "").strip() and not (
-        env is os.environ and env["OMP_NUM_THREADS"] == _written_omp  # ours, not the user's
-    ):
-        setting, setting_name = _omp_cap(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    elif omp := _users_omp(env):
+        setting, setting_name = _omp_cap(omp), "OMP_NUM_THREADS"
     if setting is not None:
         if setting < threads:
             threads, source = setting, setting_name
@@ -309,8 +321,10 @@ def apply_threads(
         env: The environment to write (default ``os.environ``).
         load_torch: Import torch to apply the number (else only when already imported).
     """
-    global _written_omp
+    global _written_omp, _user_omp
     env = os.environ if env is None else env
+    if env is os.environ and _written_omp is None:
+        _user_omp = env.get("OMP_NUM_THREADS")
     for var in THREAD_ENV_VARS:
         env[var] = str(threads)
     if env is os.environ:

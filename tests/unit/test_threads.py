@@ -201,6 +201,23 @@ def test_torch_numpy_and_the_wait_policy_follow_the_rule() -> None:
     assert res.stdout.splitlines()[-1].split() == ["1", "1", "PASSIVE", "1"]
 
 
+def test_a_second_resolution_keeps_the_users_omp_cap() -> None:
+    """The first application overwrites OMP_NUM_THREADS with the number applied; resolving
+    again in the same process (a second command run in-process) still sees the user's 1."""
+    code = (
+        "from emerg_stream.threads import configure_threads as c; "
+        "print(c().threads, c().threads, c().source)"
+    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("EMERG_", "OMP_", "MKL_"))}
+    full.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    source = "affinity" if len(os.sched_getaffinity(0)) == 1 else "OMP_NUM_THREADS"
+    assert res.stdout.splitlines()[-1].split() == ["1", "1", source]
+
+
 def test_one_owner_sets_threads() -> None:
     """Only emerg_stream/threads.py counts CPUs or sets thread counts in the package and jobs."""
     owner = REPO_ROOT / "emerg_stream" / "threads.py"

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ABLATIONS"]
+__all__ = ["ABLATIONS", "STRUCTURES", "with_structure"]
+
+#: EmerG's structures that selection chooses from (``meta.pipeline.READINGS``, in this
+#: order: the first wins a tie): the two readings of eq. (9), each without and with the
+#: FM term. ``reproduce --structure NAME`` fixes one and skips the others' selection.
+STRUCTURES: dict[str, dict[str, Any]] = {
+    name: {"attention": attention, "fm": fm}
+    for attention in ("joint", "field")
+    for fm, name in ((False, attention), (True, f"{attention}+fm"))
+}
 
 #: The paper's ablations of EmerG: name -> (model config overrides, train config overrides).
 ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -27,3 +36,23 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "joint-fm": ({"attention": "joint", "fm": True}, {}),
     "field-fm": ({"attention": "field", "fm": True}, {}),
 }
+
+
+def with_structure(ablation: str, structure: str | None) -> dict[str, Any]:
+    """The model overrides of ``ablation`` with EmerG's structure fixed to ``structure``.
+
+    Raises:
+        ValueError: An unknown name, or an ablation that fixes another structure.
+    """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {sorted(ABLATIONS)}")
+    model_ov = dict(ABLATIONS[ablation][0])
+    if structure is None:
+        return model_ov
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose from {list(STRUCTURES)}")
+    fixed = STRUCTURES[structure]
+    clash = {k: v for k, v in model_ov.items() if k in fixed and v != fixed[k]}
+    if clash:
+        raise ValueError(f"ablation {ablation!r} fixes {clash}, structure {structure!r} {fixed}")
+    return {**model_ov, **fixed}

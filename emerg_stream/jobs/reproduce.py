@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from emerg_stream.ablations import ABLATIONS
+from emerg_stream.ablations import ABLATIONS, STRUCTURES
 from emerg_stream.devices import DEVICES
 from emerg_stream.methods import METHOD_NAMES
 
@@ -48,8 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(ABLATIONS),
         help="an EmerG ablation of the paper or a fixed structure (baselines are unaffected)",
     )
+    parser.add_argument(
+        "--structure",
+        default=None,
+        choices=list(STRUCTURES),
+        help="fix EmerG's structure instead of selecting it among all four (combines with "
+        "--ablation; a quarter of EmerG's selection time or less)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="rows per pretraining step")
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="worker processes for the selections and final runs, each with its share of "
+        "the threads ('auto': one per usable CPU; default 1: everything in this process)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _processes(raw: str) -> tuple[int, int]:
+    """``--processes`` -> (processes, threads of each), from the process's thread budget."""
+    from emerg_stream.errors import ConfigError
+    from emerg_stream.threads import resolve_threads, threads_per_process
+
+    budget = resolve_threads()
+    if raw == "auto":
+        n = budget.threads
+    else:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--processes must be 'auto' or a positive integer, not {raw!r}")
+    return n, threads_per_process(budget, n)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHOD_NAMES)}")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    processes, threads_each = _processes(args.processes)
     cfg = selection_config()
     if args.pretrain_epochs is not None:
         cfg = replace(cfg, pretrain_epochs=args.pretrain_epochs)
@@ -82,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         cfg=cfg,
         progress=not args.no_progress,
         ablation=args.ablation,
+        processes=processes,
+        threads_each=threads_each,
+        structure=args.structure,
     )
     print(markdown_table(results), end="")
     print(f"results: {args.out / 'results.json'} ({results['wall_time_s']} s)")

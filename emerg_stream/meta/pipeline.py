@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 import torch
 
+from emerg_stream.ablations import STRUCTURES
 from emerg_stream.data.split import HoldoutPick, Split, holdout_validation
 from emerg_stream.features import FeatureSpec, encode, item_side_index
 from emerg_stream.meta.evaluate import NewItemData, run_phases
@@ -41,9 +42,7 @@ METHODS: tuple[str, ...] = METHOD_NAMES
 #: with and without the FM term (an extension of the paper). Which predicts new items
 #: best depends on the data (docs/RESULTS.md); an ablation that sets ``attention`` or
 #: ``fm`` fixes that choice.
-READINGS: tuple[dict[str, Any], ...] = tuple(
-    {"attention": a, "fm": fm} for a in ("joint", "field") for fm in (False, True)
-)
+READINGS: tuple[dict[str, Any], ...] = tuple(STRUCTURES.values())
 
 
 def reading_name(overrides: dict[str, Any]) -> str:
@@ -332,6 +331,39 @@ def select_protocol(
     )
 
 
+def reading_candidates(method: str, model_overrides: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The model overrides that selection tries for ``method``, one per structure.
+
+    For EmerG, every structure of :data:`READINGS` that the overrides leave open (each
+    merged into them); other methods, and EmerG with both ``attention`` and ``fm`` fixed,
+    have one candidate: the overrides as given.
+    """
+    base = dict(model_overrides or {})
+    open_readings = [r for r in READINGS if all(base.get(k, v) == v for k, v in r.items())]
+    if method != "emerg" or len(open_readings) < 2:
+        return [base]
+    return [{**base, **r} for r in open_readings]
+
+
+def pick_reading(
+    method: str, selected: Sequence[tuple[Protocol, dict[str, Any]]]
+) -> tuple[Protocol, dict[str, Any]]:
+    """The best of the candidates' selections on pseudo-new items (the first on a tie).
+
+    With several candidates, every one's score goes into
+    ``protocol.validation["readings"]``.
+    """
+    best = selected[0]
+    for cand in selected[1:]:
+        if cand[0].validation["score"] > best[0].validation["score"]:
+            best = cand
+    if len(selected) > 1:
+        scores = {reading_name(ov): p.validation["score"] for p, ov in selected}
+        best[0].validation["readings"] = scores
+        log.info("reading_selected", method=method, chosen=reading_name(best[1]), scores=scores)
+    return best
+
+
 def select_reading(
     method: str,
     spec: FeatureSpec,
@@ -343,30 +375,17 @@ def select_reading(
 ) -> tuple[Protocol, dict[str, Any]]:
     """:func:`select_protocol`, with EmerG's reading of eq. (9) chosen too.
 
-    For EmerG, every structure of :data:`READINGS` that the overrides leave open goes
-    through the whole selection and the best pseudo-new score wins (each one's score is
-    kept in ``protocol.validation["readings"]``); other methods, and EmerG with both
-    ``attention`` and ``fm`` fixed, run one selection.
+    Every candidate of :func:`reading_candidates` goes through the whole selection and
+    the best pseudo-new score wins (:func:`pick_reading`).
 
     Returns:
         The chosen protocol and the model overrides to train the final runs with.
     """
-    base = dict(model_overrides or {})
-    open_readings = [r for r in READINGS if all(base.get(k, v) == v for k, v in r.items())]
-    if method != "emerg" or len(open_readings) < 2:
-        return select_protocol(method, spec, val, cfg, model_overrides=base, **kw), base
-    best: tuple[Protocol, dict[str, Any]] | None = None
-    scores: dict[str, float] = {}
-    for reading in open_readings:
-        overrides = {**base, **reading}
-        protocol = select_protocol(method, spec, val, cfg, model_overrides=overrides, **kw)
-        scores[reading_name(reading)] = protocol.validation["score"]
-        if best is None or protocol.validation["score"] > best[0].validation["score"]:
-            best = (protocol, overrides)
-    assert best is not None
-    best[0].validation["readings"] = scores
-    log.info("reading_selected", method=method, chosen=reading_name(best[1]), scores=scores)
-    return best
+    selected = [
+        (select_protocol(method, spec, val, cfg, model_overrides=ov, **kw), ov)
+        for ov in reading_candidates(method, model_overrides)
+    ]
+    return pick_reading(method, selected)
 
 
 def final_config(cfg: TrainConfig, protocol: Protocol, seed: int) -> TrainConfig:

@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 import torch
 
-from emerg_stream.ablations import ABLATIONS
+from emerg_stream.ablations import ABLATIONS, with_structure
 from emerg_stream.data import load_dataset, split_log, write_split
 from emerg_stream.devices import resolve_device
 from emerg_stream.errors import ConfigError
@@ -23,6 +23,7 @@ from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.meta.evaluate import run_phases
 from emerg_stream.meta.metrics import PHASE_METRICS
+from emerg_stream.meta.parallel import run_units
 from emerg_stream.meta.pipeline import (
     EPOCH_WARMUP_GRID,
     MAX_META_EPOCHS,
@@ -30,9 +31,12 @@ from emerg_stream.meta.pipeline import (
     METHODS,
     WARMUP_GRID,
     Prepared,
+    Protocol,
     final_config,
+    pick_reading,
     prepare,
-    select_reading,
+    reading_candidates,
+    select_protocol,
     selection_split,
     train_model,
 )
@@ -109,6 +113,101 @@ def save_phis(path: Path, ids: list[str], phis: dict[str, dict[str, torch.Tensor
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every unit of a run reads (pickled once per worker process)."""
+
+    dataset: str
+    out: Path
+    spec: FeatureSpec
+    val_spec: FeatureSpec
+    val: Prepared
+    data: Prepared
+    device: torch.device
+    n: int
+    k: int
+    progress: bool
+    warmup_grid: tuple[WarmupConfig, ...]
+    epoch_grid: tuple[WarmupConfig, ...] | None
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """One selection: a method with one structure's overrides."""
+
+    method: str
+    cfg: TrainConfig
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _FinalRun:
+    """One final run: a method, its chosen protocol and overrides, one seed."""
+
+    method: str
+    cfg: TrainConfig
+    protocol: Protocol
+    overrides: dict[str, Any]
+    seed: int
+
+
+def _select(inp: _Inputs, unit: _Selection) -> tuple[Protocol, float]:
+    t0 = time.perf_counter()
+    protocol = select_protocol(
+        unit.method,
+        inp.val_spec,
+        inp.val,
+        unit.cfg,
+        device=inp.device,
+        progress=inp.progress,
+        model_overrides=unit.overrides,
+        grid=inp.warmup_grid,
+        epoch_grid=inp.epoch_grid,
+    )
+    return protocol, time.perf_counter() - t0
+
+
+def _final_run(inp: _Inputs, unit: _FinalRun) -> tuple[dict[str, dict[str, float]], float]:
+    """Train with the chosen protocol, evaluate the phases, save the checkpoint."""
+    t0 = time.perf_counter()
+    method, seed, protocol = unit.method, unit.seed, unit.protocol
+    fcfg = final_config(unit.cfg, protocol, seed)
+    model = train_model(
+        method,
+        inp.spec,
+        inp.data,
+        fcfg,
+        device=inp.device,
+        progress=inp.progress,
+        model_overrides=unit.overrides,
+    )
+    metrics, phis = run_phases(model, inp.data.new, protocol.warmup, salt=seed, device=inp.device)
+    log.info(
+        "seed_evaluated",
+        method=method,
+        seed=seed,
+        auc={p: round(100 * m["auc"], 2) for p, m in metrics.items()},
+    )
+    save_checkpoint(
+        inp.out / "checkpoints" / f"{method}-seed{seed}",
+        model,
+        inp.spec.to_dict(),
+        {
+            "method": method,
+            "dataset": inp.dataset,
+            "seed": seed,
+            "noise_salt": seed,
+            "warmup": asdict(protocol.warmup),
+            "train_config": asdict(fcfg),
+            "split": {"n": inp.n, "k": inp.k},
+            "old_item_ids": list(inp.data.old_items.ids),
+        },
+    )
+    if seed == 0:
+        save_phis(inp.out / f"phis-{method}.npz", inp.data.new.items.ids, phis)
+    return metrics, time.perf_counter() - t0
+
+
 def reproduce(
     dataset: str,
     out: Path,
@@ -122,6 +221,9 @@ def reproduce(
     ablation: str = "none",
     warmup_grid: Sequence[WarmupConfig] = WARMUP_GRID,
     epoch_grid: Sequence[WarmupConfig] | None = EPOCH_WARMUP_GRID,
+    processes: int = 1,
+    threads_each: int = 1,
+    structure: str | None = None,
 ) -> dict[str, Any]:
     """Run split, selection, training and phased evaluation; write results to ``out``.
 
@@ -139,16 +241,23 @@ def reproduce(
         warmup_grid: Warm-up protocols that model selection tries.
         epoch_grid: Warm-up protocols scored after every epoch to choose the epochs
             (``None``: ``warmup_grid``).
+        processes: Run the units (every selection, then every final run) on this many
+            worker processes (:mod:`emerg_stream.meta.parallel`); 1 runs them here.
+        threads_each: Compute threads of each worker process.
+        structure: Fix EmerG's structure (a name of :data:`~emerg_stream.ablations.STRUCTURES`)
+            instead of selecting it; combines with ``ablation``.
 
     Returns:
         The content of ``out/results.json``.
     """
-    if ablation not in ABLATIONS:
-        raise ConfigError(f"unknown ablation {ablation!r}; choose from {sorted(ABLATIONS)}")
+    try:
+        model_ov = with_structure(ablation, structure)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     t_start = time.perf_counter()
     dev = resolve_device(device)
     cfg = cfg or selection_config()
-    model_ov, train_ov = ABLATIONS[ablation]
+    train_ov = ABLATIONS[ablation][1]
     out.mkdir(parents=True, exist_ok=True)
     ilog = load_dataset(dataset, data_dir)
     split = split_log(ilog)
@@ -173,65 +282,72 @@ def reproduce(
         "dataset": ilog.name,
         "command": " ".join(sys.argv),
         "device": str(dev),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads() if processes <= 1 else threads_each,
+            "processes": processes,
+        },
         "train_config": asdict(cfg),
         "ablation": ablation,
+        "structure": structure,
         "split": {k: manifest[k] for k in ("row_counts", "item_counts") if k in manifest},
         "methods": {},
     }
-    for method in methods:
-        t0 = time.perf_counter()
-        m_cfg = replace(cfg, **train_ov) if method == "emerg" else cfg
-        protocol, m_ov = select_reading(
-            method,
-            val_spec,
-            val,
-            m_cfg,
-            device=dev,
-            progress=progress,
-            model_overrides=model_ov if method == "emerg" else {},
-            grid=warmup_grid,
-            epoch_grid=epoch_grid,
+    inp = _Inputs(
+        dataset=ilog.name,
+        out=out,
+        spec=spec,
+        val_spec=val_spec,
+        val=val,
+        data=data,
+        device=dev,
+        n=split.n,
+        k=split.k,
+        progress=progress and processes <= 1,
+        warmup_grid=tuple(warmup_grid),
+        epoch_grid=None if epoch_grid is None else tuple(epoch_grid),
+    )
+    # 1. selection: every method, every structure EmerG chooses from (the slowest first)
+    cfgs = {m: replace(cfg, **train_ov) if m == "emerg" else cfg for m in methods}
+    selections = [
+        _Selection(m, cfgs[m], ov)
+        for m in methods
+        for ov in reading_candidates(m, model_ov if m == "emerg" else {})
+    ]
+    # the pool hands units out in order: the slowest (EmerG's joint attention) first
+    selections.sort(key=lambda u: (u.method != "emerg", u.overrides.get("attention") != "joint"))
+    selected = run_units(_select, inp, selections, processes=processes, threads=threads_each)
+    chosen: dict[str, tuple[Protocol, dict[str, Any]]] = {}
+    seconds = dict.fromkeys(methods, 0.0)
+    for m in methods:
+        mine = [
+            (p, u.overrides)
+            for u, (p, _) in zip(selections, selected, strict=True)
+            if u.method == m
+        ]
+        chosen[m] = pick_reading(m, mine)
+        seconds[m] += sum(
+            t for u, (_, t) in zip(selections, selected, strict=True) if u.method == m
         )
-        per_seed: dict[int, dict[str, dict[str, float]]] = {}
-        for seed in range(seeds):
-            fcfg = final_config(m_cfg, protocol, seed)
-            model = train_model(
-                method, spec, data, fcfg, device=dev, progress=progress, model_overrides=m_ov
-            )
-            metrics, phis = run_phases(model, data.new, protocol.warmup, salt=seed, device=dev)
-            per_seed[seed] = metrics
-            log.info(
-                "seed_evaluated",
-                method=method,
-                seed=seed,
-                auc={p: round(100 * m["auc"], 2) for p, m in metrics.items()},
-            )
-            save_checkpoint(
-                out / "checkpoints" / f"{method}-seed{seed}",
-                model,
-                spec.to_dict(),
-                {
-                    "method": method,
-                    "dataset": ilog.name,
-                    "seed": seed,
-                    "noise_salt": seed,
-                    "warmup": asdict(protocol.warmup),
-                    "train_config": asdict(fcfg),
-                    "split": {"n": split.n, "k": split.k},
-                    "old_item_ids": list(data.old_items.ids),
-                },
-            )
-            if seed == 0:
-                save_phis(out / f"phis-{method}.npz", data.new.items.ids, phis)
-        results["methods"][method] = {
+    # 2. the final runs: every method, every seed
+    finals = [
+        _FinalRun(m, cfgs[m], chosen[m][0], chosen[m][1], seed)
+        for m in methods
+        for seed in range(seeds)
+    ]
+    evaluated = run_units(_final_run, inp, finals, processes=processes, threads=threads_each)
+    for m in methods:
+        protocol, m_ov = chosen[m]
+        per_seed = {u.seed: r for u, (r, _) in zip(finals, evaluated, strict=True) if u.method == m}
+        seconds[m] += sum(t for u, (_, t) in zip(finals, evaluated, strict=True) if u.method == m)
+        results["methods"][m] = {
             "protocol": protocol.to_dict(),
             "model_overrides": m_ov,
-            "seeds": {str(s): m for s, m in per_seed.items()},
+            "seeds": {str(s): v for s, v in per_seed.items()},
             "summary": summarize(per_seed),
-            "wall_time_s": round(time.perf_counter() - t0, 1),
+            # the method's units' own time (wall time when they run one after another)
+            "wall_time_s": round(seconds[m], 1),
         }
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     results["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(results))

@@ -137,3 +137,40 @@ def test_unknown_method_is_a_clear_error(synthetic_yaml, tmp_path, capsys):
 def test_explain_unknown_item_is_a_clear_error(tmp_path, capsys):
     assert main(["explain", "--run", str(tmp_path), "--item", "x"]) == 2
     assert "phis-emerg.npz" in capsys.readouterr().err
+
+
+def test_reproduce_in_processes_equals_one_process(synthetic_yaml, tmp_path, capsys, monkeypatch):
+    """--processes 2 runs every selection and final run in worker processes of one
+    thread each; with this process on one thread too, the results are the same numbers."""
+    import torch
+
+    from emerg_stream.threads import THREADS_ENV
+
+    args = ["--dataset", str(synthetic_yaml), "--methods", "emerg,deepfm", "--seeds", "2"]
+    args += ["--pretrain-epochs", "2", "--meta-epochs", "1", "--batch-size", "64"]
+    args += ["--no-progress", "--device", "cpu"]
+    monkeypatch.setenv(THREADS_ENV, "1")  # this process on one thread, as each worker
+    assert main(["reproduce", *args, "--out", str(tmp_path / "one")]) == 0
+    monkeypatch.delenv(THREADS_ENV)
+    assert main(["reproduce", *args, "--out", str(tmp_path / "two"), "--processes", "2"]) == 0
+    capsys.readouterr()
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["machine"]["processes"] == 2 and two["machine"]["threads"] == 1
+    for method in ("emerg", "deepfm"):
+        a, b = one["methods"][method], two["methods"][method]
+        assert b["seeds"] == a["seeds"]  # every seed, phase and metric
+        assert b["protocol"] == a["protocol"] and b["model_overrides"] == a["model_overrides"]
+    assert set(two["methods"]["emerg"]["protocol"]["validation"]["readings"]) == {
+        "joint",
+        "joint+fm",
+        "field",
+        "field+fm",
+    }
+    ck_one = load_checkpoint(tmp_path / "one" / "checkpoints" / "emerg-seed1").model
+    ck_two = load_checkpoint(tmp_path / "two" / "checkpoints" / "emerg-seed1").model
+    for (name, x), (_, y) in zip(
+        ck_one.state_dict().items(), ck_two.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), name
+    assert main(["reproduce", *args, "--out", str(tmp_path / "bad"), "--processes", "0"]) == 2
+    assert "--processes must be 'auto' or a positive integer" in capsys.readouterr().err

@@ -110,3 +110,44 @@ def test_the_ablation_choices_of_the_command_line_are_the_table() -> None:
 
     for name in ("joint-fm", "field-fm"):
         assert ABLATIONS[name][0] in READINGS
+
+
+def test_a_fixed_structure_leaves_one_candidate_and_combines_with_an_ablation() -> None:
+    from emerg_stream.ablations import STRUCTURES, with_structure
+    from emerg_stream.meta.pipeline import READINGS, reading_candidates, reading_name
+
+    # the names are the readings' names, in selection's order (the first wins a tie)
+    assert [reading_name(r) for r in READINGS] == list(STRUCTURES)
+    assert len(reading_candidates("emerg", {})) == 4
+    fixed = with_structure("no-mask", "joint+fm")
+    assert fixed == {"use_mask": False, "attention": "joint", "fm": True}
+    assert reading_candidates("emerg", fixed) == [fixed]
+    assert reading_candidates("deepfm", {}) == [{}]
+    # an ablation that fixes the attention leaves the FM term open: two candidates
+    assert [reading_name(c) for c in reading_candidates("emerg", {"attention": "field"})] == [
+        "field",
+        "field+fm",
+    ]
+    with pytest.raises(ValueError, match="fixes"):
+        with_structure("joint-attention", "field")
+    with pytest.raises(ValueError, match="unknown structure"):
+        with_structure("none", "joint+attention")
+
+
+def test_pick_reading_takes_the_first_best_and_records_every_score() -> None:
+    from emerg_stream.meta.pipeline import Protocol, pick_reading
+    from emerg_stream.meta.warmup import WarmupConfig
+
+    def proto(score: float) -> Protocol:
+        return Protocol(1, 0, WarmupConfig(), {"score": score})
+
+    cands = [
+        (proto(0.70), {"attention": "joint", "fm": False}),
+        (proto(0.72), {"attention": "joint", "fm": True}),
+        (proto(0.72), {"attention": "field", "fm": False}),
+    ]
+    protocol, overrides = pick_reading("emerg", cands)
+    assert overrides == {"attention": "joint", "fm": True}  # the tie goes to the first
+    assert protocol.validation["readings"] == {"joint": 0.70, "joint+fm": 0.72, "field": 0.72}
+    one = [(proto(0.5), {})]
+    assert pick_reading("deepfm", one)[0].validation == {"score": 0.5}

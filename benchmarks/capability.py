@@ -103,6 +103,7 @@ def run_seed(
     device: str,
     cfg: TrainConfig,
     quick: bool,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """``reproduce`` on one generated log, plus the references and every run's shares."""
     res = reproduce(
@@ -114,6 +115,8 @@ def run_seed(
         cfg=cfg,
         progress=False,
         warmup_grid=QUICK_WARMUP_GRID if quick else WARMUP_GRID,
+        processes=processes,
+        threads_each=1,
     )
     refs = references(name)
     oracle = refs["oracle"]
@@ -247,6 +250,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--params", default="", help="extra generator parameters, e.g. new_items=400,pair_std=2"
     )
     p.add_argument("--out", type=Path, default=None, help="keep the reproduce runs here")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="reproduce's worker processes (one thread each; same numbers as 1)",
+    )
     args = p.parse_args(argv)
     setup(args)
     device = "cpu" if args.device == "auto" else args.device
@@ -266,6 +275,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 device,
                 cfg,
                 args.quick,
+                args.processes,
             )
             for ds in range(args.data_seeds)
         ]

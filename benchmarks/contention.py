@@ -2,6 +2,14 @@
 
     python benchmarks/contention.py          # ml-100k, EmerG, 1 seed: ~20-40 min on 2 shared cores
     python benchmarks/contention.py --conditions alone spin1 --variants before after --reps 2
+    python benchmarks/contention.py --job worker --variants after --checkpoint CK
+
+``--job worker`` runs the worker's stream throughput instead (``stream_throughput.py
+--cases c --reps 1``: the embedded broker, the ml-100k replay produced, then one
+:class:`Worker` drains it) and compares the seconds of its drain (case (c)), not the
+child's wall time (which includes starting the broker and producing the events). The
+worker runs one torch thread per member in every variant (``--torch-threads``' default),
+so ``before`` and ``one-thread`` only differ from ``after`` in the environment.
 
 The same command (``emerg-stream reproduce --dataset ml-100k --methods emerg --seeds 1``)
 runs as a child process under each *condition*:
@@ -24,7 +32,11 @@ and in each *variant*, interleaved run by run (the order alternates every repeti
   OpenMP runtime's default wait policy (spin, then sleep);
 - ``after``: ``emerg-stream reproduce`` as shipped (the thread rule and
   ``OMP_WAIT_POLICY=PASSIVE``);
-- ``one-thread``: the same with ``EMERG_THREADS=1``.
+- ``one-thread``: the same with ``EMERG_THREADS=1``;
+- ``processes``: ``after`` with ``--processes auto``: the selections and final runs in
+  one worker process per usable CPU, one thread each (not in the default list: the
+  default job has one unit at a time; give it several methods or seeds with
+  ``--job-arg``).
 
 Ratios compare runs of one invocation: a condition's wall time over the same variant's
 ``alone`` (the targets of issue 17: beside one busy process at most 2.2x, beside three at
@@ -61,7 +73,7 @@ from benchmarks.common import (
 from emerg_stream.threads import THREAD_ENV_VARS, THREADS_ENV
 
 CONDITIONS = ("alone", "spin1", "spin3", "pinned", "quota")
-VARIANTS = ("before", "after", "one-thread")
+VARIANTS = ("before", "after", "one-thread", "processes")
 #: Issue 17's targets: slowdown over alone (spin), or over one-thread alone (pinned).
 TARGETS = {"spin1": 2.2, "spin3": 2.75, "pinned": 1.10}
 JOB = ["--methods", "emerg", "--seeds", "1", "--no-progress", "--device", "cpu"]
@@ -180,6 +192,10 @@ class Cell:
     def wall_s(self) -> float:
         return statistics.median(r.wall_s for r in self.runs)
 
+    def seconds(self, key: str) -> float:
+        """The median of ``key`` (``wall_s`` or ``job_s``) over the runs."""
+        return statistics.median(getattr(r, key) for r in self.runs)
+
     @property
     def timed_out(self) -> bool:
         return any(r.timed_out for r in self.runs)
@@ -198,11 +214,20 @@ def child_env(variant: str) -> dict[str, str]:
     return env
 
 
-def child_command(variant: str, dataset: str, out: Path, extra: Sequence[str]) -> list[str]:
+def child_command(
+    variant: str, job: str, dataset: str, out: Path, extra: Sequence[str]
+) -> list[str]:
+    if job == "worker":  # the worker's drain; its JSON goes to out/results.json
+        script = str(REPO_ROOT / "benchmarks" / "stream_throughput.py")
+        out.mkdir(parents=True)
+        json_out = ["--json", str(out / "results.json")]
+        return [sys.executable, script, "--cases", "c", "--reps", "1", *extra, *json_out]
     job = ["--log-json", "--log-level", "INFO", "reproduce", "--dataset", dataset]
     job += ["--out", str(out), *JOB, *extra]
     if variant == "before":
         return [sys.executable, "-c", BEFORE_CODE, *job]
+    if variant == "processes":
+        job += ["--processes", "auto"]
     return [sys.executable, "-m", "emerg_stream.cli", *job]
 
 
@@ -253,8 +278,9 @@ def run_child(
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {log.read_text()[-2000:]}")
     job_s = None
     results = workdir / "out" / "results.json"
-    if results.exists():
-        job_s = json.loads(results.read_text()).get("wall_time_s")
+    if results.is_file():  # reproduce's wall time, or the worker's drain (case c)
+        got = json.loads(results.read_text())
+        job_s = got["seconds"]["c"][0] if "seconds" in got else got.get("wall_time_s")
     return Run(
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
@@ -322,8 +348,9 @@ def run_condition(
 # ------------------------------------------------------------------------ report
 
 
-def summarise(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
-    """Ratios: each condition over the same variant alone; after over before."""
+def summarise(cells: dict[str, dict[str, Cell]], key: str = "wall_s") -> dict[str, Any]:
+    """Ratios of ``key`` (``wall_s``, or ``job_s`` for the worker): each condition over the
+    same variant alone; after over before."""
     out: dict[str, Any] = {}
     alone = cells.get("alone", {})
     for cond, by_variant in cells.items():
@@ -332,20 +359,29 @@ def summarise(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
             base = alone.get(variant)
             row[variant] = {
                 "wall_s": cell.wall_s,
+                key: cell.seconds(key),
                 "timed_out": cell.timed_out,
-                "vs_alone": cell.wall_s / base.wall_s if base and cond != "alone" else None,
+                "vs_alone": cell.seconds(key) / base.seconds(key)
+                if base and cond != "alone"
+                else None,
                 "runs": [r.to_dict() for r in cell.runs],
             }
         if "before" in by_variant and "after" in by_variant:
-            row["after_vs_before"] = by_variant["after"].wall_s / by_variant["before"].wall_s
+            row["after_vs_before"] = by_variant["after"].seconds(key) / by_variant[
+                "before"
+            ].seconds(key)
+        if "processes" in by_variant and "after" in by_variant:
+            row["processes_vs_after"] = by_variant["processes"].seconds(key) / by_variant[
+                "after"
+            ].seconds(key)
         if cond == "pinned" and "after" in by_variant:
             # pinned vs a one-thread run: the one pinned too (same moment, same core), and
             # the one alone (unpinned; the load of a shared box may have moved in between)
             for name, ref in (("pinned", by_variant), ("alone", alone)):
                 if "one-thread" in ref:
-                    row[f"after_vs_one_thread_{name}"] = (
-                        by_variant["after"].wall_s / ref["one-thread"].wall_s
-                    )
+                    row[f"after_vs_one_thread_{name}"] = by_variant["after"].seconds(key) / ref[
+                        "one-thread"
+                    ].seconds(key)
         out[cond] = row
     targets = {}
     for cond, limit in TARGETS.items():
@@ -363,7 +399,10 @@ def summarise(cells: dict[str, dict[str, Cell]]) -> dict[str, Any]:
 
 
 def markdown(
-    cells: dict[str, dict[str, Cell]], summary: dict[str, Any], skipped: dict[str, str]
+    cells: dict[str, dict[str, Cell]],
+    summary: dict[str, Any],
+    skipped: dict[str, str],
+    key: str = "wall_s",
 ) -> str:
     variants = list(next(iter(cells.values())).keys()) if cells else []
     headers = ["condition", *[f"{v}: s (x alone) [load start-end]" for v in variants]]
@@ -378,11 +417,15 @@ def markdown(
             th = f", {'/'.join(map(str, sorted(threads)))} thr" if threads else ""
             ratio_s = f" ({ratio:.2f}x)" if ratio is not None else ""
             lower = ">" if c.timed_out else ""
-            row.append(f"{lower}{c.wall_s:.1f}{ratio_s}{th} [{c.loads()}]")
+            row.append(f"{lower}{c.seconds(key):.1f}{ratio_s}{th} [{c.loads()}]")
         avb = summary[cond].get("after_vs_before")
         row.append(f"{avb:.2f}" if avb is not None else "-")
         rows.append(row)
     text = markdown_table(headers, rows)
+    for cond in cells:
+        pva = summary[cond].get("processes_vs_after")
+        if pva is not None:
+            text += f"\n{cond}: processes / after (threads) = **{pva:.2f}**"
     for cond, reason in skipped.items():
         text += f"\n{cond}: skipped ({reason})"
     for cond, t in summary["targets"].items():
@@ -395,9 +438,16 @@ def markdown(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument(
+        "--job",
+        choices=("reproduce", "worker"),
+        default="reproduce",
+        help="the small reproduce, or the worker draining the ml-100k replay (stream_throughput)",
+    )
     p.add_argument("--dataset", default="ml-100k", help="the reproduce's dataset (preset/YAML)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="--job worker's checkpoint")
     p.add_argument("--conditions", nargs="*", default=list(CONDITIONS), choices=CONDITIONS)
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS[:3]), choices=VARIANTS)
     p.add_argument("--spin-max-s", type=float, default=900.0, help="a spinner's longest life")
     p.add_argument("--run-timeout-s", type=float, default=900.0, help="a run's longest wall")
     p.add_argument(
@@ -412,12 +462,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info = head["machine"]
     reps = args.reps or 1
     extra = list(args.job_arg)
-    if args.quick:
+    key = "job_s" if args.job == "worker" else "wall_s"
+    if args.job == "worker":
+        if args.checkpoint is not None:
+            extra += ["--checkpoint", str(args.checkpoint)]
+        if args.quick:
+            extra += ["--quick"]
+    elif args.quick:
         extra += ["--pretrain-epochs", "1", "--meta-epochs", "1"]
 
     def make_run(variant: str, preexec: Callable[[], None] | None) -> Run:
         with tempfile.TemporaryDirectory(prefix="emerg-contention-") as tmp:
-            cmd = child_command(variant, args.dataset, Path(tmp) / "out", extra)
+            cmd = child_command(variant, args.job, args.dataset, Path(tmp) / "out", extra)
             return run_child(cmd, child_env(variant), Path(tmp), args.run_timeout_s, preexec)
 
     cells: dict[str, dict[str, Cell]] = {}
@@ -434,21 +490,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             skipped[cond] = "no sched_setaffinity on this platform"
             continue
         cells[cond] = run_condition(cond, args.variants, reps, make_run, args.spin_max_s)
-    summary = summarise(cells)
+    summary = summarise(cells, key)
     info["load_avg_1m_at_end"] = load1()
     result = {
         **head,
+        "job": args.job,
+        "metric": key,
         "dataset": args.dataset,
-        "job_args": [*JOB, *extra],
+        "job_args": extra if args.job == "worker" else [*JOB, *extra],
         "reps": reps,
         "skipped": skipped,
         "results": summary,
     }
-    title = (
-        f"Contention: `reproduce --dataset {args.dataset}` ({info['cpus_usable']} usable CPUs, "
-        f"load {info.get('load_avg_1m_at_start')} at start); median wall s of {reps} run(s)\n\n"
+    what = (
+        "the worker draining the replay (stream_throughput.py (c)); median drain s"
+        if args.job == "worker"
+        else f"`reproduce --dataset {args.dataset}`; median wall s"
     )
-    emit(result, title + markdown(cells, summary, skipped), args.json)
+    title = (
+        f"Contention: {what} of {reps} run(s) ({info['cpus_usable']} usable CPUs, "
+        f"load {info.get('load_avg_1m_at_start')} at start)\n\n"
+    )
+    emit(result, title + markdown(cells, summary, skipped, key), args.json)
     return result
 
 

@@ -22,12 +22,33 @@ def test_variants_run_without_inherited_thread_variables(monkeypatch):
     before = contention.child_env("before")
     assert not {"OMP_NUM_THREADS", "OMP_WAIT_POLICY", THREADS_ENV} & set(before)
     assert contention.child_env("one-thread")[THREADS_ENV] == "1"
-    cmd = contention.child_command("before", "ml-100k", Path("out"), [])
+    cmd = contention.child_command("before", "reproduce", "ml-100k", Path("out"), [])
     assert cmd[1] == "-c" and "reproduce" in cmd  # the job without the thread setup
-    assert contention.child_command("after", "ml-100k", Path("out"), [])[1:3] == [
+    assert contention.child_command("after", "reproduce", "ml-100k", Path("out"), [])[1:3] == [
         "-m",
         "emerg_stream.cli",
     ]
+
+
+def test_worker_job_runs_the_drain_and_reads_its_seconds(tmp_path):
+    out = tmp_path / "out"
+    cmd = contention.child_command("after", "worker", "ml-100k", out, ["--quick"])
+    assert cmd[1].endswith("stream_throughput.py") and cmd[2:6] == ["--cases", "c", "--reps", "1"]
+    assert "--quick" in cmd and cmd[-2:] == ["--json", str(out / "results.json")]
+    # a child that writes what stream_throughput writes: its drain seconds are the job's
+    code = (
+        "import json, sys; json.dump({'seconds': {'c': [3.25]}}, "
+        f"open({str(out / 'results.json')!r}, 'w'))"
+    )
+    got = contention.run_child([sys.executable, "-c", code], {}, tmp_path, 60.0, None)
+    assert got.job_s == pytest.approx(3.25) and got.wall_s > 0
+    cells = {
+        "alone": {"after": contention.Cell([contention.Run(30, 9, 1.0, 1.0, 1, 4.0)])},
+        "spin1": {"after": contention.Cell([contention.Run(60, 9, 1.0, 1.0, 1, 5.0)])},
+    }
+    s = contention.summarise(cells, "job_s")
+    assert s["spin1"]["after"]["vs_alone"] == pytest.approx(1.25)  # 5 / 4, not 60 / 30
+    assert "| spin1 | 5.0 (1.25x)" in contention.markdown(cells, s, {}, "job_s")
 
 
 def test_quota_cgroup_writes_v1_files_and_removes_the_group(tmp_path, monkeypatch):

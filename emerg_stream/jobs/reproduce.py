@@ -58,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per pretraining step")
     parser.add_argument(
         "--processes",
-        default="1",
+        default="auto",
         help="worker processes for the selections and final runs, each with its share of "
-        "the threads ('auto': one per usable CPU; default 1: everything in this process)",
+        "the threads (default auto: one per usable CPU, one thread each; 1: everything in "
+        "this process, with the per-epoch progress bars)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

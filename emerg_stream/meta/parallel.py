@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 import structlog
@@ -56,6 +56,7 @@ def run_units(
     processes: int = 1,
     threads: int = 1,
     log_json: bool | None = None,
+    progress: str | None = None,
 ) -> list[R]:
     """``[fn(shared, u) for u in units]``, on up to ``processes`` worker processes.
 
@@ -66,6 +67,8 @@ def run_units(
         processes: Worker processes; 1 runs every unit here, in order.
         threads: Compute threads of each worker process.
         log_json: The workers' log format (``None``: JSON unless stderr is a terminal).
+        progress: With worker processes, a progress bar of the units done, with this
+            label (the units' own bars are off in the workers); ``None``: no bar.
     """
     n = min(processes, len(units))
     if n <= 1:
@@ -79,6 +82,13 @@ def run_units(
     ) as pool:
         futures = [pool.submit(_call, fn, u) for u in units]
         try:
+            if progress is not None:
+                from tqdm.auto import tqdm
+
+                with tqdm(total=len(futures), desc=progress, unit="unit") as bar:
+                    for done in as_completed(futures):
+                        done.result()  # the first failure stops the job here
+                        bar.update(1)
             return [f.result() for f in futures]
         except BaseException:
             for f in futures:

@@ -316,7 +316,10 @@ def reproduce(
     ]
     # the pool hands units out in order: the slowest (EmerG's joint attention) first
     selections.sort(key=lambda u: (u.method != "emerg", u.overrides.get("attention") != "joint"))
-    selected = run_units(_select, inp, selections, processes=processes, threads=threads_each)
+    bar = "selection" if progress else None
+    selected = run_units(
+        _select, inp, selections, processes=processes, threads=threads_each, progress=bar
+    )
     chosen: dict[str, tuple[Protocol, dict[str, Any]]] = {}
     seconds = dict.fromkeys(methods, 0.0)
     for m in methods:
@@ -335,7 +338,10 @@ def reproduce(
         for m in methods
         for seed in range(seeds)
     ]
-    evaluated = run_units(_final_run, inp, finals, processes=processes, threads=threads_each)
+    bar = "final runs" if progress else None
+    evaluated = run_units(
+        _final_run, inp, finals, processes=processes, threads=threads_each, progress=bar
+    )
     for m in methods:
         protocol, m_ov = chosen[m]
         per_seed = {u.seed: r for u, (r, _) in zip(finals, evaluated, strict=True) if u.method == m}

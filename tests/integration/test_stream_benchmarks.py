@@ -69,3 +69,15 @@ def test_growth_stream_tiny(capsys, tmp_path):
     assert [r["stream"]["events"] for r in res["rows"]] == [30 * 4, 60 * 4]
     assert all(r["state"]["restore_items_per_s"] > 0 for r in res["rows"])
     assert png.stat().st_size > 0
+
+
+def test_brokers_tiny_on_the_embedded_broker(capsys):
+    from benchmarks import brokers
+
+    args = ["--combos", "embedded/at_least_once", "--limit", "300", "--reps", "1"]
+    res = brokers.main([*args, "--seconds", "2"])
+    out = capsys.readouterr().out
+    assert last_json(out)["benchmark"] == "brokers" and "| embedded/at_least_once |" in out
+    row = res["summary"]["embedded/at_least_once"]
+    assert row["events_per_s"]["c"] > 0 and row["p99_ms_median"] > 0
+    assert "exactly_once_cost" not in res["summary"]  # no Kafka rows in this run

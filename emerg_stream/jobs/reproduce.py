@@ -60,20 +60,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--processes",
         default="auto",
         help="worker processes for the selections and final runs, each with its share of "
-        "the threads (default auto: one per usable CPU, one thread each; 1: everything in "
-        "this process, with the per-epoch progress bars)",
+        "the threads (default auto: one per usable CPU, one thread each, or one on a GPU; "
+        "1: everything in this process, with the per-epoch progress bars)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _processes(raw: str) -> tuple[int, int]:
-    """``--processes`` -> (processes, threads of each), from the process's thread budget."""
+def _processes(raw: str, device: str) -> tuple[int, int]:
+    """``--processes`` -> (processes, threads of each), from the process's thread budget.
+
+    ``auto`` is one process per usable CPU on the CPU, and one process on an accelerator
+    (its units queue on one device anyway, and each process would hold a context on it).
+    """
+    from emerg_stream.devices import resolve_device
     from emerg_stream.errors import ConfigError
     from emerg_stream.threads import resolve_threads, threads_per_process
 
     budget = resolve_threads()
     if raw == "auto":
-        n = budget.threads
+        n = budget.threads if resolve_device(device).type == "cpu" else 1
     else:
         try:
             n = int(raw)
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method(s) {bad}; choose from {','.join(METHOD_NAMES)}")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    processes, threads_each = _processes(args.processes)
+    processes, threads_each = _processes(args.processes, args.device)
     cfg = selection_config()
     if args.pretrain_epochs is not None:
         cfg = replace(cfg, pretrain_epochs=args.pretrain_epochs)

@@ -33,10 +33,10 @@ and in each *variant*, interleaved run by run (the order alternates every repeti
 - ``after``: ``emerg-stream reproduce`` as shipped (the thread rule and
   ``OMP_WAIT_POLICY=PASSIVE``);
 - ``one-thread``: the same with ``EMERG_THREADS=1``;
-- ``processes``: ``after`` with ``--processes auto``: the selections and final runs in
-  one worker process per usable CPU, one thread each (not in the default list: the
-  default job has one unit at a time; give it several methods or seeds with
-  ``--job-arg``).
+- ``processes``: ``after`` with ``--processes auto`` (``reproduce``'s default; the other
+  variants pass ``--processes 1``): the selections and final runs in one worker process
+  per usable CPU, one thread each (not in the default list: the default job has one unit
+  at a time; give it several methods or seeds with ``--job-arg``).
 
 Ratios compare runs of one invocation: a condition's wall time over the same variant's
 ``alone`` (the targets of issue 17: beside one busy process at most 2.2x, beside three at
@@ -224,10 +224,10 @@ def child_command(
         return [sys.executable, script, "--cases", "c", "--reps", "1", *extra, *json_out]
     job = ["--log-json", "--log-level", "INFO", "reproduce", "--dataset", dataset]
     job += ["--out", str(out), *JOB, *extra]
+    # threads in one process, except the processes variant (reproduce's default since it)
+    job += ["--processes", "auto" if variant == "processes" else "1"]
     if variant == "before":
         return [sys.executable, "-c", BEFORE_CODE, *job]
-    if variant == "processes":
-        job += ["--processes", "auto"]
     return [sys.executable, "-m", "emerg_stream.cli", *job]
 
 

@@ -24,10 +24,12 @@ def test_variants_run_without_inherited_thread_variables(monkeypatch):
     assert contention.child_env("one-thread")[THREADS_ENV] == "1"
     cmd = contention.child_command("before", "reproduce", "ml-100k", Path("out"), [])
     assert cmd[1] == "-c" and "reproduce" in cmd  # the job without the thread setup
-    assert contention.child_command("after", "reproduce", "ml-100k", Path("out"), [])[1:3] == [
-        "-m",
-        "emerg_stream.cli",
-    ]
+    after = contention.child_command("after", "reproduce", "ml-100k", Path("out"), [])
+    assert after[1:3] == ["-m", "emerg_stream.cli"]
+    # threads in one process everywhere but the processes variant
+    for variant, want in (("before", "1"), ("after", "1"), ("processes", "auto")):
+        cmd = contention.child_command(variant, "reproduce", "ml-100k", Path("out"), [])
+        assert cmd[cmd.index("--processes") + 1] == want
 
 
 def test_worker_job_runs_the_drain_and_reads_its_seconds(tmp_path):

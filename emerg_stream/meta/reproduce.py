@@ -303,11 +303,28 @@ def reproduce(
         device=dev,
         n=split.n,
         k=split.k,
-        progress=progress and processes <= 1,
+        progress=progress,
         warmup_grid=tuple(warmup_grid),
         epoch_grid=None if epoch_grid is None else tuple(epoch_grid),
     )
-    # 1. selection: every method, every structure EmerG chooses from (the slowest first)
+
+    def stage(fn: Any, units: Sequence[Any], label: str) -> list[Any]:
+        """Run one stage's units.
+
+        Their own progress bars show where they run in this process; in workers a bar of
+        units done replaces them.
+        """
+        here = min(processes, len(units)) <= 1
+        return run_units(
+            fn,
+            replace(inp, progress=progress and here),
+            units,
+            processes=processes,
+            threads=threads_each,
+            progress=label if progress and not here else None,
+        )
+
+    # 1. selection: every method, every structure EmerG chooses from
     cfgs = {m: replace(cfg, **train_ov) if m == "emerg" else cfg for m in methods}
     selections = [
         _Selection(m, cfgs[m], ov)
@@ -316,41 +333,31 @@ def reproduce(
     ]
     # the pool hands units out in order: the slowest (EmerG's joint attention) first
     selections.sort(key=lambda u: (u.method != "emerg", u.overrides.get("attention") != "joint"))
-    bar = "selection" if progress else None
-    selected = run_units(
-        _select, inp, selections, processes=processes, threads=threads_each, progress=bar
-    )
-    chosen: dict[str, tuple[Protocol, dict[str, Any]]] = {}
+    candidates: dict[str, list[tuple[Protocol, dict[str, Any]]]] = {m: [] for m in methods}
     seconds = dict.fromkeys(methods, 0.0)
-    for m in methods:
-        mine = [
-            (p, u.overrides)
-            for u, (p, _) in zip(selections, selected, strict=True)
-            if u.method == m
-        ]
-        chosen[m] = pick_reading(m, mine)
-        seconds[m] += sum(
-            t for u, (_, t) in zip(selections, selected, strict=True) if u.method == m
-        )
+    selected = stage(_select, selections, "selection")
+    for unit, (protocol, took) in zip(selections, selected, strict=True):
+        candidates[unit.method].append((protocol, unit.overrides))
+        seconds[unit.method] += took
+    chosen = {m: pick_reading(m, candidates[m]) for m in methods}
     # 2. the final runs: every method, every seed
     finals = [
         _FinalRun(m, cfgs[m], chosen[m][0], chosen[m][1], seed)
         for m in methods
         for seed in range(seeds)
     ]
-    bar = "final runs" if progress else None
-    evaluated = run_units(
-        _final_run, inp, finals, processes=processes, threads=threads_each, progress=bar
-    )
+    per_seed: dict[str, dict[int, dict[str, dict[str, float]]]] = {m: {} for m in methods}
+    evaluated = stage(_final_run, finals, "final runs")
+    for run, (metrics, took) in zip(finals, evaluated, strict=True):
+        per_seed[run.method][run.seed] = metrics
+        seconds[run.method] += took
     for m in methods:
         protocol, m_ov = chosen[m]
-        per_seed = {u.seed: r for u, (r, _) in zip(finals, evaluated, strict=True) if u.method == m}
-        seconds[m] += sum(t for u, (_, t) in zip(finals, evaluated, strict=True) if u.method == m)
         results["methods"][m] = {
             "protocol": protocol.to_dict(),
             "model_overrides": m_ov,
-            "seeds": {str(s): v for s, v in per_seed.items()},
-            "summary": summarize(per_seed),
+            "seeds": {str(s): v for s, v in per_seed[m].items()},
+            "summary": summarize(per_seed[m]),
             # the method's units' own time (wall time when they run one after another)
             "wall_time_s": round(seconds[m], 1),
         }

@@ -13,7 +13,8 @@ scored interaction, the fields of the ``Prediction`` record of the predictions t
   ``phase`` - rows of phase ``old`` (items the checkpoint was trained on) are left out of
   the *new items* curve; ``shadow`` - rows marked true (a shadow method's scores, see
   docs/DEPLOYMENT.md, Shadow method) are read apart from the primary's:
-  :func:`read_predictions` with ``shadow=True``, and :func:`compare_methods` sets the two
+  :func:`read_predictions` with ``shadow=True`` (or both in one pass: :func:`read_roles`),
+  and :func:`compare_methods` sets the two
   side by side on the interactions both scored; ``method`` - the method that scored.
   Other columns (``item_id``, ``params_version`` ...) are ignored.
 
@@ -46,9 +47,9 @@ __all__ = [
     "PrequentialCurve",
     "StreamPredictions",
     "compare_methods",
-    "has_shadow",
     "prequential_curve",
     "read_predictions",
+    "read_roles",
 ]
 
 REQUIRED = ("event_time", "label", "score")
@@ -161,9 +162,83 @@ def _is_shadow(row: dict[str, Any]) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1")
 
 
-def has_shadow(path: Path) -> bool:
-    """Whether the file holds a shadow method's scores (rows with ``shadow`` true)."""
-    return any(_is_shadow(row) for _, row in _rows(path))
+class _Side:
+    """The rows of one role (the primary's or the shadow's) as they are read."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.labels: list[int] = []
+        self.scores: list[float] = []
+        self.new: list[bool] = []
+        self.ids: list[str] = []
+        self.seen: set[str] = set()
+        self.method = ""
+        self.duplicates = 0
+        self.has_phase = False
+
+    def add(self, path: Path, lineno: int, row: dict[str, Any]) -> None:
+        missing = [c for c in REQUIRED if row.get(c) in (None, "")]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing {', '.join(missing)}")
+        event_id = row.get("event_id")
+        if event_id not in (None, ""):
+            if str(event_id) in self.seen:
+                self.duplicates += 1
+                return
+            self.seen.add(str(event_id))
+        try:
+            t = _event_time(row["event_time"])
+            y = int(float(row["label"]))
+            s = float(row["score"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}:{lineno}: {exc}") from exc
+        if y not in (0, 1):
+            raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {row['label']!r}")
+        if not np.isfinite(s):
+            raise DataError(f"{path}:{lineno}: score is not a finite number: {row['score']!r}")
+        phase = row.get("phase")
+        self.has_phase = self.has_phase or phase not in (None, "")
+        self.times.append(t)
+        self.labels.append(y)
+        self.scores.append(s)
+        self.new.append(phase != "old")
+        self.ids.append("" if event_id is None else str(event_id))
+        self.method = self.method or str(row.get("method") or "")
+
+    def build(self) -> StreamPredictions | None:
+        """The rows sorted by event time (stable); None without any."""
+        if not self.times:
+            return None
+        order = np.argsort(np.asarray(self.times, dtype=np.int64), kind="stable")
+        return StreamPredictions(
+            event_time=np.asarray(self.times, dtype=np.int64)[order],
+            label=np.asarray(self.labels, dtype=np.int8)[order],
+            score=np.asarray(self.scores, dtype=np.float64)[order],
+            new_item=np.asarray(self.new, dtype=bool)[order],
+            duplicates=self.duplicates,
+            has_phase=self.has_phase,
+            event_id=tuple(self.ids[i] for i in order.tolist()),
+            method=self.method,
+        )
+
+
+def read_roles(path: Path) -> tuple[StreamPredictions, StreamPredictions | None]:
+    """The primary's rows and, when the file has any, a shadow method's, in one pass.
+
+    Each as :func:`read_predictions` returns it.
+
+    Raises:
+        DataError: As :func:`read_predictions`; or the file has no primary rows.
+    """
+    if not path.is_file():
+        raise DataError(f"no stream predictions file {path}")
+    primary, shadow = _Side(), _Side()
+    for lineno, row in _rows(path):
+        (shadow if _is_shadow(row) else primary).add(path, lineno, row)
+    got = primary.build()
+    if got is None:
+        raise DataError(f"{path}: no predictions in the file")
+    return got, shadow.build()
 
 
 def read_predictions(path: Path, *, shadow: bool = False) -> StreamPredictions:
@@ -182,59 +257,15 @@ def read_predictions(path: Path, *, shadow: bool = False) -> StreamPredictions:
     """
     if not path.is_file():
         raise DataError(f"no stream predictions file {path}")
-    times: list[int] = []
-    labels: list[int] = []
-    scores: list[float] = []
-    new: list[bool] = []
-    seen: set[str] = set()
-    ids: list[str] = []
-    method = ""
-    duplicates = 0
-    has_phase = False
+    side = _Side()
     for lineno, row in _rows(path):
-        if _is_shadow(row) != shadow:
-            continue
-        missing = [c for c in REQUIRED if row.get(c) in (None, "")]
-        if missing:
-            raise DataError(f"{path}:{lineno}: missing {', '.join(missing)}")
-        event_id = row.get("event_id")
-        if event_id not in (None, ""):
-            if str(event_id) in seen:
-                duplicates += 1
-                continue
-            seen.add(str(event_id))
-        try:
-            t = _event_time(row["event_time"])
-            y = int(float(row["label"]))
-            s = float(row["score"])
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}:{lineno}: {exc}") from exc
-        if y not in (0, 1):
-            raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {row['label']!r}")
-        if not np.isfinite(s):
-            raise DataError(f"{path}:{lineno}: score is not a finite number: {row['score']!r}")
-        phase = row.get("phase")
-        has_phase = has_phase or phase not in (None, "")
-        times.append(t)
-        labels.append(y)
-        scores.append(s)
-        new.append(phase != "old")
-        ids.append("" if event_id is None else str(event_id))
-        method = method or str(row.get("method") or "")
-    if not times:
+        if _is_shadow(row) == shadow:
+            side.add(path, lineno, row)
+    got = side.build()
+    if got is None:
         which = "shadow " if shadow else ""
         raise DataError(f"{path}: no {which}predictions in the file")
-    order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
-    return StreamPredictions(
-        event_time=np.asarray(times, dtype=np.int64)[order],
-        label=np.asarray(labels, dtype=np.int8)[order],
-        score=np.asarray(scores, dtype=np.float64)[order],
-        new_item=np.asarray(new, dtype=bool)[order],
-        duplicates=duplicates,
-        has_phase=has_phase,
-        event_id=tuple(ids[i] for i in order.tolist()),
-        method=method,
-    )
+    return got
 
 
 @dataclass(frozen=True)

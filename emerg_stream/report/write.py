@@ -25,12 +25,7 @@ from emerg_stream.report.plots import (
     plot_phase_metrics,
     plot_prequential,
 )
-from emerg_stream.report.predictions import (
-    compare_methods,
-    has_shadow,
-    prequential_curve,
-    read_predictions,
-)
+from emerg_stream.report.predictions import compare_methods, prequential_curve, read_roles
 from emerg_stream.report.results import load_results, pick_items
 
 __all__ = ["FIGURES_DIR", "REPORT_FILE", "Report", "write_report"]
@@ -93,13 +88,12 @@ def write_report(
         sections.append(graphs)
 
     if stream_predictions is not None:
-        pred = read_predictions(stream_predictions)
+        pred, shadow = read_roles(stream_predictions)  # one pass over the file
         curve = prequential_curve(pred)
         png = plot_prequential(curve, figdir / "prequential-auc.png")
         report.figures.append(png)
         sections.append(prequential_section(stream_predictions, pred, curve, png))
-        if has_shadow(stream_predictions):  # a shadow method ran beside the primary
-            shadow = read_predictions(stream_predictions, shadow=True)
+        if shadow is not None:  # a shadow method ran beside the primary
             sections.append(methods_section(compare_methods(pred, shadow)))
 
     if report.notes:

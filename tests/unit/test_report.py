@@ -15,7 +15,12 @@ from emerg_stream.errors import ConfigError, DataError
 from emerg_stream.meta.checkpoint import save_checkpoint
 from emerg_stream.model import ModelConfig, build_model
 from emerg_stream.report import load_results, pick_items, write_report
-from emerg_stream.report.predictions import compare_methods, prequential_curve, read_predictions
+from emerg_stream.report.predictions import (
+    compare_methods,
+    prequential_curve,
+    read_predictions,
+    read_roles,
+)
 
 F = 6
 PHASES = ("cold", "warm_a", "warm_b", "warm_c")
@@ -305,6 +310,10 @@ def test_a_shadow_methods_rows_are_read_apart_and_compared_on_the_same_clicks(
     assert primary.duplicates == want.duplicates == 1 and primary.method == "emerg"
     theirs = read_predictions(both, shadow=True)
     assert len(theirs) == 300 and theirs.method == "deepfm"
+    one_pass = read_roles(both)  # both roles in one read: the same as the two reads
+    assert one_pass[1] is not None and one_pass[1].event_id == theirs.event_id
+    np.testing.assert_array_equal(one_pass[0].score, primary.score)
+    assert one_pass[0].duplicates == primary.duplicates and read_roles(plain)[1] is None
     cmp = compare_methods(primary, theirs)
     assert cmp.methods == ("emerg", "deepfm (shadow)") and cmp.n == 300
     assert cmp.auc[1] == 0.5 and cmp.auc[0] > 0.7

@@ -116,6 +116,16 @@ class SupportRows:
         return f"SupportRows(count={self.count}, bytes={len(self.data)})"
 
 
+def _graph_view(packed: bytes | None, n_fields: int) -> Float32Array | None:
+    """The graph part (``F*F`` floats) of a packed φ (:meth:`ItemTask._pack`)."""
+    return None if packed is None else np.frombuffer(packed, dtype=_F32, count=n_fields**2)
+
+
+def _embedding_view(packed: bytes | None, n_fields: int) -> Float32Array | None:
+    """The ID-embedding part of a packed φ (after its ``F*F`` graph floats)."""
+    return None if packed is None else np.frombuffer(packed, dtype=_F32, offset=4 * n_fields**2)
+
+
 class ItemTask:
     """One item's task state (the in-memory form of an ``ItemState`` record).
 
@@ -259,16 +269,12 @@ class ItemTask:
     @property
     def adjacency(self) -> Float32Array | None:
         """Raw graph A_i, float32 ``[F*F]`` row-major (a read-only view; None without φ)."""
-        if self._phi is None:
-            return None
-        return np.frombuffer(self._phi, dtype=_F32, count=self._n_fields**2)
+        return _graph_view(self._phi, self._n_fields)
 
     @property
     def id_embedding(self) -> Float32Array | None:
         """ID embedding e_i, float32 ``[D]`` (a read-only view; None without φ)."""
-        if self._phi is None:
-            return None
-        return np.frombuffer(self._phi, dtype=_F32, offset=4 * self._n_fields**2)
+        return _embedding_view(self._phi, self._n_fields)
 
     @property
     def phi_bytes(self) -> bytes | None:
@@ -301,16 +307,12 @@ class ItemTask:
     @property
     def shadow_adjacency(self) -> Float32Array | None:
         """The shadow's A_i, float32 ``[G*G]`` (a read-only view; None without it)."""
-        if self._shadow is None:
-            return None
-        return np.frombuffer(self._shadow, dtype=_F32, count=self._shadow_n_fields**2)
+        return _graph_view(self._shadow, self._shadow_n_fields)
 
     @property
     def shadow_id_embedding(self) -> Float32Array | None:
         """The shadow's e_i, float32 ``[D]`` (a read-only view; None without it)."""
-        if self._shadow is None:
-            return None
-        return np.frombuffer(self._shadow, dtype=_F32, offset=4 * self._shadow_n_fields**2)
+        return _embedding_view(self._shadow, self._shadow_n_fields)
 
     @property
     def shadow_n_fields(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import worker_world as ww
-from test_state_restore import TOPICS, WINDOW, fold, inputs, outputs
+from test_state_restore import TOPICS, WINDOW, fold, inputs, outputs, processor
 
 from emerg_stream.errors import ConfigError
 from emerg_stream.serving.handler import TorchWarmupHandler
@@ -47,20 +47,6 @@ def handlers(
         out[name] = TorchWarmupHandler.from_checkpoint(Path(ck), "cpu")
     yield out
     torch.set_num_threads(threads)
-
-
-def processor(
-    handler: TorchWarmupHandler, shadow: TorchWarmupHandler | None = None
-) -> WarmupProcessor:
-    return WarmupProcessor(
-        handler,
-        TOPICS,
-        dedupe_window=WINDOW,
-        pending_max=1000,
-        pending_max_age_ms=10**9,
-        clock=lambda: 1_800_000_000.0,
-        shadow=shadow,
-    )
 
 
 def run(proc: WarmupProcessor, msgs: list[Inbound], size: int = 16) -> list[Outbound]:

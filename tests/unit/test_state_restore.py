@@ -50,7 +50,9 @@ def handler(world, tmp_path_factory) -> Iterator[TorchWarmupHandler]:
     torch.set_num_threads(threads)
 
 
-def processor(handler: TorchWarmupHandler) -> WarmupProcessor:
+def processor(
+    handler: TorchWarmupHandler, shadow: TorchWarmupHandler | None = None
+) -> WarmupProcessor:
     return WarmupProcessor(
         handler,
         TOPICS,
@@ -58,6 +60,7 @@ def processor(handler: TorchWarmupHandler) -> WarmupProcessor:
         pending_max=1000,
         pending_max_age_ms=10**9,
         clock=lambda: 1_800_000_000.0,
+        shadow=shadow,
     )
 
 

@@ -353,6 +353,10 @@ def summarise(cells: dict[str, dict[str, Cell]], key: str = "wall_s") -> dict[st
     same variant alone; after over before."""
     out: dict[str, Any] = {}
     alone = cells.get("alone", {})
+
+    def over(a: Cell, b: Cell) -> float:
+        return a.seconds(key) / b.seconds(key)
+
     for cond, by_variant in cells.items():
         row: dict[str, Any] = {}
         for variant, cell in by_variant.items():
@@ -361,27 +365,21 @@ def summarise(cells: dict[str, dict[str, Cell]], key: str = "wall_s") -> dict[st
                 "wall_s": cell.wall_s,
                 key: cell.seconds(key),
                 "timed_out": cell.timed_out,
-                "vs_alone": cell.seconds(key) / base.seconds(key)
-                if base and cond != "alone"
-                else None,
+                "vs_alone": over(cell, base) if base and cond != "alone" else None,
                 "runs": [r.to_dict() for r in cell.runs],
             }
         if "before" in by_variant and "after" in by_variant:
-            row["after_vs_before"] = by_variant["after"].seconds(key) / by_variant[
-                "before"
-            ].seconds(key)
+            row["after_vs_before"] = over(by_variant["after"], by_variant["before"])
         if "processes" in by_variant and "after" in by_variant:
-            row["processes_vs_after"] = by_variant["processes"].seconds(key) / by_variant[
-                "after"
-            ].seconds(key)
+            row["processes_vs_after"] = over(by_variant["processes"], by_variant["after"])
         if cond == "pinned" and "after" in by_variant:
             # pinned vs a one-thread run: the one pinned too (same moment, same core), and
             # the one alone (unpinned; the load of a shared box may have moved in between)
             for name, ref in (("pinned", by_variant), ("alone", alone)):
                 if "one-thread" in ref:
-                    row[f"after_vs_one_thread_{name}"] = by_variant["after"].seconds(key) / ref[
-                        "one-thread"
-                    ].seconds(key)
+                    row[f"after_vs_one_thread_{name}"] = over(
+                        by_variant["after"], ref["one-thread"]
+                    )
         out[cond] = row
     targets = {}
     for cond, limit in TARGETS.items():

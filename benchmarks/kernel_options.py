@@ -39,6 +39,7 @@ from benchmarks.common import (
     setup,
     synthetic_items,
 )
+from emerg_stream.ablations import STRUCTURES
 from emerg_stream.meta.evaluate import cold_start
 from emerg_stream.meta.rows import Rows
 from emerg_stream.meta.train import TrainConfig, meta_loss, resolve_meta_backend
@@ -47,10 +48,7 @@ from emerg_stream.model import EmerG
 
 #: name -> model options on top of the ML-1M shape
 VARIANTS: dict[str, dict[str, Any]] = {
-    "field": {"attention": "field"},
-    "field+fm": {"attention": "field", "fm": True},
-    "joint": {"attention": "joint"},
-    "joint+fm": {"attention": "joint", "fm": True},
+    **STRUCTURES,  # field, field+fm, joint, joint+fm: what selection chooses from
     "joint+options": {
         "attention": "joint",
         "activation": "leaky_relu",

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import base_parser, emit, machine_info, markdown_table, setup
+from emerg_stream.ablations import STRUCTURES
 from emerg_stream.data import load_dataset, split_log
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.evaluate import PHASES
@@ -50,8 +51,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "emerg-field": ("emerg", {"attention": "field"}),
     "emerg-joint": ("emerg", _JOINT),
     "emerg-authors": ("emerg", _AUTHORS),
-    "emerg-field-fm": ("emerg", {"attention": "field", "fm": True}),
-    "emerg-joint-fm": ("emerg", {**_JOINT, "fm": True}),
+    # the whole FM (pairwise and first-order terms): the "+fm" structures of selection
+    "emerg-field-fm": ("emerg", STRUCTURES["field+fm"]),
+    "emerg-joint-fm": ("emerg", STRUCTURES["joint+fm"]),
+    # the pairwise FM term alone (the "+fm" structures until the first-order term won)
+    "emerg-field-pairwise": ("emerg", {"attention": "field", "fm": True}),
+    "emerg-joint-pairwise": ("emerg", {**_JOINT, "fm": True}),
     "emerg": ("emerg", {}),
     "deepfm": ("deepfm", {}),
     "metae": ("metae", {}),

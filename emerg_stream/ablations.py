@@ -13,9 +13,12 @@ __all__ = ["ABLATIONS", "STRUCTURES", "with_structure"]
 
 #: EmerG's structures that selection chooses from (``meta.pipeline.READINGS``, in this
 #: order: the first wins a tie): the two readings of eq. (9), each without and with the
-#: FM term. ``reproduce --structure NAME`` fixes one and skips the others' selection.
+#: factorisation machine (an extension of the paper: the pairwise FM term and the
+#: first-order term, ``fm`` and ``linear``; the first-order term won on pseudo-new items,
+#: docs/RESULTS.md). ``reproduce --structure NAME`` fixes one and skips the others'
+#: selection.
 STRUCTURES: dict[str, dict[str, Any]] = {
-    name: {"attention": attention, "fm": fm}
+    name: {"attention": attention, "fm": fm, "linear": fm}
     for attention in ("joint", "field")
     for fm, name in ((False, attention), (True, f"{attention}+fm"))
 }
@@ -33,8 +36,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "field-attention": ({"attention": "field"}, {}),
     "joint-attention": ({"attention": "joint"}, {}),
     # one structure of READINGS fixed (its selection alone; e.g. the one the others lost to)
-    "joint-fm": ({"attention": "joint", "fm": True}, {}),
-    "field-fm": ({"attention": "field", "fm": True}, {}),
+    "joint-fm": (STRUCTURES["joint+fm"], {}),
+    "field-fm": (STRUCTURES["field+fm"], {}),
 }
 
 

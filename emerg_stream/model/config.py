@@ -42,6 +42,10 @@ class ModelConfig:
         fm: Add a factorisation-machine term Σ_{r<s} <e_r, e_s> over the first-order
             embeddings to the logit (an extension of the paper: a direct channel
             between a new item's ID embedding and each user field).
+        linear: Add a first-order term Σ_r w_rᵀ e_r over the first-order embeddings to
+            the logit (with ``fm``, the whole factorisation machine; an extension of the
+            paper: a per-item and per-user bias that warm-up moves through the ID
+            embedding, docs/RESULTS.md).
         mlp_hidden: Hidden widths of the DeepFM deep part and the MetaE generator.
         id_init_std: Std of the fresh random ID embedding a new item starts with.
         embed_init_std: Std of the initial embedding table.
@@ -64,6 +68,7 @@ class ModelConfig:
     activate_last: bool = True
     attention: AttentionMode = "joint"
     fm: bool = False
+    linear: bool = False
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01
     embed_init_std: float = 0.01

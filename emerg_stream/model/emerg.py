@@ -46,6 +46,10 @@ class EmerG(ItemModel):
             else JointAttention(f, d, config.heads, config.head_dim)
         )
         self.predictor = Predictor(f, d)
+        # zero at the start: the model begins as the paper's and pretraining learns it
+        self.first_order = nn.Linear(f * d, 1, bias=False) if config.linear else None
+        if self.first_order is not None:
+            nn.init.zeros_(self.first_order.weight)
 
     @property
     def noise_dim(self) -> int:
@@ -105,10 +109,18 @@ class EmerG(ItemModel):
         self, prepared: Prepared, phi: Phi, row_index: Tensor | None = None
     ) -> Tensor:
         """Logits ``[B]`` of prepared rows, the same function as :meth:`forward`."""
-        h = self._orders(prepared.cache["e"], phi, row_index)
+        return self.readout(self._orders(prepared.cache["e"], phi, row_index))
+
+    def readout(self, h: Tensor) -> Tensor:
+        """Logits ``[B]`` from the message-passing outputs h^(0)..h^(L) ``[B, L+1, F, D]``.
+
+        Attention, the predictor, and the FM and first-order terms over h^(0) if on.
+        """
         out: Tensor = self.predictor(self.attention(h))
         if self.config.fm:
             out = out + fm_term(h[:, 0])
+        if self.first_order is not None:
+            out = out + self.first_order(h[:, 0].flatten(1)).squeeze(-1)
         return out
 
     def _side_and_user(self, tokens: Tensor, weights: Tensor) -> Tensor:

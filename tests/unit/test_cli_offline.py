@@ -81,10 +81,19 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
     readings = emerg["protocol"]["validation"]["readings"]
     assert set(readings) == {"joint", "joint+fm", "field", "field+fm"}
     best = max(readings, key=readings.get)
-    assert emerg["model_overrides"] == {"attention": best.split("+")[0], "fm": "+fm" in best}
+    with_fm = "+fm" in best  # the whole FM: pairwise and first-order terms
+    assert emerg["model_overrides"] == {
+        "attention": best.split("+")[0],
+        "fm": with_fm,
+        "linear": with_fm,
+    }
     assert emerg["protocol"]["validation"]["score"] == max(readings.values())
     config = load_checkpoint(run / "checkpoints" / "emerg-seed1").model.config
-    assert emerg["model_overrides"] == {"attention": config.attention, "fm": config.fm}
+    assert emerg["model_overrides"] == {
+        "attention": config.attention,
+        "fm": config.fm,
+        "linear": config.linear,
+    }
     assert "model_overrides" in results["methods"]["deepfm"]
     assert "readings" not in results["methods"]["deepfm"]["protocol"]["validation"]
     # the signal is learnable: after warm-up EmerG ranks clearly better than chance

@@ -28,7 +28,6 @@ from emerg_stream.meta.rows import ItemSet, Rows
 from emerg_stream.meta.train import TrainConfig, meta_loss, meta_train, resolve_meta_backend
 from emerg_stream.meta.warmup import WarmupConfig, resolve_backend, warm_up, warm_up_reference
 from emerg_stream.model import ModelConfig, build_model, item_noise
-from emerg_stream.model.interaction import fm_term
 
 CPU = torch.device("cpu")
 
@@ -78,8 +77,7 @@ def _phi(model: torch.nn.Module, n_items: int) -> dict[str, torch.Tensor]:
 
 def _logits(model, e, graphs):
     """EmerG.forward_prepared's logits from the order-0 embeddings and refined graphs."""
-    logits = model.predictor(model.attention(model.interaction(e, graphs)))
-    return logits + fm_term(e) if model.config.fm else logits
+    return model.readout(model.interaction(e, graphs))
 
 
 def _autograd(model, rows, phi, n_items):
@@ -102,8 +100,15 @@ SHAPES = [
     {},  # relu, L=2, H=3, F=5, D=16, per-field attention
     {"activation": "identity", "layers": 1, "heads": 1, "dim": 4},
     {"layers": 3, "heads": 2, "dim": 8, "n_fields": 7, "n_item_fields": 4, "side_fields": (3,)},
-    # the authors' options: LeakyReLU, a linear last layer, and an FM term
-    {"activation": "leaky_relu", "activate_last": False, "fm": True, "layers": 3, "dim": 8},
+    # the authors' options: LeakyReLU, a linear last layer; the whole FM (pairwise, first order)
+    {
+        "activation": "leaky_relu",
+        "activate_last": False,
+        "fm": True,
+        "linear": True,
+        "layers": 3,
+        "dim": 8,
+    },
     # joint attention over all (order, field) tokens, head size a != D
     {"attention": "joint", "head_dim": 4},
     {
@@ -123,6 +128,7 @@ SHAPES = [
         "heads": 1,
         "head_dim": 6,
         "dim": 4,
+        "linear": True,  # the first-order term alone
         "n_fields": 7,
         "n_item_fields": 4,
         "side_fields": (3,),
@@ -132,10 +138,10 @@ SHAPE_IDS = [
     "relu-L2-H3",
     "identity-L1-H1",
     "relu-L3-F7",
-    "leaky-linear-last-fm",
+    "leaky-linear-last-fm-first-order",
     "joint-relu-L2-H3",
     "joint-leaky-linear-last-fm-L1",
-    "joint-identity-L3-F7",
+    "joint-identity-L3-F7-first-order",
 ]
 
 
@@ -160,8 +166,8 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
 
 #: The authors' options together, on the ML-1M-like head shape (float32 and whole-phase tests).
 JOINT_OPTIONS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
-OPTION_SETS = [{}, JOINT_OPTIONS, {**JOINT_OPTIONS, "fm": True}]
-OPTION_IDS = ["field-relu", "joint-leaky-linear-last", "joint-leaky-linear-last-fm"]
+OPTION_SETS = [{}, JOINT_OPTIONS, {**JOINT_OPTIONS, "fm": True, "linear": True}]
+OPTION_IDS = ["field-relu", "joint-leaky-linear-last", "joint-leaky-linear-last-fm-first-order"]
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
@@ -230,7 +236,13 @@ def test_auto_takes_the_kernel_for_emerg_on_the_cpu_only(cxx_compiler):
 
 @pytest.mark.parametrize(
     "option",
-    [{"attention": "joint"}, {"fm": True}, {"activate_last": False}, {"activation": "leaky_relu"}],
+    [
+        {"attention": "joint"},
+        {"fm": True},
+        {"linear": True},
+        {"activate_last": False},
+        {"activation": "leaky_relu"},
+    ],
 )
 def test_every_emerg_option_runs_on_the_kernel(cxx_compiler, option):
     model = _model(torch.float32, **option)

@@ -120,7 +120,7 @@ def test_a_fixed_structure_leaves_one_candidate_and_combines_with_an_ablation() 
     assert [reading_name(r) for r in READINGS] == list(STRUCTURES)
     assert len(reading_candidates("emerg", {})) == 4
     fixed = with_structure("no-mask", "joint+fm")
-    assert fixed == {"use_mask": False, "attention": "joint", "fm": True}
+    assert fixed == {"use_mask": False, "attention": "joint", "fm": True, "linear": True}
     assert reading_candidates("emerg", fixed) == [fixed]
     assert reading_candidates("deepfm", {}) == [{}]
     # an ablation that fixes the attention leaves the FM term open: two candidates

@@ -12,6 +12,8 @@
  *                   maps M, N); 1: one self-attention over all (order, field) tokens
  *                   (JointAttention, head size NA), its own weights Wq, Wk, Wv, Wout
  *   FM              1: the logit has the FM term sum_{r<s} <e_r, e_s> of h^(0)
+ *   LIN             1: the logit has the first-order term sum_r w_r . e_r of h^(0)
+ *                   (its weights wl [NF][ND] come after wp in the weights)
  *   LANES           rows per tile (16 unless given)
  *   REAL            float or double (REAL_IS_DOUBLE) Each is a function of autograd's (the forward of
  * EmerG.forward_prepared, the rows' inv-weighted BCE, its backward); the tests hold
@@ -52,6 +54,9 @@
 #endif
 #ifndef FM
 #define FM 0
+#endif
+#ifndef LIN
+#define LIN 0
 #endif
 #ifndef REAL_IS_DOUBLE
 #define REAL_IS_DOUBLE 0
@@ -218,6 +223,9 @@ typedef struct {
     const REAL *wc; /* [NF][NF*ND] contribution weights */
     const REAL *bc; /* [NF] contribution bias */
     const REAL *wp; /* [ND] prediction weights */
+#if LIN
+    const REAL *wl; /* [NF][ND] first-order weights */
+#endif
     REAL b;         /* prediction bias */
 } params_t;
 
@@ -238,6 +246,9 @@ template <class T> struct wgrad_t {
     T wc[NF][NF * ND];
     T bc[NF];
     T wp[ND];
+#if LIN
+    T wl[NF][ND];
+#endif
     T b;
 };
 #if JOINT
@@ -245,7 +256,7 @@ template <class T> struct wgrad_t {
 #else
 #define N_ATTENTION (HD * ND + ND * HD)
 #endif
-#define N_WEIGHTS (NL * ND * ND + N_ATTENTION + ND + NF * NF * ND + NF + ND + 1)
+#define N_WEIGHTS (NL * ND * ND + N_ATTENTION + ND + NF * NF * ND + NF + ND + LIN * NF * ND + 1)
 
 template <class T> struct tile_t {
     T x[NF][NO][ND];  /* h^(0..L) */
@@ -690,6 +701,10 @@ static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
     }
     logit += (REAL)0.5 * (fm_sq - fm_each);
 #endif
+#if LIN
+    for (int f = 0; f < NF; f++)
+        for (int d = 0; d < ND; d++) logit += P->wl[f * ND + d] * S->x[f][0][d];
+#endif
     /* BCE with logits: max(z, 0) - z y + log(1 + e^{-|z|}); its derivative sigmoid(z) - y */
     vec lv = value(logit);
     vec ez = vexp_neg(vsel(lv > 0, -lv, lv));
@@ -700,6 +715,10 @@ static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
     for (int f = 0; f < NF; f++) dz[f] = dl * q[f] * c[f] * ((REAL)1 - c[f]);
     if (FULL) {
         G->b += dl;
+#if LIN
+        for (int f = 0; f < NF; f++)
+            for (int d = 0; d < ND; d++) G->wl[f][d] += dl * S->x[f][0][d];
+#endif
         for (int f = 0; f < NF; f++) {
             G->bc[f] += dz[f];
             T dq = dl * c[f];
@@ -763,6 +782,10 @@ static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
 #if FM
     for (int f = 0; f < senders; f++)
         for (int d = 0; d < ND; d++) S->de[f][d] += dl * (esum[d] - S->x[f][0][d]);
+#endif
+#if LIN
+    for (int f = 0; f < senders; f++)
+        for (int d = 0; d < ND; d++) S->de[f][d] += P->wl[f * ND + d] * dl;
 #endif
     if (FULL) weight_grads(S, G, J);
 }
@@ -913,16 +936,23 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
 #define FIELDS_ARGS                                                                            \
     const REAL *e_rest, const int64_t *tokens, const REAL *tweights, const REAL *table,         \
         int64_t ntok
+#if LIN /* the first-order weights, after wp */
+#define WL_ARG , const REAL *wl
+#define WL_INIT wl,
+#else
+#define WL_ARG
+#define WL_INIT
+#endif
 #if JOINT
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *wq, const REAL *wk, const REAL *wv, const REAL *wo,             \
-        const REAL *ob, const REAL *wc, const REAL *bc, const REAL *wp, double b
-#define PARAMS {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, ob, wc, bc, wp, (REAL)b}
+        const REAL *ob, const REAL *wc, const REAL *bc, const REAL *wp WL_ARG, double b
+#define PARAMS {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, ob, wc, bc, wp, WL_INIT(REAL) b}
 #else
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,               \
-        const REAL *bc, const REAL *wp, double b
-#define PARAMS {w, m, n, ob, wc, bc, wp, (REAL)b}
+        const REAL *bc, const REAL *wp WL_ARG, double b
+#define PARAMS {w, m, n, ob, wc, bc, wp, WL_INIT(REAL) b}
 #endif
 
 extern "C" {

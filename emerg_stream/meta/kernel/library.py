@@ -60,7 +60,8 @@ def weight_tensors(model: EmerG) -> list[Tensor]:
        (:class:`JointAttention`, head size a) Wq ``[F*H*a, F*D]``, Wk ``[F*H*a, F*D]``,
        Wv ``[H*a, D]`` and Wout ``[D, H*a]``, the Linear weights themselves;
     3. the attention's output bias ``[D]``, the contribution weights ``[F, F*D]`` and
-       bias ``[F]``, the prediction weights ``[D]`` and the prediction bias (0-d).
+       bias ``[F]``, the prediction weights ``[D]``, the first-order weights ``[F*D]``
+       (``linear`` models only) and the prediction bias (0-d).
 
     Gradients to these flow back to the model's parameters through the stacking and
     the folding.
@@ -79,6 +80,7 @@ def weight_tensors(model: EmerG) -> list[Tensor]:
         model.predictor.contrib.weight,
         model.predictor.contrib.bias,
         model.predictor.w.weight[0],
+        *([model.first_order.weight[0]] if model.first_order is not None else []),
         model.predictor.b,
     ]
 
@@ -357,7 +359,7 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
     """The kernel for ``model``'s shape and ``dtype``, built on first use (thread-safe).
 
     Every EmerG option is compiled in (activation, linear last layer, per-field or
-    joint attention, FM term; see the source's switches).
+    joint attention, FM term, first-order term; see the source's switches).
 
     Raises:
         KernelUnavailableError: Not an EmerG, not on the CPU, not float32/float64, an
@@ -388,6 +390,7 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
         f"-DACT={_ACTIVATIONS[cfg.activation]}",
         f"-DLAST={int(cfg.activate_last)}",
         f"-DFM={int(cfg.fm)}",
+        f"-DLIN={int(cfg.linear)}",
         f"-DJOINT={int(joint)}",
         *((f"-DNA={cfg.head_dim}", f"-DLANES={JOINT_LANES}") if joint else ()),
         f"-DREAL={_DTYPES[dtype]}",

@@ -319,3 +319,33 @@ def test_fm_option_adds_the_pair_term_to_the_logit():
     phi = plain.cold_params(tokens, weights, torch.randn(6, plain.noise_dim).double())
     e = plain.orders(tokens, weights, phi)[:, 0]
     assert torch.allclose(with_fm(tokens, weights, phi) - plain(tokens, weights, phi), fm_term(e))
+
+
+def test_linear_option_adds_the_first_order_term_and_starts_at_zero():
+    torch.manual_seed(0)
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    plain = build_model(base).double()
+    with_lin = build_model(ModelConfig.from_dict({**base.to_dict(), "linear": True})).double()
+    assert with_lin.first_order is not None
+    assert with_lin.first_order.weight.abs().max() == 0  # begins as the paper's model
+    with_lin.load_state_dict(
+        {**plain.state_dict(), "first_order.weight": with_lin.first_order.weight}
+    )
+    tokens = torch.randint(1, 30, (6, 5, 1))
+    weights = torch.ones(6, 5, 1, dtype=torch.float64)
+    phi = plain.cold_params(tokens, weights, torch.randn(6, plain.noise_dim).double())
+    assert torch.equal(with_lin(tokens, weights, phi), plain(tokens, weights, phi))
+    w = torch.randn(1, 5 * base.dim, dtype=torch.float64)
+    with torch.no_grad():
+        with_lin.first_order.weight.copy_(w)
+    e = plain.orders(tokens, weights, phi)[:, 0]  # the first-order embeddings, ID from φ
+    expect = (e.flatten(1) * w).sum(-1)
+    assert torch.allclose(with_lin(tokens, weights, phi) - plain(tokens, weights, phi), expect)
+
+
+def test_a_config_written_before_the_first_order_term_loads_without_it():
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    old = {k: v for k, v in base.to_dict().items() if k != "linear"}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.linear is False
+    assert build_model(cfg).first_order is None

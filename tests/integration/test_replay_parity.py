@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emerg_stream.ablations import STRUCTURES
 from emerg_stream.config import TopicSettings
 from emerg_stream.data import load_dataset, split_log
 from emerg_stream.demo import read_outcomes, wait_for_group, worker_process
@@ -60,7 +61,12 @@ def trained(
     data = prepare(split, spec)
     # one quick pretraining epoch: parity does not depend on how good the model is
     cfg = TrainConfig(seed=SEED, batch_size=2048, pretrain_epochs=1, meta_epochs=0)
-    model = train_model(method, spec, data, cfg, device=cpu, progress=False).eval()
+    # EmerG with the structure selection chose on ml-100k (joint attention, the whole FM):
+    # the stream's warm-up then runs the kernel with every term the offline table used
+    overrides = STRUCTURES["joint+fm"] if method == "emerg" else {}
+    model = train_model(
+        method, spec, data, cfg, device=cpu, progress=False, model_overrides=overrides
+    ).eval()
     offline, _ = run_phases(model, data.new, WARMUP, salt=SEED, device=cpu)
     ck_dir = tmp_path_factory.mktemp("parity") / "ck"
     save_checkpoint(

@@ -39,7 +39,8 @@ METHODS: tuple[str, ...] = METHOD_NAMES
 #: EmerG's structures that model selection chooses from per dataset, on pseudo-new items:
 #: the two readings of eq. (9) (the paper's symbols are lost: one self-attention over all
 #: (order, field) tokens as in the authors' code, or per field over its own orders), each
-#: with and without the FM term (an extension of the paper). Which predicts new items
+#: with and without the FM terms, pairwise and first-order (an extension of the paper:
+#: ``ablations.STRUCTURES``). Which predicts new items
 #: best depends on the data (docs/RESULTS.md); an ablation that sets ``attention`` or
 #: ``fm`` fixes that choice.
 READINGS: tuple[dict[str, Any], ...] = tuple(STRUCTURES.values())

@@ -36,8 +36,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "field-attention": ({"attention": "field"}, {}),
     "joint-attention": ({"attention": "joint"}, {}),
     # one structure of READINGS fixed (its selection alone; e.g. the one the others lost to)
-    "joint-fm": (STRUCTURES["joint+fm"], {}),
-    "field-fm": (STRUCTURES["field+fm"], {}),
+    "joint-fm": (dict(STRUCTURES["joint+fm"]), {}),
+    "field-fm": (dict(STRUCTURES["field+fm"]), {}),
 }
 
 

@@ -11,6 +11,10 @@ and on autograd, timed interleaved in one run:
 
 Beside the speeds, each kernel case's result against its autograd twin: the largest
 difference of the warmed-up φ, and of the meta-gradient relative to its largest entry.
+And for the joint attention, the arithmetic rate its warm-up reaches (the products'
+multiply-adds per row and step, :func:`joint_warmup_macs`, times the rows and steps done
+per CPU second) beside one core's rate on a large float32 matrix product (torch, this
+run's threads): what bounds that warm-up (docs/BENCHMARKS.md, ninth round).
 
     python benchmarks/kernel_options.py --threads 1
     python benchmarks/kernel_options.py --threads 1 --quick
@@ -19,6 +23,7 @@ difference of the warmed-up φ, and of the meta-gradient relative to its largest
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +49,7 @@ from emerg_stream.meta.evaluate import cold_start
 from emerg_stream.meta.rows import Rows
 from emerg_stream.meta.train import TrainConfig, meta_loss, resolve_meta_backend
 from emerg_stream.meta.warmup import WarmupConfig, warm_up
-from emerg_stream.model import EmerG
+from emerg_stream.model import EmerG, ModelConfig
 
 #: name -> model options on top of the ML-1M shape
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -58,6 +63,41 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 BACKENDS = ("kernel", "autograd")
 Tensors = list[torch.Tensor]
+
+#: Warm-up steps per phase in these cases.
+STEPS = 5
+
+
+def joint_warmup_macs(cfg: ModelConfig) -> dict[str, int]:
+    """Multiply-adds per row and warm-up step of the joint attention, the products only.
+
+    ``forward``: the attention's forward (queries and keys from each order's F·D vector,
+    values, the scores and the mixing, the output map); ``backward``: its backward as
+    warm-up needs it (order 0's input gradient for the ID's D values only); ``rest``: the
+    message passing (forward and backward) and the predictor. Softmaxes, activations and
+    the FM terms are left out (a few per cent).
+    """
+    f, d, heads, a = cfg.n_fields, cfg.dim, cfg.heads, cfg.head_dim
+    orders, tokens = cfg.layers + 1, (cfg.layers + 1) * cfg.n_fields
+    qk, ha = f * heads * a, heads * a
+    scores = heads * tokens * tokens * a
+    values_out = 2 * tokens * ha * d
+    forward = 2 * orders * qk * f * d + 2 * scores + values_out
+    backward = 2 * (orders - 1) * qk * f * d + 2 * qk * d + 4 * scores + values_out
+    rest = 3 * cfg.layers * (f * d * d + f * f * d) + 2 * f * f * d
+    return {"forward": forward, "backward": backward, "rest": rest}
+
+
+def matmul_gflops(n: int, reps: int = 5) -> float:
+    """GFLOP/s of ``a @ b`` for ``n x n`` float32 matrices on this run's threads (best)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def build(options: dict[str, Any]) -> EmerG:
@@ -75,7 +115,7 @@ def warmup_cases(
 ) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:
     """One warm-up phase per (variant, backend), on the same items and rows."""
     items, rows = synthetic_items(n_items, k)
-    cfg = WarmupConfig(steps=5, lr=0.1)
+    cfg = WarmupConfig(steps=STEPS, lr=0.1)
     cases: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
     for name, options in VARIANTS.items():
         model = build(options)
@@ -142,7 +182,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reps = args.reps or (1 if args.quick else 3)
     res: dict[str, Any] = {
         **header("kernel_options.py", argv, device),
-        "warmup": {"items": n_items, "k": args.k, "steps": 5},
+        "warmup": {"items": n_items, "k": args.k, "steps": STEPS},
         "meta": {"tasks": 32, "rows": "64 support + 64 query"},
     }
     samples, outs = interleaved(warmup_cases(n_items, args.k, device), device, reps)
@@ -153,6 +193,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "items_per_s": n_items / s.wall_s,
         }
         for name, s in samples.items()
+    }
+    macs = sum(joint_warmup_macs(ml1m_config("joint")).values())
+    gflops = matmul_gflops(512 if args.quick else 2048)
+    res["warmup"]["arithmetic"] = {
+        "joint_macs_per_row_step": macs,
+        "matmul_gflops": gflops,
+        "cases": {
+            name: {
+                "gflops": (rate := c["items_per_cpu_s"] * args.k * STEPS * 2 * macs / 1e9),
+                "of_matmul": rate / gflops,
+            }
+            for name, c in res["warmup"]["cases"].items()
+            if name.startswith("joint") and name.endswith("kernel")
+        },
     }
     res["warmup"]["max_phi_diff"] = {
         v: max(
@@ -196,6 +250,17 @@ def markdown(res: dict[str, Any]) -> str:
         (name, fmt(c["items_per_s"]), fmt(c["items_per_cpu_s"])) for name, c in w["cases"].items()
     ]
     out.append(markdown_table(["case", "item-phases/s", "per CPU second"], rows))
+    ar = w["arithmetic"]
+    out.append(
+        f"Joint attention's warm-up, products only: {ar['joint_macs_per_row_step']:,} "
+        f"multiply-adds per row and step; a float32 matrix product runs at "
+        f"{ar['matmul_gflops']:.0f} GFLOP/s here; "
+        + ", ".join(
+            f"{name} {c['gflops']:.0f} GFLOP/s ({100 * c['of_matmul']:.0f} %)"
+            for name, c in ar["cases"].items()
+        )
+        + "\n"
+    )
     out.append(
         "max |φ kernel − φ autograd|: "
         + ", ".join(f"{v} {d:.1e}" for v, d in w["max_phi_diff"].items())

@@ -254,6 +254,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "items; the compile backend at chunks of 16/32/64/128: --chunk-items items)",
     )
     p.add_argument(
+        "--backend",
+        choices=["auto", "kernel", "kernel-bf16"],
+        default="auto",
+        help="--only processes: the warm-up backend every process runs (kernel-bf16: the "
+        "joint attention's query and key products on AMX tiles in bfloat16)",
+    )
+    p.add_argument(
         "--alternatives",
         nargs="*",
         choices=["autograd", "compile", "kernel"],
@@ -397,7 +404,7 @@ def run_only(
     }
     if args.only == "processes":
         n = args.procs_items or (100 if args.quick else 1000)
-        pr = processes_compare(n, reps)
+        pr = processes_compare(n, reps, args.backend)
         if pr is None:
             raise SystemExit("--only processes needs at least 2 usable CPUs")
         result["processes"] = pr

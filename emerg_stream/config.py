@@ -304,8 +304,12 @@ class WorkerSettings(Settings):
             compiler; autograd elsewhere, or where no compiler is found, with a
             warning), ``kernel`` (the kernel or a start-up error), ``autograd``, or
             ``compile`` (autograd through ``torch.compile``, about 2x autograd after tens
-            of seconds of compilation per process). Everything is built at start,
-            before the worker joins its group (docs/BENCHMARKS.md, section 1).
+            of seconds of compilation per process), or ``kernel-bf16`` (the kernel with
+            the joint attention's query and key products in bfloat16 on Intel AMX
+            tiles, ~1.5x ``kernel``; a start-up error on a CPU without them; an offline
+            table to compare against must be made with the same backend).
+            Everything is built at start, before the worker joins its group
+            (docs/BENCHMARKS.md, section 1).
         metrics_port: Prometheus port; ``None`` = no metrics server.
         metrics_host: Address the metrics server binds: the loopback by default,
             ``0.0.0.0`` in a container whose port is published or scraped from outside.
@@ -346,7 +350,7 @@ class WorkerSettings(Settings):
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
     inputs: InputSettings = Field(default_factory=InputSettings)
-    warmup_backend: Literal["auto", "autograd", "compile", "kernel"] = "auto"
+    warmup_backend: Literal["auto", "autograd", "compile", "kernel", "kernel-bf16"] = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     auc_window: int = Field(default=10_000, ge=2)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from emerg_stream.devices import DEVICES
+from emerg_stream.meta.warmup import BACKENDS
 
 HELP = "evaluate a checkpoint on new items: pooled, within- and between-item AUC and F1 per phase"
 
@@ -16,6 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="preset or dataset YAML")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument(
+        "--warmup-backend",
+        default="auto",
+        choices=BACKENDS,
+        help="where warm-up gradients come from (kernel-bf16: the joint attention's query "
+        "and key products in bfloat16 on AMX tiles; default auto)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     split = split_log(load_dataset(args.dataset, args.data_dir))
     data = prepare(split, spec)
     metrics, _ = run_phases(
-        ck.model, data.new, ck.meta.warmup, salt=ck.meta.noise_salt, device=device
+        ck.model,
+        data.new,
+        ck.meta.warmup,
+        salt=ck.meta.noise_salt,
+        device=device,
+        backend=args.warmup_backend,
     )
     print("| phase | " + " | ".join(PHASE_METRICS.values()) + " |")
     print("|---" * (1 + len(PHASE_METRICS)) + "|")

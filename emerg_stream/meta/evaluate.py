@@ -15,7 +15,7 @@ import torch
 
 from emerg_stream.meta.metrics import phase_metrics
 from emerg_stream.meta.rows import ItemSet, Rows, to_device
-from emerg_stream.meta.warmup import WarmupConfig, warm_up
+from emerg_stream.meta.warmup import Backend, WarmupConfig, warm_up
 from emerg_stream.model.base import ItemModel, Phi, item_noise
 from emerg_stream.phases import COLD, PHASES, WARM_PHASES
 
@@ -91,6 +91,7 @@ def run_phases(
     *,
     salt: int,
     device: torch.device,
+    backend: Backend = "auto",
 ) -> tuple[dict[str, dict[str, float]], dict[str, Phi]]:
     """Score the test rows after each phase.
 
@@ -100,6 +101,7 @@ def run_phases(
         warm_cfg: The warm-up protocol.
         salt: Salt of the fresh ID embeddings (the run's seed).
         device: Where to compute.
+        backend: Where warm-up gradients come from (see ``warm_up``).
 
     Returns:
         ``(metrics, phis)``: phase -> :func:`~emerg_stream.meta.metrics.phase_metrics`
@@ -113,7 +115,7 @@ def run_phases(
     phis: dict[str, Phi] = {}
     for phase in PHASES:
         if phase != COLD:
-            phi = warm_up(model, phi, data.warm[phase].to(device), warm_cfg)
+            phi = warm_up(model, phi, data.warm[phase].to(device), warm_cfg, backend=backend)
         scores = predict(model, data.test, phi, device=device)
         metrics[phase] = phase_metrics(labels, scores, items)
         phis[phase] = {k: v.detach().cpu() for k, v in phi.items()}

@@ -37,9 +37,14 @@ log = structlog.get_logger(__name__)
 #: process; ~2x autograd on CPU);
 #: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a second or two to build
 #: once per machine and model shape; 3-4x ``compile``, 7-8x autograd on one core);
+#: ``kernel-bf16`` - the kernel with the joint attention's products with its shared maps
+#: (queries, keys, values, output) as bfloat16 tile products with float32 sums (Intel
+#: AMX; float32 models of joint attention whose D and H·a are multiples of 16): the same
+#: function up to bfloat16 rounding of those products' inputs (docs/BENCHMARKS.md, tenth
+#: round; docs/RESULTS.md measures what it changes);
 #: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C++ compiler), else
 #: ``autograd``.
-Backend = Literal["auto", "autograd", "compile", "kernel"]
+Backend = Literal["auto", "autograd", "compile", "kernel", "kernel-bf16"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -162,17 +167,17 @@ def resolve_backend(
     """The backend ``backend`` means for this model, dtype and device, and its kernel.
 
     ``auto`` becomes ``kernel`` where the kernel serves and ``autograd`` otherwise (the
-    reason is logged once per process); ``kernel`` raises :class:`KernelUnavailableError`
-    where it does not.
+    reason is logged once per process); ``kernel`` and ``kernel-bf16`` raise
+    :class:`KernelUnavailableError` where they do not (both resolve to ``kernel``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown warm-up backend {backend!r}; choose one of {BACKENDS}")
     if backend in ("autograd", "compile"):
         return backend, None
     try:
-        return "kernel", emerg_kernel(model, dtype, device)
+        return "kernel", emerg_kernel(model, dtype, device, bf16=backend == "kernel-bf16")
     except KernelUnavailableError as exc:
-        if backend == "kernel":
+        if backend != "auto":
             raise
         if exc.machine and str(exc) not in _FALLBACKS_LOGGED:  # worth an operator's look
             _FALLBACKS_LOGGED.add(str(exc))

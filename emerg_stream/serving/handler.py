@@ -100,7 +100,8 @@ class TorchWarmupHandler:
         stand-in the first one-item phase of the stream would recompile mid-batch.
 
         Raises:
-            ModelError: ``kernel`` was asked for and cannot serve this model or machine.
+            ModelError: ``kernel`` or ``kernel-bf16`` was asked for and cannot serve
+                this model or machine.
         """
         import time
 
@@ -111,7 +112,9 @@ class TorchWarmupHandler:
         try:
             kind, _ = resolve_backend(self.model, self.warmup_backend, dtype, self.device)
         except KernelUnavailableError as exc:
-            raise ModelError(f"warm-up backend 'kernel' is unavailable: {exc}") from exc
+            raise ModelError(
+                f"warm-up backend {self.warmup_backend!r} is unavailable: {exc}"
+            ) from exc
         if kind == "compile":
             f, d, t = self.n_fields, self.dim, self.spec.max_tokens
             for item in ([0, 0, 1, 1, 1, 2, 2], [0, 0]):

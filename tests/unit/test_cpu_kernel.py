@@ -250,6 +250,116 @@ def test_every_emerg_option_runs_on_the_kernel(cxx_compiler, option):
     assert resolve_meta_backend(model, "auto", torch.float32, CPU) is not None
 
 
+needs_bf16_tiles = pytest.mark.skipif(
+    not cpu_kernel.cpu_has_bf16_tiles(), reason="this CPU has no AMX-BF16 tile unit"
+)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(torch.float64)
+
+
+class _Bf16Product(torch.autograd.Function):
+    """x Wᵀ with x and W rounded to bfloat16 and exact sums; backward likewise (the
+    gradient rounded): what the kernel's tile products compute, emulated."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(w)
+        return (_bf16(x) @ _bf16(w).T).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        (w,) = ctx.saved_tensors
+        return (_bf16(g) @ _bf16(w)).to(g.dtype), None
+
+
+class _Bf16Linear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Bf16Product.apply(x, self.linear.weight)  # the maps have no bias
+
+
+@needs_bf16_tiles
+@pytest.mark.parametrize("options", OPTION_SETS[1:], ids=OPTION_IDS[1:])
+def test_the_bf16_kernel_is_autograd_with_bf16_query_and_key_maps(cxx_compiler, options):
+    """kernel-bf16 equals autograd whose query and key maps round their inputs (and, in
+    the backward, their output gradients) to bfloat16: the tile packing, the pairing of
+    inputs and the padding are right. Against plain float32 autograd it differs by
+    bfloat16's rounding, far more: the tiles really run."""
+    model = _model(torch.float32, dim=16, heads=3, **options)
+    n_items = 5
+    rows = _rows(model, 70, n_items, seed=2)  # four full tiles and a partial one
+    phi = _phi(model, n_items)
+    kernel = emerg_kernel(model, torch.float32, CPU, bf16=True)
+    assert kernel.bf16
+    _, d_graphs, d_id, e_rest, graphs, inv = _autograd(model, rows, phi, n_items)
+    k_loss, k_graphs, k_id = kernel(model, e_rest, graphs, phi["id"], rows.item, rows.labels, inv)
+    attention = model.attention
+    plain = attention.q, attention.k
+    attention.q, attention.k = (_Bf16Linear(m) for m in plain)
+    try:
+        loss, e_graphs, e_id, *_ = _autograd(model, rows, phi, n_items)
+    finally:
+        attention.q, attention.k = plain
+    scale = max(d_graphs.abs().max().item(), d_id.abs().max().item())
+    assert abs(k_loss - loss) <= 1e-5 * abs(loss)
+    # the backward's rounding of a float32 gradient can land on the other side of a
+    # bfloat16 rounding boundary than autograd's: up to ~1e-4 here
+    assert (k_graphs - e_graphs).abs().max().item() <= 5e-4 * scale
+    assert (k_id - e_id).abs().max().item() <= 5e-4 * scale
+    assert (
+        max((k_graphs - d_graphs).abs().max().item(), (k_id - d_id).abs().max().item())
+        > 2e-3 * scale
+    )
+
+
+@needs_bf16_tiles
+def test_a_bf16_warm_up_lands_near_the_float32_one(cxx_compiler):
+    """Whole phases at the model's own initialisation (``_model`` spreads the weights so
+    far that a phase of steps is chaotic: any rounding grows): kernel-bf16's φ is
+    float32's within a small share of the phase's move."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        kind="emerg",
+        n_fields=5,
+        n_item_fields=3,
+        side_fields=(1, 2),
+        vocab_size=60,
+        dim=16,
+        heads=3,
+        **OPTION_SETS[2],  # type: ignore[arg-type]
+    )
+    model = build_model(cfg)
+    n_items = 10
+    rows = _rows(model, 80, n_items, seed=3)
+    phi = _phi(model, n_items)
+    warm = WarmupConfig(steps=5, lr=0.1)
+    exact = warm_up(model, phi, rows, warm, backend="kernel")
+    fast = warm_up(model, phi, rows, warm, backend="kernel-bf16")
+    for name in phi:
+        moved = (exact[name] - phi[name]).abs().max().item()
+        assert moved > 1e-4
+        assert (fast[name] - exact[name]).abs().max().item() <= 0.01 * moved
+
+
+def test_bf16_products_are_refused_where_they_do_not_serve(cxx_compiler):
+    """Per-field attention, float64, a head shape off the tiles: a clear refusal (not the
+    machine's fault), and ``auto`` never takes them."""
+    for model, dtype in [
+        (_model(torch.float32, dim=16), torch.float32),
+        (_model(torch.float64, dim=16, attention="joint"), torch.float64),
+        (_model(torch.float32, dim=8, attention="joint"), torch.float32),
+    ]:
+        with pytest.raises(KernelUnavailableError, match="bfloat16 products serve") as err:
+            resolve_backend(model, "kernel-bf16", dtype, CPU)
+        assert not err.value.machine
+        assert not resolve_backend(model, "auto", dtype, CPU)[1].bf16
+
+
 def test_an_activation_the_kernel_does_not_know_runs_on_autograd(cxx_compiler):
     model = _model(torch.float32, activation="tanh")
     assert resolve_backend(model, "auto", torch.float32, CPU) == ("autograd", None)

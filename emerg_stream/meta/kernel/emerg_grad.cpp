@@ -15,6 +15,12 @@
  *   LIN             1: the logit has the first-order term sum_r w_r . e_r of h^(0)
  *                   (its weights wl [NF][ND] come after wp in the weights)
  *   LANES           rows per tile (16 unless given)
+ *   MMA             1 (JOINT, float, 16 lanes, ND and NH NA multiples of 16): the
+ *                   joint attention's query and key products (forward, and the
+ *                   backward through them to x_o) in the plain-vector passes run as
+ *                   bfloat16 tile products with float32 sums (Intel AMX); the
+ *                   dual-number pass and the weights' own gradients keep float32. The
+ *                   caller first calls emerg_mma_ready() (the OS must grant the tiles).
  *   REAL            float or double (REAL_IS_DOUBLE) Each is a function of autograd's (the forward of
  * EmerG.forward_prepared, the rows' inv-weighted BCE, its backward); the tests hold
  * them equal in float64:
@@ -61,6 +67,17 @@
 #ifndef REAL_IS_DOUBLE
 #define REAL_IS_DOUBLE 0
 #endif
+#ifndef MMA
+#define MMA 0
+#endif
+#if MMA
+#if !JOINT || REAL_IS_DOUBLE || LANES != 16 || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
+#error "MMA needs JOINT, float, 16 lanes and a compiler targeting AMX-BF16 (-march=native on such a CPU)"
+#endif
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define NO (NL + 1)
 #define HD (NH * ND)
 #if JOINT
@@ -68,6 +85,12 @@
 #define FD (NF * ND)  /* an order's whole vector x_o = vec(h^(o)) */
 #define FHA (NF * HA) /* an order's queries (or keys): token (o, r), head h at (r NH + h) NA */
 #define NT (NO * NF)  /* tokens, t = o NF + r */
+#if MMA
+#define PAD32(n) (((n) + 31) / 32 * 32) /* inputs padded to whole 32-value tile rows */
+#define KP PAD32(FD)                     /* an order's vector x_o */
+#define KQ PAD32(FHA)                    /* an order's queries (or keys) */
+#define MMA_B (KP > KQ ? KP : KQ)        /* the most inputs of one product */
+#endif
 #define FHA_ FHA
 #define FD_ FD
 #define HA_ HA
@@ -215,6 +238,11 @@ typedef struct {
     const REAL *kt; /* [FD][FHA] Wk transposed */
     const REAL *vt; /* [ND][HA] Wv transposed */
     const REAL *ot; /* [HA][ND] Wout transposed */
+#if MMA
+    /* the run's bfloat16 copies, each row zero-padded to whole tile rows */
+    const uint16_t *q16, *k16;   /* [FHA][KP] Wq, Wk */
+    const uint16_t *qt16, *kt16; /* [FD][KQ] Wq^T, Wk^T */
+#endif
 #else
     const REAL *m; /* [HD][ND] folded score maps M_h, stacked */
     const REAL *n; /* [ND][HD] folded value-output maps N_h */
@@ -272,6 +300,9 @@ template <class T> struct tile_t {
     T z[NT][ND];              /* outputs before the relu; the backward's gradient to them */
     T dmix[NT][HA];
     T dq[NO][FHA], dk[NO][FHA], dv[NT][HA];
+#if MMA
+    alignas(64) uint16_t bx[MMA_B * LANES]; /* one tile product's right side, packed */
+#endif
 #else
     T u[NF][NO][HD];     /* score projections */
     T a[NF][NO][NO][NH]; /* attention weights */
@@ -419,6 +450,154 @@ static void attention_backward(const params_t *P, tile_t<T> *S, int f, const T *
 
 #else /* JOINT */
 
+#if MMA
+/* ---- the query and key products as bfloat16 tile products (AMX), float32 sums ----
+ *
+ * y = A x for a tile's 16 rows: A is a weight matrix in bfloat16 (rows of KA values,
+ * zero-padded to a multiple of 32), x its KA inputs per lane (each input a vec). A tile
+ * product C[16 outputs][16 lanes] += A[16 outputs][32 inputs] B[32 inputs][16 lanes]
+ * takes B in pairs of inputs interleaved per lane (pack_inputs); C's rows are exactly
+ * 16 outputs' vecs, so results are stored straight into the vec arrays. Every lane's
+ * sums read only that lane's inputs: a row's result does not depend on its tile-mates. */
+static_assert(HA % 16 == 0 && ND % 16 == 0, "MMA needs H a and D multiples of 16");
+#define MMA_WEIGHTS (2 * FHA * KP + 2 * FD * KQ)
+
+/* Asks the OS for the tile state (Linux: once per process); 1 if granted. */
+static int mma_permit(void) {
+#ifdef SYS_arch_prctl
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+struct tilecfg_t {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles 0-3: sums of four 16-output blocks; 4: the inputs; 5, 6: weights. */
+static void mma_configure(void) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+static inline uint16_t bf16_of(float f) { /* round to nearest even, as the vector path */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Inputs x[0..k-1] (16 lanes each) then zeros up to kp, packed for tile B: row c/2 holds
+ * lane j's pair (x[c], x[c+1]) at 2j, 2j+1. */
+static inline void pack_inputs(const vec *x, int k, int kp, uint16_t *out) {
+    static const uint16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i idx = _mm512_loadu_si512(order);
+    for (int c = 0; c < kp; c += 2) {
+        __m512 a = c < k ? (__m512)x[c] : _mm512_setzero_ps();
+        __m512 b = c + 1 < k ? (__m512)x[c + 1] : _mm512_setzero_ps();
+        __m512i lo = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(a));
+        __m512i hi = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(b));
+        _mm512_store_si512(out + c * 16, _mm512_permutex2var_epi16(lo, idx, hi));
+    }
+}
+
+/* y[i] (+)= sum_c A[i][c] x[c] for outputs i < m (a multiple of 16) over ka inputs (a
+ * multiple of 32), with B = pack_inputs(x) in bx. Four output blocks at a time; add:
+ * the sums start from y. */
+static void mma_product(const uint16_t *A, int m, int ka, const uint16_t *bx, vec *y, bool add) {
+    const long sa = 2L * ka; /* bytes per weight row */
+    int i = 0;
+    for (; i + 64 <= m; i += 64) {
+        const uint16_t *a = A + (long)i * ka;
+        if (add) {
+            _tile_loadd(0, y + i, 64);
+            _tile_loadd(1, y + i + 16, 64);
+            _tile_loadd(2, y + i + 32, 64);
+            _tile_loadd(3, y + i + 48, 64);
+        } else {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int c = 0; c < ka; c += 32) {
+            _tile_loadd(4, bx + c * 16, 64);
+            _tile_loadd(5, a + c, sa);
+            _tile_dpbf16ps(0, 5, 4);
+            _tile_loadd(6, a + 16 * ka + c, sa);
+            _tile_dpbf16ps(1, 6, 4);
+            _tile_loadd(5, a + 32 * ka + c, sa);
+            _tile_dpbf16ps(2, 5, 4);
+            _tile_loadd(6, a + 48 * ka + c, sa);
+            _tile_dpbf16ps(3, 6, 4);
+        }
+        _tile_stored(0, y + i, 64);
+        _tile_stored(1, y + i + 16, 64);
+        _tile_stored(2, y + i + 32, 64);
+        _tile_stored(3, y + i + 48, 64);
+    }
+    for (; i < m; i += 16) {
+        const uint16_t *a = A + (long)i * ka;
+        if (add)
+            _tile_loadd(0, y + i, 64);
+        else
+            _tile_zero(0);
+        for (int c = 0; c < ka; c += 32) {
+            _tile_loadd(4, bx + c * 16, 64);
+            _tile_loadd(5, a + c, sa);
+            _tile_dpbf16ps(0, 5, 4);
+        }
+        _tile_stored(0, y + i, 64);
+    }
+}
+
+/* y (+)= A x: x's k inputs packed (zero-padded to ka), then the product */
+static inline void mma_apply(const uint16_t *A, int m, int ka, const vec *x, int k, uint16_t *bx,
+                             vec *y, bool add) {
+    pack_inputs(x, k, ka, bx);
+    mma_product(A, m, ka, bx, y, add);
+}
+
+/* W [m][k] (row-major, float) as bfloat16 rows zero-padded to kp; tr: W^T [k][m] instead */
+static void mma_pack_weights(const REAL *w, int m, int k, int kp, bool tr, uint16_t *out) {
+    if (tr)
+        for (int c = 0; c < k; c++)
+            for (int j = 0; j < kp; j++) out[c * kp + j] = j < m ? bf16_of(w[j * k + c]) : 0;
+    else
+        for (int j = 0; j < m; j++)
+            for (int c = 0; c < kp; c++) out[j * kp + c] = c < k ? bf16_of(w[j * k + c]) : 0;
+}
+
+/* The run's bfloat16 copies of Wq and Wk, and of their transposes */
+static void mma_weights(const params_t *P, uint16_t *out, params_t *Q) {
+    const struct {
+        const REAL *w;
+        int m, k, kp;
+        bool tr;
+        const uint16_t **dst;
+    } parts[] = {
+        {P->q, FHA, FD, KP, false, &Q->q16}, {P->k, FHA, FD, KP, false, &Q->k16},
+        {P->q, FHA, FD, KQ, true, &Q->qt16}, {P->k, FHA, FD, KQ, true, &Q->kt16},
+    };
+    for (const auto &p : parts) {
+        mma_pack_weights(p.w, p.m, p.k, p.kp, p.tr, out);
+        *p.dst = out;
+        out += (p.tr ? p.k : p.m) * p.kp;
+    }
+}
+#endif /* MMA */
+
 /* y[k ys + i] (+)= sum_c W[i cols + c] x[k xs + c] for i < rows and k < K: a matrix times
  * K vectors. RB rows at a time, so that RB K sums are independent and the multiply-adds
  * pipeline (one running sum waits out each add's latency: 4x slower, measured). */
@@ -469,8 +648,19 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
     for (int o = 0; o < NO; o++)
         for (int f = 0; f < NF; f++)
             for (int d = 0; d < ND; d++) S->xo[o][f * ND + d] = S->x[f][o][d];
-    mv<NO, FHA, FD>(P->q, &S->xo[0][0], FD, &S->q[0][0], FHA, false);
-    mv<NO, FHA, FD>(P->k, &S->xo[0][0], FD, &S->k[0][0], FHA, false);
+#if MMA
+    if constexpr (std::is_same<T, vec>::value) {
+        for (int o = 0; o < NO; o++) {
+            pack_inputs(S->xo[o], FD, KP, S->bx);
+            mma_product(P->q16, FHA, KP, S->bx, S->q[o], false);
+            mma_product(P->k16, FHA, KP, S->bx, S->k[o], false);
+        }
+    } else
+#endif
+    {
+        mv<NO, FHA, FD>(P->q, &S->xo[0][0], FD, &S->q[0][0], FHA, false);
+        mv<NO, FHA, FD>(P->k, &S->xo[0][0], FD, &S->k[0][0], FHA, false);
+    }
     for (int r = 0; r < NF; r++) /* field r's tokens (0, r) .. (NO-1, r) */
         mv<NO, HA, ND>(P->v, &S->x[r][0][0], ND, &S->v[r][0], NF * HA, false);
     const REAL root = std::sqrt((REAL)NA);
@@ -558,6 +748,15 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
     }
     /* to x_o: Wq^T dq_o + Wk^T dk_o (warm-up: of order 0 only field 0's part) */
     T(*dxo)[FD] = S->xo; /* x_o is not needed any more (joint_split_x reads S->x) */
+#if MMA
+    if constexpr (std::is_same<T, vec>::value) {
+        for (int o = 0; o < NO; o++) { /* Wq^T dq_o + Wk^T dk_o; warm-up's order 0: the ID's */
+            const int m = FULL || o > 0 ? FD : ND;
+            mma_apply(P->qt16, m, KQ, S->dq[o], FHA, S->bx, dxo[o], false);
+            mma_apply(P->kt16, m, KQ, S->dk[o], FHA, S->bx, dxo[o], true);
+        }
+    } else
+#endif
     if (FULL) {
         mv<NO, FD, FHA>(P->qt, &S->dq[0][0], FHA, &dxo[0][0], FD, false);
         mv<NO, FD, FHA>(P->kt, &S->dk[0][0], FHA, &dxo[0][0], FD, true);
@@ -837,7 +1036,12 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
     size_t jb = (JOINT && FULL) ? (sizeof(jgrad_t) + align - 1) / align * align : 0;
     size_t wb = JOINT ? ((2 * FHA_ * FD_ + 2 * HA_ * ND) * sizeof(REAL) + align - 1) / align * align : 0;
-    char *mem = (char *)aligned_alloc(align, tb + gb + jb + wb);
+#if MMA
+    size_t mb = (MMA_WEIGHTS * sizeof(uint16_t) + align - 1) / align * align;
+#else
+    size_t mb = 0;
+#endif
+    char *mem = (char *)aligned_alloc(align, tb + gb + jb + wb + mb);
     if (mem == NULL) return -INFINITY;
     tile_t<T> *S = (tile_t<T> *)mem;
     wgrad_t<T> *G = FULL ? (wgrad_t<T> *)(mem + tb) : NULL;
@@ -862,6 +1066,10 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
     Q.kt = kt;
     Q.vt = vt;
     Q.ot = ot;
+#if MMA
+    mma_weights(P, (uint16_t *)(mem + tb + gb + jb + wb), &Q);
+    mma_configure();
+#endif
     if (FULL) {
         J->dwq = dw + NL * ND * ND;
         J->dwk = J->dwq + FHA * FD;
@@ -929,6 +1137,9 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
             dw[i < skip_at ? i : i + skip] += sum;
         }
     }
+#if MMA
+    _tile_release();
+#endif
     free(mem);
     return total;
 }
@@ -947,7 +1158,12 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *wq, const REAL *wk, const REAL *wv, const REAL *wo,             \
         const REAL *ob, const REAL *wc, const REAL *bc, const REAL *wp WL_ARG, double b
+#if MMA
+#define PARAMS                                                                                 \
+    {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, ob, wc, bc, wp, WL_INIT(REAL) b}
+#else
 #define PARAMS {w, wq, wk, wv, wo, NULL, NULL, NULL, NULL, ob, wc, bc, wp, WL_INIT(REAL) b}
+#endif
 #else
 #define WEIGHT_ARGS                                                                            \
     const REAL *w, const REAL *m, const REAL *n, const REAL *ob, const REAL *wc,               \
@@ -990,5 +1206,15 @@ double emerg_hvp(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *la
 }
 
 int emerg_n_weights(void) { return N_WEIGHTS; }
+
+/* 1 where the bfloat16 tile products may run (MMA builds: the OS granted the tile
+ * state to this process); 0 in builds without them */
+int emerg_mma_ready(void) {
+#if MMA
+    return mma_permit();
+#else
+    return 0;
+#endif
+}
 
 } /* extern "C" */

@@ -121,8 +121,9 @@ class EmerGKernel:
         dtype: ``torch.float32`` or ``torch.float64``.
     """
 
-    def __init__(self, library: Path, dtype: torch.dtype) -> None:
+    def __init__(self, library: Path, dtype: torch.dtype, *, bf16: bool = False) -> None:
         self.dtype = dtype
+        self.bf16 = bf16
         self._lib = ctypes.CDLL(str(library))
         self._phi = self._lib.emerg_phi_grad
         self._full = self._lib.emerg_full_grad
@@ -130,6 +131,8 @@ class EmerGKernel:
         for fn in (self._phi, self._full, self._hvp):
             fn.restype = ctypes.c_double
         self.n_weights = int(self._lib.emerg_n_weights())
+        if bf16 and not self._lib.emerg_mma_ready():
+            raise KernelUnavailableError("the OS did not grant this process the AMX tile state")
 
     def weights(self, model: EmerG) -> KernelWeights:
         """The model's shared parameters as the kernel reads them (folded, contiguous).
@@ -355,16 +358,38 @@ _LOCK = threading.Lock()
 _KERNELS: dict[tuple[object, ...], EmerGKernel | KernelUnavailableError] = {}
 
 
-def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> EmerGKernel:
+def cpu_has_bf16_tiles() -> bool:
+    """Whether this CPU reports AMX-BF16 and AVX512-BF16 (Linux ``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split()
+    return {"amx_bf16", "amx_tile", "avx512_bf16"} <= set(flags)
+
+
+def emerg_kernel(
+    model: ItemModel, dtype: torch.dtype, device: torch.device, *, bf16: bool = False
+) -> EmerGKernel:
     """The kernel for ``model``'s shape and ``dtype``, built on first use (thread-safe).
 
     Every EmerG option is compiled in (activation, linear last layer, per-field or
     joint attention, FM term, first-order term; see the source's switches).
 
+    Args:
+        model: The EmerG.
+        dtype: ``torch.float32`` or ``torch.float64``.
+        device: The CPU.
+        bf16: The joint attention's products with its shared maps (queries, keys,
+            values, output; most of its work) as bfloat16 tile products with float32
+            sums, on Intel AMX (the source's ``MMA`` switch), in warm-up's and the full
+            gradient's passes: joint attention, float32, D and H·a multiples of 16.
+
     Raises:
         KernelUnavailableError: Not an EmerG, not on the CPU, not float32/float64, an
             activation the kernel does not know, no C++ compiler, or the build failed
-            (a failure is remembered: the build is not retried in this process).
+            (a failure is remembered: the build is not retried in this process); with
+            ``bf16``, also a model or CPU it does not serve.
     """
     if not isinstance(model, EmerG):
         raise KernelUnavailableError(
@@ -382,6 +407,17 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
     if cfg.attention not in ("field", "joint"):
         raise KernelUnavailableError(f"unknown attention {cfg.attention!r}", machine=False)
     joint = cfg.attention == "joint"
+    if bf16:
+        ha = cfg.heads * cfg.head_dim
+        if not joint or dtype != torch.float32 or cfg.dim % 16 or ha % 16:
+            raise KernelUnavailableError(
+                "bfloat16 products serve the joint attention in float32 with D and H*a "
+                f"multiples of 16 (attention {cfg.attention!r}, {dtype}, D={cfg.dim}, "
+                f"H*a={ha})",
+                machine=False,
+            )
+        if not cpu_has_bf16_tiles():
+            raise KernelUnavailableError("this CPU has no AMX-BF16 tile unit")
     defines = (
         f"-DNF={cfg.n_fields}",
         f"-DND={cfg.dim}",
@@ -395,12 +431,13 @@ def emerg_kernel(model: ItemModel, dtype: torch.dtype, device: torch.device) -> 
         *((f"-DNA={cfg.head_dim}", f"-DLANES={JOINT_LANES}") if joint else ()),
         f"-DREAL={_DTYPES[dtype]}",
         f"-DREAL_IS_DOUBLE={int(dtype == torch.float64)}",
+        *(("-DMMA=1",) if bf16 else ()),
     )
     with _LOCK:
         got = _KERNELS.get(defines)
         if got is None:
             try:
-                got = EmerGKernel(build(defines), dtype)
+                got = EmerGKernel(build(defines), dtype, bf16=bf16)
             except KernelUnavailableError as exc:
                 got = exc
             except OSError as exc:  # the cached library does not load

@@ -664,8 +664,8 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
     for (int r = 0; r < NF; r++) /* field r's tokens (0, r) .. (NO-1, r) */
         mv<NO, HA, ND>(P->v, &S->x[r][0][0], ND, &S->v[r][0], NF * HA, false);
     const REAL root = std::sqrt((REAL)NA);
-    for (int h = 0; h < NH; h++)
-        for (int t = 0; t < NT; t++) {
+    for (int h = 0; h < NH; h++) {
+        for (int t = 0; t < NT; t++) { /* scores and softmax for every token first, */
             T sc[NT];
             token_dots(&S->q[t / NF][(t % NF * NH + h) * NA], &S->k[0][h * NA], FHA, NH * NA, sc);
             for (int u = 0; u < NT; u++) sc[u] = sc[u] / root;
@@ -674,6 +674,9 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
             T den{};
             for (int u = 0; u < NT; u++) { sc[u] = vexp_neg(sc[u] - mx); den += sc[u]; }
             for (int u = 0; u < NT; u++) S->a[h][t][u] = sc[u] / den;
+        }
+        /* then the mixing: a head's keys, then its values, stay in L1 for all tokens */
+        for (int t = 0; t < NT; t++) {
             T acc[NA] = {};
             for (int u = 0; u < NT; u++) {
                 T av = S->a[h][t][u];
@@ -681,6 +684,7 @@ template <class T> static void joint_attention(const params_t *P, tile_t<T> *S) 
             }
             for (int i = 0; i < NA; i++) S->mix[t][h * NA + i] = acc[i];
         }
+    }
     for (int t = 0; t < NT; t++)
         for (int d = 0; d < ND; d++) S->z[t][d] = constant(P->ob[d], (const T *)nullptr);
     mv<NO, ND, HA>(P->o, &S->mix[0][0], HA, &S->z[0][0], ND, true); /* NO tokens at a time */
@@ -720,16 +724,17 @@ template <class T, bool FULL> static void joint_attention_backward(const params_
             }
             for (int i = 0; i < NA; i++) S->dv[u][h * NA + i] = acc[i];
         }
-        for (int t = 0; t < NT; t++) { /* the scores' gradient ds (into a), and dq_t */
+        for (int t = 0; t < NT; t++) { /* the scores' gradient ds (into a): the values in L1 */
             T da[NT], dot{};
             token_dots(&S->dmix[t][h * NA], &S->v[0][h * NA], NF * HA, HA, da);
             for (int u = 0; u < NT; u++) dot += a[t][u] * da[u];
+            for (int u = 0; u < NT; u++) a[t][u] = a[t][u] * (da[u] - dot) / root;
+        }
+        for (int t = 0; t < NT; t++) { /* dq_t = sum_u ds[t][u] k_u: the keys in L1 */
             T dq[NA] = {};
             for (int p = 0; p < NO; p++)
                 for (int s = 0; s < NF; s++) {
-                    const int u = p * NF + s;
-                    T ds = a[t][u] * (da[u] - dot) / root;
-                    a[t][u] = ds;
+                    T ds = a[t][p * NF + s];
                     const T *ku = &S->k[p][(s * NH + h) * NA];
                     for (int i = 0; i < NA; i++) dq[i] += ds * ku[i];
                 }

@@ -14,7 +14,9 @@ difference of the warmed-up φ, and of the meta-gradient relative to its largest
 And for the joint attention, the arithmetic rate its warm-up reaches (the products'
 multiply-adds per row and step, :func:`joint_warmup_macs`, times the rows and steps done
 per CPU second) beside one core's rate on a large float32 matrix product (torch, this
-run's threads): what bounds that warm-up (docs/BENCHMARKS.md, ninth round).
+run's threads): what bounds that warm-up (docs/BENCHMARKS.md, ninth round). On a CPU
+with AMX-BF16 tiles the joint variants' warm-up also runs on ``kernel-bf16`` (query and
+key products in bfloat16), with its φ's largest difference from float32's kernel.
 
     python benchmarks/kernel_options.py --threads 1
     python benchmarks/kernel_options.py --threads 1 --quick
@@ -46,6 +48,7 @@ from benchmarks.common import (
 )
 from emerg_stream.ablations import STRUCTURES
 from emerg_stream.meta.evaluate import cold_start
+from emerg_stream.meta.kernel.library import cpu_has_bf16_tiles
 from emerg_stream.meta.rows import Rows
 from emerg_stream.meta.train import TrainConfig, meta_loss, resolve_meta_backend
 from emerg_stream.meta.warmup import WarmupConfig, warm_up
@@ -117,10 +120,12 @@ def warmup_cases(
     items, rows = synthetic_items(n_items, k)
     cfg = WarmupConfig(steps=STEPS, lr=0.1)
     cases: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
+    bf16 = cpu_has_bf16_tiles()
     for name, options in VARIANTS.items():
         model = build(options)
         phi = cold_start(model, items, salt=0, device=device)
-        for backend in BACKENDS:
+        joint = options.get("attention") == "joint"
+        for backend in (*BACKENDS, *(("kernel-bf16",) if joint and bf16 else ())):
 
             def case(
                 m: EmerG = model, p: dict[str, torch.Tensor] = phi, b: str = backend
@@ -205,7 +210,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "of_matmul": rate / gflops,
             }
             for name, c in res["warmup"]["cases"].items()
-            if name.startswith("joint") and name.endswith("kernel")
+            if name.startswith("joint") and name.endswith(("kernel", "kernel-bf16"))
         },
     }
     res["warmup"]["max_phi_diff"] = {
@@ -214,6 +219,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for k in ("adj", "id")
         )
         for v in VARIANTS
+    }
+    res["warmup"]["max_phi_diff_bf16"] = {  # bfloat16 products against float32's
+        v: max(
+            float((outs[f"{v} kernel-bf16"][k] - outs[f"{v} kernel"][k]).abs().max())
+            for k in ("adj", "id")
+        )
+        for v in VARIANTS
+        if f"{v} kernel-bf16" in outs
     }
     n_tasks = 32
     samples, grads = interleaved(
@@ -266,6 +279,12 @@ def markdown(res: dict[str, Any]) -> str:
         + ", ".join(f"{v} {d:.1e}" for v, d in w["max_phi_diff"].items())
         + "\n"
     )
+    if w["max_phi_diff_bf16"]:
+        out.append(
+            "max |φ kernel-bf16 − φ kernel| (AMX bfloat16 query/key products): "
+            + ", ".join(f"{v} {d:.1e}" for v, d in w["max_phi_diff_bf16"].items())
+            + "\n"
+        )
     mt = res["meta"]
     out.append(f"Meta-step: {mt['tasks']} tasks, {mt['rows']} rows, second order\n")
     rows = [

@@ -126,6 +126,31 @@ def test_reproduce_evaluate_explain(synthetic_yaml, tmp_path, capsys):
     assert main(["explain", "--run", str(run), "--item", "i30", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
+    # benchmarks/warmup_precision.py on the run: two backends of one function agree, and
+    # the first backend's table is the run's own
+    precision = _warmup_precision(
+        ["--run", str(run), "--dataset", str(synthetic_yaml), "--backends", "kernel", "autograd"]
+    )
+    assert set(precision["seeds"]) == {"0", "1"}
+    assert precision["seeds"]["0"]["kernel"]["warm_c"]["auc"] == pytest.approx(seed0, abs=1e-6)
+    assert precision["largest_abs_difference"] < 1e-4
+
+
+def _warmup_precision(argv: list[str]) -> dict:
+    """benchmarks/warmup_precision.py's run, the globals it sets given back."""
+    import structlog
+    import torch
+
+    from benchmarks.warmup_precision import run
+
+    threads, config = torch.get_num_threads(), structlog.get_config()
+    try:
+        return run([*argv, "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+        structlog.reset_defaults()
+        structlog.configure(**config)
+
 
 def test_unknown_method_is_a_clear_error(synthetic_yaml, tmp_path, capsys):
     code = main(

@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the whole FM (pairwise and first-order terms): the "+fm" structures of selection
     "emerg-field-fm": ("emerg", STRUCTURES["field+fm"]),
     "emerg-joint-fm": ("emerg", STRUCTURES["joint+fm"]),
+    # a meta-learned initial ID embedding shared by new items (MAML's initialisation)
+    "emerg-joint-fm-id-init": ("emerg", {**STRUCTURES["joint+fm"], "learned_id_init": True}),
     # the pairwise FM term alone (the "+fm" structures until the first-order term won)
     "emerg-field-pairwise": ("emerg", {"attention": "field", "fm": True}),
     "emerg-joint-pairwise": ("emerg", {**_JOINT, "fm": True}),

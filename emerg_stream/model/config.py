@@ -48,6 +48,10 @@ class ModelConfig:
             embedding, docs/RESULTS.md).
         mlp_hidden: Hidden widths of the DeepFM deep part and the MetaE generator.
         id_init_std: Std of the fresh random ID embedding a new item starts with.
+        learned_id_init: EmerG: a new item's ID embedding starts at a meta-learned vector
+            shared by all new items plus that noise (MAML's learned initialisation for
+            φ's ID part; docs/RESULTS.md measures it), instead of the noise around zero.
+            Zero at the start; pretraining leaves it, meta-training learns it.
         embed_init_std: Std of the initial embedding table.
     """
 
@@ -71,6 +75,7 @@ class ModelConfig:
     linear: bool = False
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01
+    learned_id_init: bool = False
     embed_init_std: float = 0.01
 
     def __post_init__(self) -> None:

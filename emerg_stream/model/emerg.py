@@ -50,6 +50,7 @@ class EmerG(ItemModel):
         self.first_order = nn.Linear(f * d, 1, bias=False) if config.linear else None
         if self.first_order is not None:
             nn.init.zeros_(self.first_order.weight)
+        self.id_init = nn.Parameter(torch.zeros(d)) if config.learned_id_init else None
 
     @property
     def noise_dim(self) -> int:
@@ -70,7 +71,8 @@ class EmerG(ItemModel):
             adj = self.shared_graph.expand(n, f, f)
         else:
             adj = noise[:, cfg.dim :].reshape(n, f, f)
-        return {"adj": adj, "id": noise[:, : cfg.dim] * cfg.id_init_std}
+        fresh = noise[:, : cfg.dim] * cfg.id_init_std
+        return {"adj": adj, "id": fresh if self.id_init is None else self.id_init + fresh}
 
     def graphs(self, adj: Tensor) -> Tensor:
         """Refined per-layer graphs ``[I, L, F, F]`` from raw ``[I, F, F]``."""

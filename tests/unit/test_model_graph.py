@@ -349,3 +349,31 @@ def test_a_config_written_before_the_first_order_term_loads_without_it():
     cfg = ModelConfig.from_dict(old)
     assert cfg.linear is False
     assert build_model(cfg).first_order is None
+
+
+def test_a_learned_id_init_shifts_every_new_item_and_meta_training_moves_it():
+    """φ⁰'s ID = the shared vector + the item's fresh noise; it starts at zero (the
+    plain model's φ⁰) and the meta-loss has a gradient to it."""
+    torch.manual_seed(0)
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    plain = build_model(base).double()
+    learned = build_model(ModelConfig.from_dict({**base.to_dict(), "learned_id_init": True}))
+    learned = learned.double()
+    assert plain.id_init is None and learned.id_init is not None
+    learned.load_state_dict({**plain.state_dict(), "id_init": learned.id_init})
+    tokens = torch.randint(1, 30, (6, 5, 1))
+    weights = torch.ones(6, 5, 1, dtype=torch.float64)
+    noise = torch.randn(6, plain.noise_dim, dtype=torch.float64)
+    phi, phi_learned = (
+        plain.cold_params(tokens, weights, noise),
+        learned.cold_params(tokens, weights, noise),
+    )
+    assert torch.equal(phi["id"], phi_learned["id"])  # zero at the start
+    shift = torch.randn(base.dim, dtype=torch.float64)
+    with torch.no_grad():
+        learned.id_init.copy_(shift)
+    moved = learned.cold_params(tokens, weights, noise)
+    assert torch.allclose(moved["id"] - phi["id"], shift.expand(6, -1))
+    learned(tokens, weights, moved).sum().backward()
+    assert learned.id_init.grad is not None and learned.id_init.grad.abs().max() > 0
+    assert any(p is learned.id_init for p in learned.meta_parameters())

@@ -56,6 +56,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "emerg-joint-fm": ("emerg", STRUCTURES["joint+fm"]),
     # a meta-learned initial ID embedding shared by new items (MAML's initialisation)
     "emerg-joint-fm-id-init": ("emerg", {**STRUCTURES["joint+fm"], "learned_id_init": True}),
+    # the authors' generator shape: two hidden layers of width F (9 on both MovieLens sets)
+    "emerg-joint-fm-hyper2": (
+        "emerg",
+        {**STRUCTURES["joint+fm"], "hyper_depth": 2, "hyper_hidden": 9},
+    ),
     # the pairwise FM term alone (the "+fm" structures until the first-order term won)
     "emerg-field-pairwise": ("emerg", {"attention": "field", "fm": True}),
     "emerg-joint-pairwise": ("emerg", {**_JOINT, "fm": True}),

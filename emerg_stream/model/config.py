@@ -26,6 +26,7 @@ class ModelConfig:
         heads: H, attention heads over the orders.
         head_dim: Size of each attention head.
         hyper_hidden: Hidden width of each of the F row-MLPs of the hypernetwork.
+        hyper_depth: Hidden layers of each row-MLP, 1 or 2 (the authors': 2 of width F).
         topk_ratio: Fraction of the F*F graph entries kept by TopK (1.0 = no sparsification).
         use_mask: Keep a pair disconnected at order l-1 disconnected at order l.
         graph_mode: ``hyper`` (generated per item), ``random`` (a fixed random graph per
@@ -65,6 +66,7 @@ class ModelConfig:
     heads: int = 3
     head_dim: int = 16
     hyper_hidden: int = 32
+    hyper_depth: int = 1
     topk_ratio: float = 0.5
     use_mask: bool = True
     graph_mode: GraphMode = "hyper"

@@ -33,7 +33,9 @@ class EmerG(ItemModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         f, d = config.n_fields, config.dim
-        self.generator = GraphGenerator(len(config.side_fields) * d, f, config.hyper_hidden)
+        self.generator = GraphGenerator(
+            len(config.side_fields) * d, f, config.hyper_hidden, config.hyper_depth
+        )
         self.shared_graph = (
             nn.Parameter(torch.randn(f, f) * 0.1) if config.graph_mode == "shared" else None
         )

@@ -86,21 +86,30 @@ def refine(
 class GraphGenerator(nn.Module):
     """Hypernetwork: F small MLPs, one per graph row, run as one batched computation.
 
-    a_r = W2_r · relu(W1_r · z + b1_r) + b2_r, A = stack(a_1..a_F).
+    a_r = W2_r · relu(W1_r · z + b1_r) + b2_r, A = stack(a_1..a_F); with ``depth`` 2 a
+    second hidden layer relu(Wm_r · h + bm_r) sits between (the authors' generator has
+    two hidden layers of width F).
 
     Args:
         in_dim: Size of z (the concatenated item side-feature embeddings).
         n_fields: F.
         hidden: Hidden width of each row-MLP.
+        depth: Hidden layers, 1 or 2.
     """
 
-    def __init__(self, in_dim: int, n_fields: int, hidden: int) -> None:
+    def __init__(self, in_dim: int, n_fields: int, hidden: int, depth: int = 1) -> None:
         super().__init__()
+        if depth not in (1, 2):
+            raise ValueError(f"the hypernetwork has 1 or 2 hidden layers, not {depth}")
         self.w1 = nn.Parameter(torch.empty(n_fields, in_dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(n_fields, hidden))
+        self.wm = nn.Parameter(torch.empty(n_fields, hidden, hidden)) if depth == 2 else None
+        self.bm = nn.Parameter(torch.zeros(n_fields, hidden)) if depth == 2 else None
         self.w2 = nn.Parameter(torch.empty(n_fields, hidden, n_fields))
         self.b2 = nn.Parameter(torch.zeros(n_fields, n_fields))
         nn.init.normal_(self.w1, std=1.0 / math.sqrt(in_dim))
+        if self.wm is not None:
+            nn.init.normal_(self.wm, std=1.0 / math.sqrt(hidden))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(hidden))
 
     def forward(self, z: Tensor) -> Tensor:
@@ -113,4 +122,6 @@ class GraphGenerator(nn.Module):
             ``[B, F, F]``, row r produced by MLP_r.
         """
         h = torch.relu(torch.einsum("bi,rih->brh", z, self.w1) + self.b1)
+        if self.wm is not None and self.bm is not None:
+            h = torch.relu(torch.einsum("brh,rhk->brk", h, self.wm) + self.bm)
         return torch.einsum("brh,rhf->brf", h, self.w2) + self.b2

@@ -128,6 +128,21 @@ def test_generator_rows_are_independent_mlps():
     assert torch.allclose(out[:, r], expect, atol=1e-6)
 
 
+def test_a_two_layer_generator_is_the_written_mlp_per_row():
+    gen = GraphGenerator(in_dim=6, n_fields=4, hidden=5, depth=2)
+    assert gen.wm is not None and gen.bm is not None
+    with torch.no_grad():
+        gen.bm.normal_()
+    z = torch.randn(3, 6)
+    out = gen(z)
+    for r in range(4):
+        h = torch.relu(z @ gen.w1[r] + gen.b1[r])
+        h = torch.relu(h @ gen.wm[r] + gen.bm[r])
+        assert torch.allclose(out[:, r], h @ gen.w2[r] + gen.b2[r], atol=1e-6)
+    with pytest.raises(ValueError, match="1 or 2 hidden layers"):
+        GraphGenerator(in_dim=6, n_fields=4, hidden=5, depth=3)
+
+
 def _attention_as_written(att: OrderAttention, h: torch.Tensor) -> torch.Tensor:
     """DESIGN.md step 5 literally: q, k, v per order and head, softmax, out, mean over orders."""
     b, o, f, _ = h.shape

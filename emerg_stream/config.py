@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from emerg_stream.backends import WarmupBackend
 from emerg_stream.errors import ConfigError
 from emerg_stream.topic_roles import ROLES, TOPIC_ROLES
 
@@ -350,7 +351,7 @@ class WorkerSettings(Settings):
     pending_max_age_ms: int = Field(default=3_600_000, ge=0)
     dedupe_window: int = Field(default=1_000, ge=1)
     inputs: InputSettings = Field(default_factory=InputSettings)
-    warmup_backend: Literal["auto", "autograd", "compile", "kernel", "kernel-bf16"] = "auto"
+    warmup_backend: WarmupBackend = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     auc_window: int = Field(default=10_000, ge=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.backends import WARMUP_BACKENDS
 from emerg_stream.devices import DEVICES
-from emerg_stream.meta.warmup import BACKENDS
 
 HELP = "evaluate a checkpoint on new items: pooled, within- and between-item AUC and F1 per phase"
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup-backend",
         default="auto",
-        choices=BACKENDS,
+        choices=WARMUP_BACKENDS,
         help="where warm-up gradients come from (kernel-bf16: the joint attention's query "
         "and key products in bfloat16 on AMX tiles; default auto)",
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from emerg_stream.backends import WARMUP_BACKENDS
+
 HELP = "Per-phase AUC (pooled, within-, between-item), F1 of the published params (+ prequential)"
 
 
@@ -29,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-missing",
         action="store_true",
         help="score items without published params with local cold-start params",
+    )
+    parser.add_argument(
+        "--warmup-backend",
+        default="auto",
+        choices=WARMUP_BACKENDS,
+        help="--offline: the warm-up backend of the offline protocol (the worker's "
+        "EMERG_WARMUP_BACKEND, for an exact comparison; default auto)",
     )
     parser.add_argument("--bootstrap", default=None, help="bootstrap servers (overrides settings)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per topic read, s")
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         offline=args.offline,
         allow_missing=args.allow_missing,
         timeout_s=args.timeout,
+        warmup_backend=args.warmup_backend,
     )
     print(comparison_table(ev), end="")
     print(

@@ -17,12 +17,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import structlog
 import torch
 from torch import Tensor
 
+from emerg_stream.backends import WARMUP_BACKENDS, WarmupBackend
 from emerg_stream.meta.kernel import EmerGKernel, KernelUnavailableError, emerg_kernel
 from emerg_stream.meta.losses import per_item_mean_loss, row_weights
 from emerg_stream.meta.rows import Rows
@@ -44,8 +45,8 @@ log = structlog.get_logger(__name__)
 #: round; docs/RESULTS.md measures what it changes);
 #: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C++ compiler), else
 #: ``autograd``.
-Backend = Literal["auto", "autograd", "compile", "kernel", "kernel-bf16"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+Backend = WarmupBackend
+BACKENDS: tuple[str, ...] = WARMUP_BACKENDS
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from emerg_stream.meta.evaluate import NewItemData, cold_start, predict, run_pha
 from emerg_stream.meta.metrics import PHASE_METRICS, phase_metrics, roc_auc
 from emerg_stream.meta.reproduce import markdown_table, summarize
 from emerg_stream.meta.rows import ItemSet, Rows, item_set_from, rows_for
+from emerg_stream.meta.warmup import Backend
 from emerg_stream.model.base import Phi
 from emerg_stream.phases import COMMON, OLD, PHASES, WARM_PHASES
 from emerg_stream.serving.ranker import check_params, params_to_phi
@@ -208,9 +209,17 @@ def _new_items(split: Split, spec: FeatureSpec) -> _NewItems:
 
 
 def offline_phases(
-    checkpoint: Checkpoint, split: Split, *, device: torch.device | str = "cpu"
+    checkpoint: Checkpoint,
+    split: Split,
+    *,
+    device: torch.device | str = "cpu",
+    backend: Backend = "auto",
 ) -> Metrics:
-    """The offline protocol (``run_phases``) with the checkpoint's warm-up and salt."""
+    """The offline protocol (``run_phases``) with the checkpoint's warm-up and salt.
+
+    ``backend``: where warm-up gradients come from; the worker's own
+    (``EMERG_WARMUP_BACKEND``) for an exact comparison.
+    """
     spec = FeatureSpec.from_dict(checkpoint.feature_spec)
     new = _new_items(split, spec)
     metrics, _ = run_phases(
@@ -219,6 +228,7 @@ def offline_phases(
         checkpoint.meta.warmup,
         salt=checkpoint.meta.noise_salt,
         device=torch.device(device),
+        backend=backend,
     )
     return metrics
 
@@ -391,6 +401,7 @@ def evaluate_stream(
     allow_missing: bool = False,
     timeout_s: float = 120.0,
     device: torch.device | str = "cpu",
+    warmup_backend: Backend = "auto",
 ) -> StreamEvaluation:
     """Score the held-out test rows with the params the stream published (module docstring).
 
@@ -405,6 +416,8 @@ def evaluate_stream(
             computed cold-start params instead of failing.
         timeout_s: Deadline of each topic read.
         device: Torch device.
+        warmup_backend: The offline protocol's warm-up backend (the worker's, for an
+            exact comparison).
 
     Returns:
         The evaluation.
@@ -449,7 +462,7 @@ def evaluate_stream(
         params_records=published.records,
     )
     if offline:
-        result.offline = offline_phases(checkpoint, split, device=dev)
+        result.offline = offline_phases(checkpoint, split, device=dev, backend=warmup_backend)
     if predictions_topic is not None:
         primary, by_label = _read_predictions(consumer_conf, predictions_topic, timeout_s)
         result.prequential = _groups(by_label.get(primary, {}))

@@ -49,3 +49,14 @@ def test_the_install_holds_no_top_level_package_but_emerg_stream():
     packages = find_namespace_packages(where=str(ROOT), include=find["find"]["include"])
     assert "emerg_stream.jobs" in packages
     assert {p.split(".")[0] for p in packages} == {"emerg_stream"}
+
+
+def test_building_the_parser_does_not_import_torch():
+    """Every job registers its flags without torch (jobs import it inside ``run``), so
+    ``--help`` and the broker-only jobs start in a fraction of a second."""
+    code = "import sys; from emerg_stream.cli import build_parser; build_parser(); "
+    code += "print('torch' in sys.modules)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert res.stdout.strip() == "False"

@@ -5,7 +5,9 @@ it is), evaluated offline with ``run_phases``, then the worker (``emerg-stream w
 in a child process) consumes the replayed log and the stream evaluation scores the
 held-out rows with the published params. Per phase, the stream AUC must be within 0.1
 point of the offline AUC with the same checkpoint and seed. Every registered method
-(EmerG, DeepFM, MetaE) runs the same test (the baselines under ``slow``).
+(EmerG, DeepFM, MetaE) runs the same test (the baselines under ``slow``); EmerG also
+with the worker's warm-up on ``kernel-bf16`` (AMX bfloat16 products) against an offline
+table on that backend, where the CPU has the tiles.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from emerg_stream.demo import read_outcomes, wait_for_group, worker_process
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.checkpoint import load_checkpoint, save_checkpoint
 from emerg_stream.meta.evaluate import PHASES, run_phases
+from emerg_stream.meta.kernel.library import cpu_has_bf16_tiles
 from emerg_stream.meta.pipeline import prepare, train_model
 from emerg_stream.meta.train import TrainConfig
 from emerg_stream.meta.warmup import WarmupConfig
@@ -87,14 +90,28 @@ def trained(
     return ck_dir, offline
 
 
+#: The worker's warm-up backend: the default, and bfloat16 tile products where they run.
+BACKENDS = [
+    "auto",
+    pytest.param(
+        "kernel-bf16",
+        marks=pytest.mark.skipif(not cpu_has_bf16_tiles(), reason="no AMX-BF16 tiles here"),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_reproduces_the_offline_table(
     trained: tuple[Path, dict[str, dict[str, float]]],
+    backend: str,
     data_dir: Path,
     kafka_conf: dict[str, str],
     unique_name: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
     ck_dir, offline = trained
+    if backend != "auto" and load_checkpoint(ck_dir).meta.method != "emerg":
+        pytest.skip("the bfloat16 products are EmerG's joint attention's")
     topics = TopicSettings(
         items=unique_name("items"),
         interactions=unique_name("inter"),
@@ -106,6 +123,7 @@ def test_stream_reproduces_the_offline_table(
     )
     ensure_topics(kafka_conf, load_topic_specs(None, topics))
     env = {f"EMERG_TOPICS__{k.upper()}": v for k, v in topics.names().items()}
+    env["EMERG_WARMUP_BACKEND"] = backend
     group, stats = unique_name("group"), tmp_path / "stats.json"
     ilog = load_dataset("ml-100k", data_dir)
     bootstrap = kafka_conf["bootstrap.servers"]
@@ -131,8 +149,13 @@ def test_stream_reproduces_the_offline_table(
         topics.item_params,
         predictions_topic=topics.predictions,
         timeout_s=120,
+        offline=backend != "auto",  # the offline table on the worker's backend
+        warmup_backend=backend,  # type: ignore[arg-type]
     )
-    ev.offline = offline
+    if backend == "auto":
+        ev.offline = offline
+    assert ev.offline is not None
+    offline = ev.offline
     print(comparison_table(ev))
     print(json.dumps({"coverage": ev.coverage, "prequential": ev.prequential}))
     assert not ev.missing_items

@@ -38,11 +38,11 @@ log = structlog.get_logger(__name__)
 #: process; ~2x autograd on CPU);
 #: ``kernel`` - EmerG's gradient from the compiled CPU kernel (a second or two to build
 #: once per machine and model shape; 3-4x ``compile``, 7-8x autograd on one core);
-#: ``kernel-bf16`` - the kernel with the joint attention's products with its shared maps
-#: (queries, keys, values, output) as bfloat16 tile products with float32 sums (Intel
-#: AMX; float32 models of joint attention whose D and H·a are multiples of 16): the same
-#: function up to bfloat16 rounding of those products' inputs (docs/BENCHMARKS.md, tenth
-#: round; docs/RESULTS.md measures what it changes);
+#: ``kernel-bf16`` - the kernel with the joint attention's query and key products as
+#: bfloat16 tile products with float32 sums (Intel AMX; float32 models of joint attention
+#: whose D and H·a are multiples of 16): the same function up to bfloat16 rounding of
+#: those products' inputs, ~1.5x ``kernel`` (docs/BENCHMARKS.md, tenth round;
+#: docs/RESULTS.md measures what it changes);
 #: ``auto`` - ``kernel`` where it serves (EmerG, CPU, float32/64, a C++ compiler), else
 #: ``autograd``.
 Backend = WarmupBackend

@@ -380,10 +380,11 @@ def emerg_kernel(
         model: The EmerG.
         dtype: ``torch.float32`` or ``torch.float64``.
         device: The CPU.
-        bf16: The joint attention's products with its shared maps (queries, keys,
-            values, output; most of its work) as bfloat16 tile products with float32
-            sums, on Intel AMX (the source's ``MMA`` switch), in warm-up's and the full
-            gradient's passes: joint attention, float32, D and H·a multiples of 16.
+        bf16: The joint attention's query and key products (two thirds of its
+            multiply-adds) as bfloat16 tile products with float32 sums, on Intel AMX
+            (the source's ``MMA`` switch), in the plain passes (φ-gradient and full
+            gradient; the Hessian-vector pass keeps float32): joint attention, float32,
+            D and H·a multiples of 16.
 
     Raises:
         KernelUnavailableError: Not an EmerG, not on the CPU, not float32/float64, an

@@ -5,7 +5,8 @@ It stacks the φ of every item of the batch once (its method's entries, e.g. Eme
 ``adj [I, F, F]`` and ``id [I, D]``; :mod:`emerg_stream.serving.phi`),
 encodes each item's row of item fields once (``[I, F, T]``), and then:
 
-* ``score``: one forward pass over all rows of a round; a row's item fields are copied
+* ``score``: one forward pass over all rows of a round (EmerG's on the warm-up's CPU
+  kernel where that runs, torch's otherwise); a row's item fields are copied
   from its item's encoded row (``tokens[:, :n_item] = item_tokens[slots, :n_item]``), so
   only the user fields are encoded per row;
 * ``update``: one :func:`emerg_stream.meta.warmup.warm_up` call over all crossing items
@@ -30,9 +31,10 @@ from torch import Tensor
 from emerg_stream.features import FeatureSpec, encode_records
 from emerg_stream.io.records import SupportRow
 from emerg_stream.meta.rows import Rows, to_device
-from emerg_stream.meta.warmup import Backend, WarmupConfig, warm_up
+from emerg_stream.meta.warmup import Backend, WarmupConfig, resolve_backend, warm_up
 from emerg_stream.methods import Method
 from emerg_stream.model.base import ItemModel, Phi
+from emerg_stream.model.emerg import EmerG
 from emerg_stream.serving.phi import arrays_to_phi, phi_to_arrays
 from emerg_stream.stream.handler import ItemFeatures, ParamsArrays
 
@@ -173,6 +175,10 @@ class TorchBatchSession:
         self.warmup = warmup
         self.device = device
         self.backend = backend
+        # EmerG scores on the warm-up's kernel where it runs (the forward alone; equal to
+        # the model's forward to float rounding, tests/unit/test_cpu_kernel.py)
+        dtype = next(model.parameters()).dtype
+        self._kernel = resolve_backend(model, backend, dtype, device)[1]
         tokens, weights = columns.encode_items(items)
         self._item_tokens = to_device(tokens, device)
         self._item_weights = to_device(weights, device)
@@ -203,7 +209,18 @@ class TorchBatchSession:
         idx = to_device(torch.from_numpy(np.asarray(slots, dtype=np.int64)), self.device)
         tokens, weights = self._rows(idx, rows)
         with torch.no_grad():
-            logits = self.model(tokens, weights, self.phi, idx)
+            if self._kernel is not None and isinstance(self.model, EmerG):
+                logits = self._kernel.logits(
+                    self.model,
+                    self.model.graphs(self.phi["adj"]),
+                    self.phi["id"],
+                    idx,
+                    tokens=tokens[:, 1:].contiguous(),
+                    token_weights=weights[:, 1:].contiguous(),
+                    table=self.model.embedding.table.weight,
+                )
+            else:
+                logits = self.model(tokens, weights, self.phi, idx)
         out: npt.NDArray[np.float64] = torch.sigmoid(logits).double().cpu().numpy()
         return out
 

@@ -164,6 +164,71 @@ def test_the_kernel_gradient_is_autograd_s_in_float64(cxx_compiler, shape):
     assert k_graphs[n_items - 1].abs().max() == 0 and k_id[n_items - 1].abs().max() == 0
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_the_kernel_logits_are_the_model_s_forward(cxx_compiler, shape, dtype):
+    """The scoring entry (the forward alone), the rows embedded in the kernel from their
+    tokens: the model's logits to 1e-12 in float64 and float32 rounding in float32."""
+    model = _model(dtype, **shape)
+    n_items = 6
+    rows = _rows(model, 37, n_items, seed=1)
+    phi = _phi(model, n_items)
+    with torch.no_grad():
+        want = model(rows.tokens, rows.weights, phi, rows.item)
+    kernel = emerg_kernel(model, dtype, CPU)
+    got = kernel.logits(
+        model,
+        model.graphs(phi["adj"]).detach(),
+        phi["id"],
+        rows.item,
+        tokens=rows.tokens[:, 1:].contiguous(),
+        token_weights=rows.weights[:, 1:].contiguous(),
+        table=model.embedding.table.weight.detach(),
+    )
+    assert got.dtype == dtype and got.shape == want.shape
+    assert want.std() > 0.05  # rows differ: not a comparison of constants
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+def test_the_worker_scores_emerg_on_the_kernel_as_torch_does(cxx_compiler, tmp_path):
+    """A worker's batch session scores EmerG's rows on the warm-up's kernel: the same
+    click probabilities as the model's torch forward (``autograd`` backend), to float32
+    rounding, before and after a warm-up phase."""
+    import worker_world as ww
+
+    from emerg_stream.serving.handler import TorchWarmupHandler
+    from emerg_stream.stream.handler import ItemFeatures
+
+    world = ww.make_world(n_new=3, n_old=1, k=2)
+    ck = ww.build_checkpoint(world, tmp_path / "ck")
+    # numeric values left out (null: the column's mean): the tiny world's near-constant
+    # numeric columns would scale their embeddings by ~1e7 and saturate every score
+    items = [
+        ItemFeatures(r["item_id"], r["categorical"], r["multi"], {})
+        for r in world.items
+        if r["item_id"] in world.new_ids
+    ][:2]
+    rows = [
+        {**r, "numeric": {}, "label": int(r["label"])}
+        for r in world.interactions
+        if r["item_id"] in (items[0].item_id, items[1].item_id)
+    ][:5]
+    slots = np.array([0 if r["item_id"] == items[0].item_id else 1 for r in rows])
+    scores = {}
+    for backend in ("kernel", "autograd"):
+        handler = TorchWarmupHandler.from_checkpoint(ck, "cpu", warmup_backend=backend)
+        cold = handler.cold_start(items)
+        session = handler.open_batch(items, cold, np.zeros(2, dtype=np.bool_))
+        assert (session._kernel is not None) == (backend == "kernel")
+        before = session.score(slots, rows)  # type: ignore[arg-type]
+        session.update(np.array([0, 1]), [rows[:2], rows[2:4]])  # type: ignore[list-item]
+        scores[backend] = (before, session.score(slots, rows))  # type: ignore[arg-type]
+    for got, want in zip(scores["kernel"], scores["autograd"], strict=True):
+        assert np.abs(got - want).max() <= 1e-6
+    assert np.abs(scores["kernel"][1] - scores["kernel"][0]).max() > 1e-4  # warm-up moved them
+
+
 #: The authors' options together, on the ML-1M-like head shape (float32 and whole-phase tests).
 JOINT_OPTIONS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
 OPTION_SETS = [{}, JOINT_OPTIONS, {**JOINT_OPTIONS, "fm": True, "linear": True}]

@@ -873,15 +873,16 @@ template <class T> static void weight_grads(tile_t<T> *S, wgrad_t<T> *G, jgrad_t
         }
 }
 
-template <class T, bool FULL>
-static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
+/* The tile's forward: its logits; c (contributions) and q (per-field predictions) kept
+ * for the backward */
+template <class T> static T tile_logit(const params_t *P, tile_t<T> *S, T *c, T *q) {
     forward(P, S);
 #if JOINT
     joint_attention(P, S);
 #else
     for (int f = 0; f < NF; f++) attention(P, S, f);
 #endif
-    T logit = constant(P->b, (const T *)nullptr), c[NF], q[NF];
+    T logit = constant(P->b, (const T *)nullptr);
     for (int f = 0; f < NF; f++) {
         T z = constant(P->bc[f], (const T *)nullptr), qq{};
         for (int k = 0; k < NF; k++)
@@ -908,6 +909,21 @@ static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
 #if LIN
     for (int f = 0; f < NF; f++)
         for (int d = 0; d < ND; d++) logit += P->wl[f * ND + d] * S->x[f][0][d];
+#endif
+    return logit;
+}
+
+template <class T, bool FULL>
+static void tile(const params_t *P, tile_t<T> *S, wgrad_t<T> *G, jgrad_t *J) {
+    T c[NF], q[NF];
+    T logit = tile_logit(P, S, c, q);
+#if FM
+    T esum[ND]; /* sum_r e_r again, for the FM term's gradient */
+    for (int d = 0; d < ND; d++) {
+        T acc{};
+        for (int f = 0; f < NF; f++) acc += S->x[f][0][d];
+        esum[d] = acc;
+    }
 #endif
     /* BCE with logits: max(z, 0) - z y + log(1 + e^{-|z|}); its derivative sigmoid(z) - y */
     vec lv = value(logit);
@@ -1030,12 +1046,13 @@ static inline void embed_row(const fields_t *F, int64_t row, REAL e[NF - 1][ND])
  * (NULL otherwise). Adds each row's derivative to its item's dgraphs [I][NL][NF][NF] and
  * did [I][ND]; FULL also adds the weights' into dw [N_WEIGHTS] and, with tokens, the
  * table's into dtable. Returns the loss, the sum over rows of inv * BCE (-infinity when
- * out of memory: a loss is never negative, while NaN is a real diverged loss). */
+ * out of memory: a loss is never negative, while NaN is a real diverged loss). With
+ * logits [B] (labels and inv NULL): the forward only, each row's logit written there. */
 template <class T, bool FULL>
 static double run(int64_t nrows, const fields_t *F, const int64_t *item, const REAL *labels,
                   const REAL *inv, const REAL *graphs, const REAL *id, const REAL *t_graphs,
                   const REAL *t_id, const params_t *P, REAL *dgraphs, REAL *did, REAL *dtable,
-                  REAL *dw) {
+                  REAL *dw, REAL *logits = NULL) {
     size_t align = 64;
     size_t tb = (sizeof(tile_t<T>) + align - 1) / align * align;
     size_t gb = FULL ? (sizeof(wgrad_t<T>) + align - 1) / align * align : 0;
@@ -1089,8 +1106,8 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
         for (int t = 0; t < LANES; t++) {
             int live = t < valid;
             it[t] = item[live ? start + t : start];
-            S->lab[t] = live ? labels[start + t] : 0;
-            S->inv[t] = live ? inv[start + t] : 0;
+            S->lab[t] = live && labels ? labels[start + t] : 0;
+            S->inv[t] = live && inv ? inv[start + t] : 0;
             const REAL *ir = id + it[t] * ND, *tir = t_id ? t_id + it[t] * ND : NULL;
             for (int d = 0; d < ND; d++) set_lane(S->x[0][0][d], t, ir[d], tir ? tir[d] : 0);
             REAL e[NF - 1][ND];
@@ -1108,6 +1125,12 @@ static double run(int64_t nrows, const fields_t *F, const int64_t *item, const R
                         int k = (l * NF + r) * NF + s;
                         set_lane(S->g[l][r][s], t, gr[k], tgr ? tgr[k] : 0);
                     }
+        }
+        if (logits != NULL) { /* scoring: the forward only */
+            T c[NF], q[NF];
+            vec lv = value(tile_logit(P, S, c, q));
+            for (int t = 0; t < valid; t++) logits[start + t] = lv[t];
+            continue;
         }
         tile<T, FULL>(P, S, G, J);
         for (int t = 0; t < valid; t++) {
@@ -1208,6 +1231,16 @@ double emerg_hvp(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *la
     fields_t F = {e_rest, tokens, tweights, table, ntok};
     return run<Dual, true>(nrows, &F, item, labels, inv, graphs, id, t_graphs, t_id, &P,
                            dgraphs, did, dtable, dw);
+}
+
+/* the rows' logits (EmerG's forward), no derivative: scoring; returns 0, or -infinity
+ * when out of memory */
+double emerg_logits(int64_t nrows, FIELDS_ARGS, const int64_t *item, const REAL *graphs,
+                    const REAL *id, WEIGHT_ARGS, REAL *logits) {
+    params_t P = PARAMS;
+    fields_t F = {e_rest, tokens, tweights, table, ntok};
+    return run<vec, false>(nrows, &F, item, NULL, NULL, graphs, id, NULL, NULL, &P, NULL, NULL,
+                           NULL, NULL, logits);
 }
 
 int emerg_n_weights(void) { return N_WEIGHTS; }

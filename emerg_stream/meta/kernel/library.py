@@ -128,7 +128,8 @@ class EmerGKernel:
         self._phi = self._lib.emerg_phi_grad
         self._full = self._lib.emerg_full_grad
         self._hvp = self._lib.emerg_hvp
-        for fn in (self._phi, self._full, self._hvp):
+        self._logits = self._lib.emerg_logits
+        for fn in (self._phi, self._full, self._hvp, self._logits):
             fn.restype = ctypes.c_double
         self.n_weights = int(self._lib.emerg_n_weights())
         if bf16 and not self._lib.emerg_mma_ready():
@@ -263,6 +264,36 @@ class EmerGKernel:
         with torch.profiler.record_function("emerg_phi_grad_kernel"):
             loss = self._phi(*head, *self._weight_args(weights), _ptr(d_graphs), _ptr(d_id))
         return _checked(loss), d_graphs, d_id
+
+    def logits(
+        self,
+        model: EmerG,
+        graphs: Tensor,
+        id_emb: Tensor,
+        item: Tensor,
+        weights: KernelWeights | None = None,
+        *,
+        e_rest: Tensor | None = None,
+        tokens: Tensor | None = None,
+        token_weights: Tensor | None = None,
+        table: Tensor | None = None,
+    ) -> Tensor:
+        """EmerG's logits of the rows, the forward alone (scoring), ``[B]``.
+
+        The rows' other fields come from ``e_rest`` (``[B, F-1, D]``) or from their
+        ``tokens`` and ``token_weights`` (``[B, F-1, T]``) and the embedding ``table``.
+        """
+        zeros = torch.zeros(item.shape[0], dtype=self.dtype)
+        rows = KernelRows(item, zeros, zeros, tokens, token_weights)
+        head, _keep = self._args(model, graphs, id_emb, rows, e_rest, table)
+        del head[7:9]  # the entry point reads no labels nor loss weights
+        if weights is None:
+            weights = self.weights(model)
+        out = torch.empty(item.shape[0], dtype=self.dtype)
+        with torch.profiler.record_function("emerg_logits_kernel"):
+            status = self._logits(*head, *self._weight_args(weights), _ptr(out))
+        _checked(status)
+        return out
 
     def full_grad(
         self,

@@ -150,6 +150,8 @@ def read_delimited(
                 quoted_strings_can_be_null=False,
             ),
         )
+    except pa.ArrowCancelled as exc:  # arrow turns SIGINT into this; it is Ctrl-C
+        raise KeyboardInterrupt(str(exc)) from exc
     except pa.ArrowInvalid as exc:
         raise _parse_error(path, exc, bad_rows, names, delimiter, sep) from exc
     except (OSError, UnicodeDecodeError) as exc:

@@ -248,6 +248,8 @@ def _read(
             )
             present = list(reader.schema.names)
             reader.close()
+    except pa.ArrowCancelled as exc:  # Ctrl-C while arrow read: the user's interrupt
+        raise KeyboardInterrupt(str(exc)) from exc
     except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
     missing = [c for c in needed if c not in present]
@@ -267,6 +269,8 @@ def _read(
                 include_columns=needed, column_types=dict.fromkeys(as_text, pa.string())
             ),
         )
+    except pa.ArrowCancelled as exc:  # arrow turns SIGINT into this; it is Ctrl-C
+        raise KeyboardInterrupt(str(exc)) from exc
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
 

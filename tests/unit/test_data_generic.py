@@ -200,3 +200,22 @@ def test_corrupt_csv_row_names_file_and_row(tmp_path) -> None:
         DataError, match=r"clicks\.csv: cannot read: .*Row #5.*Expected 8 columns, got 4"
     ):
         read_generic(write_yaml(tmp_path, base_config("clicks.csv")))
+
+
+def test_ctrl_c_during_an_arrow_read_is_an_interrupt_not_bad_data(tmp_path, monkeypatch) -> None:
+    """arrow turns SIGINT into ArrowCancelled ("received signal 2"); the job must see the
+    user's Ctrl-C (exit 130), not a file it "cannot read" (exit 2)."""
+    import pyarrow.csv as pcsv
+
+    (tmp_path / "clicks.csv").write_text(CSV_TEXT)
+    path = write_yaml(tmp_path, base_config("clicks.csv"))
+
+    def cancelled(*args: Any, **kwargs: Any) -> pa.Table:
+        raise pa.ArrowCancelled("Operation cancelled. Detail: received signal 2")
+
+    monkeypatch.setattr(pcsv, "read_csv", cancelled)
+    with pytest.raises(KeyboardInterrupt, match="received signal 2"):
+        read_generic(path)
+    monkeypatch.setattr(pcsv, "open_csv", cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        read_generic(path)

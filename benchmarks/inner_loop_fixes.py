@@ -316,9 +316,7 @@ def processes_compare(n: int, reps: int, backend: Backend = "auto") -> dict[str,
     a, b = samples["1 process"], samples[f"{cores} processes"]
     return {
         "items": n,
-        "backend": backend
-        if backend == "kernel-bf16"
-        else resolve_backend(model, backend, torch.float32, cpu)[0],
+        "backend": resolve_backend(model, backend, torch.float32, cpu)[0],
         "processes": cores,
         "one": {**a.to_dict(), "items_per_s": rate(n, a.wall_s)},
         "split": {**b.to_dict(), "items_per_s": rate(n, b.wall_s)},

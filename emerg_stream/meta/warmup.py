@@ -164,19 +164,21 @@ def _frozen(model: ItemModel) -> Iterator[None]:
 
 def resolve_backend(
     model: ItemModel, backend: Backend, dtype: torch.dtype, device: torch.device
-) -> tuple[Literal["autograd", "compile", "kernel"], EmerGKernel | None]:
+) -> tuple[Literal["autograd", "compile", "kernel", "kernel-bf16"], EmerGKernel | None]:
     """The backend ``backend`` means for this model, dtype and device, and its kernel.
 
     ``auto`` becomes ``kernel`` where the kernel serves and ``autograd`` otherwise (the
     reason is logged once per process); ``kernel`` and ``kernel-bf16`` raise
-    :class:`KernelUnavailableError` where they do not (both resolve to ``kernel``).
+    :class:`KernelUnavailableError` where they do not.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown warm-up backend {backend!r}; choose one of {BACKENDS}")
     if backend in ("autograd", "compile"):
         return backend, None
     try:
-        return "kernel", emerg_kernel(model, dtype, device, bf16=backend == "kernel-bf16")
+        if backend == "kernel-bf16":
+            return backend, emerg_kernel(model, dtype, device, bf16=True)
+        return "kernel", emerg_kernel(model, dtype, device)
     except KernelUnavailableError as exc:
         if backend != "auto":
             raise

@@ -158,11 +158,14 @@ class EmerGKernel:
         rows: KernelRows,
         e_rest: Tensor | None,
         table: Tensor | None,
+        *,
+        labelled: bool = True,
     ) -> tuple[list[object], list[Tensor]]:
         """The C arguments from ``nrows`` to ``id``, checked; and the tensors they point to.
 
         The rows' other fields come from ``e_rest`` if given, else from ``rows.tokens``
-        and ``table``.
+        and ``table``. ``labelled=False`` leaves out the labels and loss weights (the
+        forward-only entry reads neither).
         """
         b, n_items = rows.item.shape[0], id_emb.shape[0]
         cfg = model.config
@@ -208,8 +211,7 @@ class EmerGKernel:
             ctypes.c_int64(b),
             *fields,
             ptr(rows.item, torch.int64),
-            ptr(rows.labels),
-            ptr(rows.inv_count),
+            *((ptr(rows.labels), ptr(rows.inv_count)) if labelled else ()),
             ptr(graphs),
             ptr(id_emb),
         ]
@@ -285,8 +287,7 @@ class EmerGKernel:
         """
         zeros = torch.zeros(item.shape[0], dtype=self.dtype)
         rows = KernelRows(item, zeros, zeros, tokens, token_weights)
-        head, _keep = self._args(model, graphs, id_emb, rows, e_rest, table)
-        del head[7:9]  # the entry point reads no labels nor loss weights
+        head, _keep = self._args(model, graphs, id_emb, rows, e_rest, table, labelled=False)
         if weights is None:
             weights = self.weights(model)
         out = torch.empty(item.shape[0], dtype=self.dtype)

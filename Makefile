@@ -1,6 +1,7 @@
 # emerg-stream developer commands. `make help` lists them.
-# Every target runs inside ./.venv, created on first use (torch's CPU build first, so pip
-# never pulls a multi-GB CUDA build, then the project with its dev extras).
+# Every target runs inside ./.venv, created on first use (torch 2.13.0 first, pinned so the
+# project's range never resolves to another release, then the project with its dev extras;
+# PyPI's Linux wheel is the CUDA build, several GB, and runs on the CPU without a GPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

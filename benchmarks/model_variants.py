@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,11 +38,13 @@ from emerg_stream.meta.pipeline import (
     EPOCH_WARMUP_GRID,
     SELECTION_HOLDOUT,
     WARMUP_GRID,
+    Prepared,
     prepare,
     select_protocol,
     selection_split,
 )
 from emerg_stream.meta.reproduce import selection_config
+from emerg_stream.meta.rows import ItemSet, Rows
 
 _JOINT = {"attention": "joint"}
 _AUTHORS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
@@ -61,6 +64,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "emerg",
         {**STRUCTURES["joint+fm"], "hyper_depth": 2, "hyper_hidden": 9},
     ),
+    # the authors' predictor: no bias in the contribution gate nor on the logit (their
+    # ReLU before it is a no-op after the joint attention's Σ_o relu(...))
+    "emerg-joint-fm-no-bias": ("emerg", {**STRUCTURES["joint+fm"], "predictor_bias": False}),
+    # three message-passing layers (orders up to 4): the authors' code's gnn_layers;
+    # the paper's setting for MovieLens-1M is two
+    "emerg-joint-fm-3-layers": ("emerg", {**STRUCTURES["joint+fm"], "layers": 3}),
+    # a generator twice as wide (one hidden layer of 64)
+    "emerg-joint-fm-hyper64": ("emerg", {**STRUCTURES["joint+fm"], "hyper_hidden": 64}),
     # the pairwise FM term alone (the "+fm" structures until the first-order term won)
     "emerg-field-pairwise": ("emerg", {"attention": "field", "fm": True}),
     "emerg-joint-pairwise": ("emerg", {**_JOINT, "fm": True}),
@@ -68,6 +79,35 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepfm": ("deepfm", {}),
     "metae": ("metae", {}),
 }
+
+
+def multi_hot_sum(data: Prepared, spec: FeatureSpec) -> Prepared:
+    """``data`` with every multi-valued field's token weights 1 (a sum) instead of 1/m.
+
+    Every kept token's weight is 1/m of its row's m tokens, so setting the non-zero
+    weights to 1 turns the mean into the sum; padding stays 0 and an empty list's OOV
+    token already weighs 1.
+    """
+    multi = [j for j, f in enumerate(spec.fields) if f.kind == "multi"]
+
+    def summed(weights: torch.Tensor) -> torch.Tensor:
+        out = weights.clone()
+        out[:, multi] = (weights[:, multi] != 0).to(weights.dtype)
+        return out
+
+    def rows(r: Rows) -> Rows:
+        return replace(r, weights=summed(r.weights))
+
+    def items(s: ItemSet) -> ItemSet:
+        return replace(s, weights=summed(s.weights))
+
+    new = replace(
+        data.new,
+        items=items(data.new.items),
+        warm={k: rows(v) for k, v in data.new.warm.items()},
+        test=rows(data.new.test),
+    )
+    return replace(data, old_items=items(data.old_items), old_rows=rows(data.old_rows), new=new)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +118,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="emerg-field,emerg-joint,deepfm,metae")
     p.add_argument("--max-pretrain-epochs", type=int, default=None)
     p.add_argument("--max-meta-epochs", type=int, default=None)
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="α, meta-training's weight of the cold-start loss (default: TrainConfig's); "
+        "applied to every variant of the run",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="Adam's weight decay in pretraining and meta-training (default: TrainConfig's, "
+        "0); applied to every variant of the run",
+    )
+    p.add_argument(
+        "--multi-pooling",
+        choices=["mean", "sum"],
+        default="mean",
+        help="a multi-valued field's embedding: the mean of its tokens' (the project's "
+        "encoding) or their sum (the authors' code); applied to every variant of the run",
+    )
     p.add_argument(
         "--holdout",
         choices=["fewest_rows", "random"],
@@ -96,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, pretrain_epochs=args.max_pretrain_epochs)
     if args.max_meta_epochs is not None:
         cfg = replace(cfg, meta_epochs=args.max_meta_epochs)
+    if args.alpha is not None:
+        cfg = replace(cfg, alpha=args.alpha)
+    if args.weight_decay is not None:
+        cfg = replace(cfg, weight_decay=args.weight_decay)
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=1, meta_epochs=1)
     ilog = load_dataset(args.dataset, args.data_dir)
@@ -103,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     val_split = selection_split(split, args.holdout)
     spec = FeatureSpec.fit(val_split.schema, val_split.old)
     val = prepare(val_split, spec)
+    if args.multi_pooling == "sum":
+        val = multi_hot_sum(val, spec)
     grid = WARMUP_GRID[:2] if args.quick else WARMUP_GRID
     epoch_grid = EPOCH_WARMUP_GRID[:2] if args.quick else EPOCH_WARMUP_GRID
     runs: list[dict[str, Any]] = []
@@ -154,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": seeds,
         "max_epochs": [cfg.pretrain_epochs, cfg.meta_epochs],
         "holdout": args.holdout or SELECTION_HOLDOUT,
+        "multi_pooling": args.multi_pooling,
+        "alpha": cfg.alpha,
+        "weight_decay": cfg.weight_decay,
         "machine": machine_info(device),
         "runs": runs,
     }

@@ -55,7 +55,8 @@ class TrainConfig:
         batch_size: Rows per pretraining step.
         pretrain_epochs: Epochs of pretraining.
         pretrain_lr: Adam lr of pretraining.
-        weight_decay: Adam weight decay of pretraining.
+        weight_decay: Adam's weight decay (its L2 form, as the authors') of pretraining
+            and meta-training.
         meta_epochs: Epochs over all tasks of meta-training (0 = no meta-learning).
         meta_lr: Adam lr of meta-training.
         meta_batch: Tasks per meta-step.
@@ -357,7 +358,7 @@ def meta_train(
     tasks = table.tasks()
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.Adam(params, lr=cfg.meta_lr)
+    opt = torch.optim.Adam(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
     dev_items = items.to(device)
     history: list[float] = []
     model.train()

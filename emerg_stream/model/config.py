@@ -47,6 +47,9 @@ class ModelConfig:
             the logit (with ``fm``, the whole factorisation machine; an extension of the
             paper: a per-item and per-user bias that warm-up moves through the ID
             embedding, docs/RESULTS.md).
+        predictor_bias: EmerG's predictor learns its biases (the contribution gate's and
+            the logit's); False is the authors' predictor, which has none (measured in
+            docs/RESULTS.md).
         mlp_hidden: Hidden widths of the DeepFM deep part and the MetaE generator.
         id_init_std: Std of the fresh random ID embedding a new item starts with.
         learned_id_init: EmerG: a new item's ID embedding starts at a meta-learned vector
@@ -75,6 +78,7 @@ class ModelConfig:
     attention: AttentionMode = "joint"
     fm: bool = False
     linear: bool = False
+    predictor_bias: bool = True
     mlp_hidden: tuple[int, ...] = (64, 32)
     id_init_std: float = 0.01
     learned_id_init: bool = False

@@ -47,7 +47,7 @@ class EmerG(ItemModel):
             if config.attention == "field"
             else JointAttention(f, d, config.heads, config.head_dim)
         )
-        self.predictor = Predictor(f, d)
+        self.predictor = Predictor(f, d, bias=config.predictor_bias)
         # zero at the start: the model begins as the paper's and pretraining learns it
         self.first_order = nn.Linear(f * d, 1, bias=False) if config.linear else None
         if self.first_order is not None:

@@ -214,18 +214,31 @@ def fm_term(e: Tensor) -> Tensor:
 class Predictor(nn.Module):
     """Contribution-weighted prediction.
 
-    c = sigmoid(W_c · concat(ĥ_1..ĥ_F)) ∈ R^F;  logit = Σ_r c_r · wᵀ ĥ_r + b.
+    c = sigmoid(W_c · concat(ĥ_1..ĥ_F) + b_c) ∈ R^F;  logit = Σ_r c_r · wᵀ ĥ_r + b.
 
     Args:
         n_fields: F.
         dim: d.
+        bias: Learn b_c and b; without them (the authors' predictor) both are fixed
+            zeros (buffers, so the kernel reads the same argument list either way).
     """
 
-    def __init__(self, n_fields: int, dim: int) -> None:
+    def __init__(self, n_fields: int, dim: int, *, bias: bool = True) -> None:
         super().__init__()
-        self.contrib = nn.Linear(n_fields * dim, n_fields)
+        self.contrib = nn.Linear(n_fields * dim, n_fields, bias=bias)
         self.w = nn.Linear(dim, 1, bias=False)
-        self.b = nn.Parameter(torch.zeros(()))
+        self.b: Tensor
+        if bias:
+            self.b = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("b", torch.zeros(()))
+            self.register_buffer("contrib_bias", torch.zeros(n_fields))
+
+    @property
+    def contrib_bias_or_zero(self) -> Tensor:
+        """b_c, or the fixed zeros of a predictor without bias."""
+        bias = self.contrib.bias
+        return bias if bias is not None else self.contrib_bias
 
     def forward(self, h: Tensor) -> Tensor:
         """``[B, F, D] -> [B]`` logits (the sigmoid is left to the loss)."""

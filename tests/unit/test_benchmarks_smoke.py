@@ -133,3 +133,43 @@ def test_model_variants_smallest(capsys):
     for r in res["runs"]:
         assert set(r["metrics"]) == {"cold", "warm_a", "warm_b", "warm_c"}
         assert 0.0 < r["metrics"]["warm_a"]["auc"] < 1.0
+
+
+def test_multi_hot_sum_turns_every_multi_field_mean_into_a_sum_and_nothing_else():
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from benchmarks.model_variants import multi_hot_sum
+    from emerg_stream.meta.evaluate import NewItemData
+    from emerg_stream.meta.pipeline import Prepared
+    from emerg_stream.meta.rows import ItemSet, Rows
+
+    kinds = ["categorical", "multi", "numeric"]
+    spec = SimpleNamespace(fields=[SimpleNamespace(kind=k) for k in kinds])
+    # row 0: 3 of 4 slots kept (1/3 each); row 1: an empty list's OOV token (weight 1)
+    w = torch.zeros(2, 3, 4)
+    w[:, 0, 0] = 1.0
+    w[0, 1, :3] = 1 / 3
+    w[1, 1, 0] = 1.0
+    w[:, 2, 0] = torch.tensor([0.25, -1.5])  # a numeric field's normalised value
+    tokens = torch.ones(2, 3, 4, dtype=torch.long)
+
+    def rows() -> Rows:
+        return Rows(tokens, w.clone(), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+    items = ItemSet(["a", "b"], tokens, w.clone())
+    data = Prepared(items, rows(), np.zeros(2), NewItemData(items, {"warm_a": rows()}, rows()))
+    out = multi_hot_sum(data, spec)
+    want = w.clone()
+    want[0, 1, :3] = 1.0
+    for got in (
+        out.old_rows.weights,
+        out.old_items.weights,
+        out.new.items.weights,
+        out.new.warm["warm_a"].weights,
+        out.new.test.weights,
+    ):
+        assert torch.equal(got, want)
+    assert torch.equal(data.old_rows.weights, w)  # the input is left as it was

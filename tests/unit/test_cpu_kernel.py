@@ -602,6 +602,7 @@ def _meta_grads(model, batch, cfg, kernel):
         (dict(), "random", {}),
         (dict(), "hyper", OPTION_SETS[2]),
         (dict(second_order=False), "hyper", OPTION_SETS[2]),
+        (dict(), "hyper", {**OPTION_SETS[2], "predictor_bias": False}),
     ],
     ids=[
         "second-order",
@@ -611,6 +612,7 @@ def _meta_grads(model, batch, cfg, kernel):
         "random-graph",
         "second-order-joint-options",
         "first-order-joint-options",
+        "second-order-predictor-without-bias",
     ],
 )
 def test_the_kernel_meta_gradient_is_autograd_s(cxx_compiler, variant, graph_mode, options):

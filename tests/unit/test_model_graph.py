@@ -392,3 +392,37 @@ def test_a_learned_id_init_shifts_every_new_item_and_meta_training_moves_it():
     learned(tokens, weights, moved).sum().backward()
     assert learned.id_init.grad is not None and learned.id_init.grad.abs().max() > 0
     assert any(p is learned.id_init for p in learned.meta_parameters())
+
+
+def test_a_predictor_without_bias_learns_none_and_is_the_biased_one_at_zero_bias():
+    torch.manual_seed(0)
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    biased = build_model(base).double()
+    plain = build_model(ModelConfig.from_dict({**base.to_dict(), "predictor_bias": False}))
+    plain = plain.double()
+    names = {n for n, _ in plain.named_parameters()}
+    assert "predictor.b" not in names and "predictor.contrib.bias" not in names
+    assert {n for n, _ in biased.named_parameters()} - names == {
+        "predictor.b",
+        "predictor.contrib.bias",
+    }
+    with torch.no_grad():
+        biased.predictor.b.fill_(0.7)
+        biased.predictor.contrib.bias.uniform_(-1.0, 1.0)
+    state = {k: v for k, v in biased.state_dict().items() if not k.startswith("predictor.")}
+    plain.load_state_dict({**plain.state_dict(), **state})
+    with torch.no_grad():
+        plain.predictor.contrib.weight.copy_(biased.predictor.contrib.weight)
+        plain.predictor.w.weight.copy_(biased.predictor.w.weight)
+    tokens = torch.randint(1, 30, (6, 5, 1))
+    weights = torch.ones(6, 5, 1, dtype=torch.float64)
+    phi = plain.cold_params(tokens, weights, torch.randn(6, plain.noise_dim).double())
+    h = plain.attention(plain.orders(tokens, weights, phi))
+    c = torch.sigmoid(h.flatten(1) @ plain.predictor.contrib.weight.T)  # no b_c, no b
+    expect = (c * (h @ plain.predictor.w.weight[0])).sum(1)
+    assert torch.allclose(plain.predictor(h), expect)
+    assert not torch.allclose(biased.predictor(h), expect)
+    with torch.no_grad():
+        biased.predictor.b.zero_()
+        biased.predictor.contrib.bias.zero_()
+    assert torch.allclose(biased.predictor(h), expect)

@@ -78,7 +78,7 @@ def weight_tensors(model: EmerG) -> list[Tensor]:
         *maps,
         attention.out.bias,
         model.predictor.contrib.weight,
-        model.predictor.contrib.bias,
+        model.predictor.contrib_bias_or_zero,
         model.predictor.w.weight[0],
         *([model.first_order.weight[0]] if model.first_order is not None else []),
         model.predictor.b,

@@ -67,6 +67,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the authors' predictor: no bias in the contribution gate nor on the logit (their
     # ReLU before it is a no-op after the joint attention's Σ_o relu(...))
     "emerg-joint-fm-no-bias": ("emerg", {**STRUCTURES["joint+fm"], "predictor_bias": False}),
+    # the authors' graphs: the raw generated graph at every layer, no min-max, TopK or
+    # powers (their refinement is commented out in model/gnn.py)
+    "emerg-joint-fm-raw-graph": ("emerg", {**STRUCTURES["joint+fm"], "refine_graph": False}),
     # three message-passing layers (orders up to 4): the authors' code's gnn_layers;
     # the paper's setting for MovieLens-1M is two
     "emerg-joint-fm-3-layers": ("emerg", {**STRUCTURES["joint+fm"], "layers": 3}),

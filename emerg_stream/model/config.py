@@ -29,6 +29,11 @@ class ModelConfig:
         hyper_depth: Hidden layers of each row-MLP, 1 or 2 (the authors': 2 of width F).
         topk_ratio: Fraction of the F*F graph entries kept by TopK (1.0 = no sparsification).
         use_mask: Keep a pair disconnected at order l-1 disconnected at order l.
+        refine_graph: Derive each layer's graph from the raw one as the paper does
+            (min-max scaling, TopK, symmetrised powers); False is the authors' code, which
+            feeds the raw generated graph to every layer (their refinement is commented
+            out), so warm-up's gradient reaches it undamped (measured in
+            docs/RESULTS.md).
         graph_mode: ``hyper`` (generated per item), ``random`` (a fixed random graph per
             item) or ``shared`` (one learned graph for all items).
         activation: Activation of the message passing (all three are positively
@@ -72,6 +77,7 @@ class ModelConfig:
     hyper_depth: int = 1
     topk_ratio: float = 0.5
     use_mask: bool = True
+    refine_graph: bool = True
     graph_mode: GraphMode = "hyper"
     activation: Activation = "relu"
     activate_last: bool = True

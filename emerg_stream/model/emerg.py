@@ -77,8 +77,13 @@ class EmerG(ItemModel):
         return {"adj": adj, "id": fresh if self.id_init is None else self.id_init + fresh}
 
     def graphs(self, adj: Tensor) -> Tensor:
-        """Refined per-layer graphs ``[I, L, F, F]`` from raw ``[I, F, F]``."""
+        """Refined per-layer graphs ``[I, L, F, F]`` from raw ``[I, F, F]``.
+
+        Without ``refine_graph`` (the authors' code) every layer reads the raw graph.
+        """
         cfg = self.config
+        if not cfg.refine_graph:
+            return adj.unsqueeze(1).repeat(1, cfg.layers, 1, 1)
         return refine(
             adj, cfg.layers, cfg.topk, use_mask=cfg.use_mask, sparsify=cfg.topk_ratio < 1.0
         )

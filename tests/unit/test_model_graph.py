@@ -426,3 +426,20 @@ def test_a_predictor_without_bias_learns_none_and_is_the_biased_one_at_zero_bias
         biased.predictor.b.zero_()
         biased.predictor.contrib.bias.zero_()
     assert torch.allclose(biased.predictor(h), expect)
+
+
+def test_without_refinement_every_layer_reads_the_raw_graph():
+    torch.manual_seed(0)
+    base = ModelConfig(kind="emerg", n_fields=5, n_item_fields=2, side_fields=(1,), vocab_size=30)
+    raw_cfg = ModelConfig.from_dict({**base.to_dict(), "refine_graph": False})
+    model = build_model(raw_cfg).double()
+    adj = torch.randn(3, 5, 5, dtype=torch.float64)
+    graphs = model.graphs(adj)
+    assert graphs.shape == (3, base.layers, 5, 5)
+    for layer in range(base.layers):
+        assert torch.equal(graphs[:, layer], adj)  # negative entries too: nothing scaled
+    refined = build_model(base).double().graphs(adj)
+    assert not torch.allclose(refined, graphs)
+    assert ModelConfig.from_dict(
+        {k: v for k, v in base.to_dict().items() if k != "refine_graph"}
+    ).refine_graph

@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         "applied to every variant of the run",
     )
     p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per pretraining step (default: TrainConfig's); applied to every variant",
+    )
+    p.add_argument(
         "--weight-decay",
         type=float,
         default=None,
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, alpha=args.alpha)
     if args.weight_decay is not None:
         cfg = replace(cfg, weight_decay=args.weight_decay)
+    if args.batch_size is not None:
+        cfg = replace(cfg, batch_size=args.batch_size)
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=1, meta_epochs=1)
     ilog = load_dataset(args.dataset, args.data_dir)
@@ -227,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "multi_pooling": args.multi_pooling,
         "alpha": cfg.alpha,
         "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
         "machine": machine_info(device),
         "runs": runs,
     }

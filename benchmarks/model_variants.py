@@ -9,18 +9,21 @@ each method's best warm-up of ``EPOCH_WARMUP_GRID``, then the warm-up from
 pooled, within-item and between-item AUC per phase. The real new items' test rows are
 never read, so a variant can be chosen from this table without touching them.
 
-    python benchmarks/model_variants.py --dataset ml-100k --seeds 0,1,2 \
-        --variants emerg,emerg-joint,deepfm,metae
+    python benchmarks/model_variants.py --dataset ml-100k --seeds 0,1 --processes 2 \
+        --variants emerg-joint-fm,deepfm,metae
 
 Variants (``--variants``): see :data:`VARIANTS`; every method gets the same grid, epochs
-and selection.
+and selection. ``--alpha``, ``--weight-decay``, ``--batch-size`` and ``--multi-pooling``
+change the training or the data of every variant of the run. ``--processes 2`` runs the
+(seed, variant) units on two worker processes of one thread each (on 2 cores, about half
+the time of one process; each unit's result is the one it gives alone).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from emerg_stream.ablations import STRUCTURES
 from emerg_stream.data import load_dataset, split_log
 from emerg_stream.features import FeatureSpec
 from emerg_stream.meta.evaluate import PHASES
+from emerg_stream.meta.parallel import run_units
 from emerg_stream.meta.pipeline import (
     EPOCH_WARMUP_GRID,
     SELECTION_HOLDOUT,
@@ -45,6 +49,9 @@ from emerg_stream.meta.pipeline import (
 )
 from emerg_stream.meta.reproduce import selection_config
 from emerg_stream.meta.rows import ItemSet, Rows
+from emerg_stream.meta.train import TrainConfig
+from emerg_stream.meta.warmup import WarmupConfig
+from emerg_stream.threads import configure_threads, threads_per_process
 
 _JOINT = {"attention": "joint"}
 _AUTHORS = {"attention": "joint", "activation": "leaky_relu", "activate_last": False}
@@ -82,6 +89,47 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepfm": ("deepfm", {}),
     "metae": ("metae", {}),
 }
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every (seed, variant) unit reads: the selection split and the grids."""
+
+    spec: FeatureSpec
+    val: Prepared
+    cfg: TrainConfig
+    grid: tuple[WarmupConfig, ...]
+    epoch_grid: tuple[WarmupConfig, ...]
+    device: torch.device
+
+
+def _select_variant(shared: _Shared, unit: tuple[int, str]) -> dict[str, Any]:
+    """Selection of one variant with one seed, as ``reproduce`` runs it."""
+    seed, name = unit
+    method, overrides = VARIANTS[name]
+    t0 = time.perf_counter()
+    protocol = select_protocol(
+        method,
+        shared.spec,
+        shared.val,
+        replace(shared.cfg, seed=seed),
+        device=shared.device,
+        progress=False,
+        model_overrides=overrides,
+        grid=shared.grid,
+        epoch_grid=shared.epoch_grid,
+    )
+    seconds = round(time.perf_counter() - t0, 1)
+    print(f"{name} seed {seed}: {seconds} s", file=sys.stderr, flush=True)
+    return {
+        "variant": name,
+        "seed": seed,
+        "pretrain_epochs": protocol.pretrain_epochs,
+        "meta_epochs": protocol.meta_epochs,
+        "warmup": protocol.to_dict()["warmup"],
+        "metrics": protocol.validation["metrics"],
+        "seconds": seconds,
+    }
 
 
 def multi_hot_sum(data: Prepared, spec: FeatureSpec) -> Prepared:
@@ -149,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         "encoding) or their sum (the authors' code); applied to every variant of the run",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the (seed, variant) units in this many worker processes, the --threads "
+        "budget split between them (emerg_stream/meta/parallel.py); 1 = in this process",
+    )
+    p.add_argument(
         "--holdout",
         choices=["fewest_rows", "random"],
         default=None,
@@ -183,34 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         val = multi_hot_sum(val, spec)
     grid = WARMUP_GRID[:2] if args.quick else WARMUP_GRID
     epoch_grid = EPOCH_WARMUP_GRID[:2] if args.quick else EPOCH_WARMUP_GRID
-    runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        for name in names:
-            method, overrides = VARIANTS[name]
-            t0 = time.perf_counter()
-            protocol = select_protocol(
-                method,
-                spec,
-                val,
-                replace(cfg, seed=seed),
-                device=device,
-                progress=False,
-                model_overrides=overrides,
-                grid=grid,
-                epoch_grid=epoch_grid,
-            )
-            runs.append(
-                {
-                    "variant": name,
-                    "seed": seed,
-                    "pretrain_epochs": protocol.pretrain_epochs,
-                    "meta_epochs": protocol.meta_epochs,
-                    "warmup": protocol.to_dict()["warmup"],
-                    "metrics": protocol.validation["metrics"],
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
-            )
-            print(f"{name} seed {seed}: {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
+    shared = _Shared(spec, val, cfg, grid, epoch_grid, device)
+    units = [(seed, name) for seed in seeds for name in names]
+    budget = configure_threads(args.threads or None, processes=args.processes)
+    threads = threads_per_process(budget, args.processes)
+    runs = run_units(_select_variant, shared, units, processes=args.processes, threads=threads)
     rows = []
     for name in names:
         mine = [r for r in runs if r["variant"] == name]

@@ -135,6 +135,33 @@ def test_model_variants_smallest(capsys):
         assert 0.0 < r["metrics"]["warm_a"]["auc"] < 1.0
 
 
+def test_model_variants_in_two_processes_give_the_units_of_one(capsys):
+    from benchmarks import capability, model_variants
+
+    args = [
+        *CPU,
+        "--quick",
+        "--dataset",
+        f"synthetic-pairs:{capability.QUICK_PARAMS}",
+        "--variants",
+        "emerg-joint,deepfm",
+        "--seeds",
+        "0,1",
+    ]
+    model_variants.main(args)
+    alone = last_json(capsys.readouterr().out)["runs"]
+    model_variants.main([*args, "--processes", "2"])
+    pooled = last_json(capsys.readouterr().out)["runs"]
+    assert [(r["seed"], r["variant"]) for r in pooled] == [
+        (0, "emerg-joint"),
+        (0, "deepfm"),
+        (1, "emerg-joint"),
+        (1, "deepfm"),
+    ]
+    for a, b in zip(alone, pooled, strict=True):
+        assert a["metrics"] == b["metrics"]
+
+
 def test_multi_hot_sum_turns_every_multi_field_mean_into_a_sum_and_nothing_else():
     from types import SimpleNamespace
 

@@ -216,17 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    cfg = selection_config()
-    if args.max_pretrain_epochs is not None:
-        cfg = replace(cfg, pretrain_epochs=args.max_pretrain_epochs)
-    if args.max_meta_epochs is not None:
-        cfg = replace(cfg, meta_epochs=args.max_meta_epochs)
-    if args.alpha is not None:
-        cfg = replace(cfg, alpha=args.alpha)
-    if args.weight_decay is not None:
-        cfg = replace(cfg, weight_decay=args.weight_decay)
-    if args.batch_size is not None:
-        cfg = replace(cfg, batch_size=args.batch_size)
+    given = {
+        "pretrain_epochs": args.max_pretrain_epochs,
+        "meta_epochs": args.max_meta_epochs,
+        "alpha": args.alpha,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+    }
+    cfg = selection_config(**{k: v for k, v in given.items() if v is not None})
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=1, meta_epochs=1)
     ilog = load_dataset(args.dataset, args.data_dir)

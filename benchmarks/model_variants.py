@@ -13,10 +13,11 @@ never read, so a variant can be chosen from this table without touching them.
         --variants emerg-joint-fm,deepfm,metae
 
 Variants (``--variants``): see :data:`VARIANTS`; every method gets the same grid, epochs
-and selection. ``--alpha``, ``--weight-decay``, ``--batch-size`` and ``--multi-pooling``
-change the training or the data of every variant of the run. ``--processes 2`` runs the
-(seed, variant) units on two worker processes of one thread each (on 2 cores, about half
-the time of one process; each unit's result is the one it gives alone).
+and selection. ``--alpha``, ``--inner-lr``, ``--weight-decay``, ``--batch-size`` and
+``--multi-pooling`` change the training or the data of every variant of the run.
+``--processes 2`` runs the (seed, variant) units on two worker processes of one thread
+each (on 2 cores, about half the time of one process; each unit's result is the one it
+gives alone).
 """
 
 from __future__ import annotations
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         help="rows per pretraining step (default: TrainConfig's); applied to every variant",
     )
     p.add_argument(
+        "--inner-lr",
+        type=float,
+        default=None,
+        help="β, meta-training's inner step on φ (default: TrainConfig's); every variant",
+    )
+    p.add_argument(
         "--weight-decay",
         type=float,
         default=None,
@@ -220,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "pretrain_epochs": args.max_pretrain_epochs,
         "meta_epochs": args.max_meta_epochs,
         "alpha": args.alpha,
+        "inner_lr": args.inner_lr,
         "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
     }
@@ -263,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "holdout": args.holdout or SELECTION_HOLDOUT,
         "multi_pooling": args.multi_pooling,
         "alpha": cfg.alpha,
+        "inner_lr": cfg.inner_lr,
         "weight_decay": cfg.weight_decay,
         "batch_size": cfg.batch_size,
         "machine": machine_info(device),

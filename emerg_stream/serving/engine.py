@@ -178,7 +178,13 @@ class TorchBatchSession:
         # EmerG scores on the warm-up's kernel where it runs (the forward alone; equal to
         # the model's forward to float rounding, tests/unit/test_cpu_kernel.py)
         dtype = next(model.parameters()).dtype
-        self._kernel = resolve_backend(model, backend, dtype, device)[1]
+        kernel = resolve_backend(model, backend, dtype, device)[1]
+        # the shared parameters as the kernel reads them: fixed for the session
+        self._kernel = (
+            (kernel, kernel.weights(model))
+            if kernel is not None and isinstance(model, EmerG)
+            else None
+        )
         tokens, weights = columns.encode_items(items)
         self._item_tokens = to_device(tokens, device)
         self._item_weights = to_device(weights, device)
@@ -210,11 +216,13 @@ class TorchBatchSession:
         tokens, weights = self._rows(idx, rows)
         with torch.no_grad():
             if self._kernel is not None and isinstance(self.model, EmerG):
-                logits = self._kernel.logits(
+                kernel, kernel_weights = self._kernel
+                logits = kernel.logits(
                     self.model,
                     self.model.graphs(self.phi["adj"]),
                     self.phi["id"],
                     idx,
+                    kernel_weights,
                     tokens=tokens[:, 1:].contiguous(),
                     token_weights=weights[:, 1:].contiguous(),
                     table=self.model.embedding.table.weight,

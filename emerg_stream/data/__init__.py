@@ -11,7 +11,11 @@ from emerg_stream.data.log import (
     schema_from_dict,
     schema_to_dict,
 )
-from emerg_stream.data.movielens import read_movielens_1m, read_movielens_100k
+from emerg_stream.data.movielens import (
+    read_movielens_1m,
+    read_movielens_1m_untimed,
+    read_movielens_100k,
+)
 from emerg_stream.data.split import (
     PARTS,
     Split,
@@ -38,6 +42,7 @@ __all__ = [
     "load_dataset_config",
     "read_generic",
     "read_movielens_1m",
+    "read_movielens_1m_untimed",
     "read_movielens_100k",
     "read_split",
     "read_taobao",

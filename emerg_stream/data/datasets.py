@@ -8,7 +8,12 @@ from pathlib import Path
 
 from emerg_stream.data.generic import read_generic
 from emerg_stream.data.log import InteractionLog
-from emerg_stream.data.movielens import read_movielens_1m, read_movielens_100k
+from emerg_stream.data.movielens import (
+    ML1M_UNTIMED_RATINGS,
+    read_movielens_1m,
+    read_movielens_1m_untimed,
+    read_movielens_100k,
+)
 from emerg_stream.data.synthetic import NAME as SYNTHETIC
 from emerg_stream.data.synthetic import generate, parse_name
 from emerg_stream.data.taobao import read_taobao
@@ -23,11 +28,11 @@ class Preset:
     """A named dataset: which reader, which folder (under the data dir), N and K.
 
     Args:
-        reader: ``ml-100k``, ``ml-1m`` or ``taobao``.
+        reader: ``ml-100k``, ``ml-1m``, ``ml-1m-untimed`` or ``taobao``.
         folder: Folder name under the data directory.
         n: The split's N.
         k: The split's K.
-        ratings_file: For ``ml-1m``: the ratings file inside the folder.
+        ratings_file: For the ``ml-1m`` readers: the ratings file inside the folder.
     """
 
     reader: str
@@ -41,6 +46,9 @@ PRESETS: dict[str, Preset] = {
     "ml-100k": Preset("ml-100k", "ml-100k", n=100, k=10),
     "ml-1m": Preset("ml-1m", "ml-1m", n=200, k=20, ratings_file="ratings.dat"),
     "ml-1m-u2999": Preset("ml-1m", "ml-1m", n=200, k=20, ratings_file="ratings_users0001-2999.dat"),
+    # All 6,040 users, but no timestamps: a seeded order stands in for time (see
+    # read_movielens_1m_untimed), so it is not the paper's protocol.
+    "ml-1m-all": Preset("ml-1m-untimed", "ml-1m", n=200, k=20, ratings_file=ML1M_UNTIMED_RATINGS),
     "taobao": Preset("taobao", "taobao-ad", n=2000, k=500),
 }
 
@@ -83,7 +91,8 @@ def load_dataset(name_or_yaml: str, data_dir: str | Path | None = None) -> Inter
     """Load a preset by name, or a user's dataset from its YAML description.
 
     Args:
-        name_or_yaml: A preset name (``ml-100k``, ``ml-1m``, ``ml-1m-u2999``, ``taobao``),
+        name_or_yaml: A preset name (``ml-100k``, ``ml-1m``, ``ml-1m-u2999``,
+            ``ml-1m-all``, ``taobao``),
             the generated log ``synthetic-pairs`` (optionally with parameters,
             ``synthetic-pairs:seed=1,new_items=600``; see
             :mod:`emerg_stream.data.synthetic`) or the path of a dataset YAML
@@ -115,6 +124,10 @@ def load_dataset(name_or_yaml: str, data_dir: str | Path | None = None) -> Inter
         return read_movielens_100k(folder, n=preset.n, k=preset.k, name=name_or_yaml)
     if preset.reader == "ml-1m":
         return read_movielens_1m(
+            folder, ratings_file=preset.ratings_file, n=preset.n, k=preset.k, name=name_or_yaml
+        )
+    if preset.reader == "ml-1m-untimed":
+        return read_movielens_1m_untimed(
             folder, ratings_file=preset.ratings_file, n=preset.n, k=preset.k, name=name_or_yaml
         )
     return read_taobao(folder, n=preset.n, k=preset.k, name=name_or_yaml)

@@ -41,11 +41,19 @@ from emerg_stream.data._files import (
     take_rows,
 )
 from emerg_stream.data.log import ColumnSpec, InteractionLog, LogSchema
+from emerg_stream.errors import DataError
 
 log = structlog.get_logger(__name__)
 
 #: sha256 of the official MovieLens-1M ``ratings.dat`` (1,000,209 lines).
 ML1M_RATINGS_SHA256 = "506d64ca44484487c11dc2d9a28de5c54948213e6b96285e298afe28d6ea4e0f"
+
+#: The untimed copy of all MovieLens-1M ratings, inside the ``ml-1m`` folder
+#: (``ml-1m-all``; its PROVENANCE.md says where it comes from).
+ML1M_UNTIMED_RATINGS = "supplementary/ratings_all_no_timestamp.csv"
+
+#: Seed of the random order that stands in for time in the untimed ratings.
+UNTIMED_ORDER_SEED = 0
 
 #: The 19 genre flags of ``u.item``, in file order (``u.genre``).
 ML100K_GENRES = (
@@ -198,39 +206,13 @@ def read_movielens_1m(
     """
     folder = Path(folder)
     ratings_p = require_file(folder / ratings_file, _HINT)
-    movies_p = require_file(folder / "movies.dat", _HINT)
-    users_p = require_file(folder / "users.dat", _HINT)
-
     ratings = read_delimited(
         ratings_p,
         ["user", "item", "rating", "ts"],
         {"user": _I64, "item": _I64, "rating": _I64, "ts": _I64},
         delimiter="::",
     )
-    movies = read_delimited(
-        movies_p, ["id", "title", "genres"], {"id": _I64}, delimiter="::", encoding="latin-1"
-    )
-    users = read_delimited(
-        users_p,
-        ["id", "gender", "age", "occupation", "zip"],
-        {"id": _I64, "age": _I64, "occupation": _I64},
-        delimiter="::",
-    )
-
-    check_unique(movies.column("id").to_numpy(), path=movies_p, column="movie id")
-    genres = _drop_empty(pc.split_pattern(movies.column("genres").combine_chunks(), "|"))
-    item_table = _item_table(movies.column("id"), movies.column("title").combine_chunks(), genres)
-
-    check_unique(users.column("id").to_numpy(), path=users_p, column="user id")
-    user_table = pa.table(
-        {
-            "user_id": int_ids_to_str(users.column("id")),
-            "gender": users.column("gender").combine_chunks(),
-            "age": pc.cast(users.column("age").combine_chunks(), pa.string()),
-            "occupation": pc.cast(users.column("occupation").combine_chunks(), pa.string()),
-            "zip": users.column("zip").combine_chunks(),
-        }
-    )
+    item_table, user_table, movies_p, users_p = _ml1m_items_and_users(folder)
     out = _assemble(
         name, ratings, ratings_p, item_table, user_table, (ratings_p, movies_p, users_p), n=n, k=k
     )
@@ -245,6 +227,103 @@ def read_movielens_1m(
                 rows=out.table.num_rows,
             )
     return out
+
+
+def read_movielens_1m_untimed(
+    folder: str | Path,
+    *,
+    ratings_file: str = ML1M_UNTIMED_RATINGS,
+    n: int = 200,
+    k: int = 20,
+    name: str = "ml-1m-all",
+    order_seed: int = UNTIMED_ORDER_SEED,
+) -> InteractionLog:
+    """Read all 1,000,209 MovieLens-1M ratings from the untimed CSV copy.
+
+    The file (``user_id,movie_id,rating,...`` with a header; PROVENANCE.md of the data
+    folder) has every user's ratings but **no timestamps**. The ``timestamp`` column is
+    therefore a seeded random order: row r gets the rank of r in a permutation of all
+    rows drawn with ``order_seed``. The split takes each item's rows in that order, so a
+    new item's warm-up and test rows are a random partition of its ratings, where the
+    paper's protocol takes them in time order. Rows whose ``movie_id`` is empty (the
+    copy could not recover 20 movies' ids: 35 rows) are left out and logged
+    (``ratings_without_movie_id``).
+
+    Args:
+        folder: The ``ml-1m`` folder (holds ``users.dat``, ``movies.dat``).
+        ratings_file: The CSV inside ``folder``.
+        n: The split's N.
+        k: The split's K.
+        name: Dataset name recorded in the log.
+        order_seed: Seed of the order that stands in for time.
+
+    Returns:
+        The log; columns as in the module docstring (``timestamp`` = the seeded order).
+
+    Raises:
+        DataError: A file is missing or holds a row that cannot be parsed.
+    """
+    folder = Path(folder)
+    ratings_p = require_file(folder / ratings_file, _HINT)
+    raw = read_delimited(
+        ratings_p,
+        ["user_id", "movie_id", "rating"],
+        {"user_id": _I64, "rating": _I64},
+        delimiter=",",
+        header=True,
+    )
+    movie = raw.column("movie_id").combine_chunks()
+    known = pc.not_equal(movie, "")
+    unknown = len(movie) - int(pc.sum(known).as_py() or 0)
+    if unknown:
+        log.warning("ratings_without_movie_id", path=str(ratings_p), rows=unknown)
+    raw = raw.filter(known)
+    try:
+        item = pc.cast(raw.column("movie_id"), _I64)
+    except (pa.ArrowInvalid, ValueError) as exc:
+        raise DataError(f"{ratings_p}: a movie_id is not an integer: {exc}") from exc
+    order = np.random.default_rng(order_seed).permutation(raw.num_rows).astype(np.int64)
+    ratings = pa.table(
+        {
+            "user": raw.column("user_id"),
+            "item": item,
+            "rating": raw.column("rating"),
+            "ts": pa.array(order),
+        }
+    )
+    item_table, user_table, movies_p, users_p = _ml1m_items_and_users(folder)
+    return _assemble(
+        name, ratings, ratings_p, item_table, user_table, (ratings_p, movies_p, users_p), n=n, k=k
+    )
+
+
+def _ml1m_items_and_users(folder: Path) -> tuple[pa.Table, pa.Table, Path, Path]:
+    """MovieLens-1M's item and user tables from ``movies.dat`` and ``users.dat``."""
+    movies_p = require_file(folder / "movies.dat", _HINT)
+    users_p = require_file(folder / "users.dat", _HINT)
+    movies = read_delimited(
+        movies_p, ["id", "title", "genres"], {"id": _I64}, delimiter="::", encoding="latin-1"
+    )
+    users = read_delimited(
+        users_p,
+        ["id", "gender", "age", "occupation", "zip"],
+        {"id": _I64, "age": _I64, "occupation": _I64},
+        delimiter="::",
+    )
+    check_unique(movies.column("id").to_numpy(), path=movies_p, column="movie id")
+    genres = _drop_empty(pc.split_pattern(movies.column("genres").combine_chunks(), "|"))
+    item_table = _item_table(movies.column("id"), movies.column("title").combine_chunks(), genres)
+    check_unique(users.column("id").to_numpy(), path=users_p, column="user id")
+    user_table = pa.table(
+        {
+            "user_id": int_ids_to_str(users.column("id")),
+            "gender": users.column("gender").combine_chunks(),
+            "age": pc.cast(users.column("age").combine_chunks(), pa.string()),
+            "occupation": pc.cast(users.column("occupation").combine_chunks(), pa.string()),
+            "zip": users.column("zip").combine_chunks(),
+        }
+    )
+    return item_table, user_table, movies_p, users_p
 
 
 def title_features(titles: pa.Array) -> tuple[pa.Array, pa.Array]:

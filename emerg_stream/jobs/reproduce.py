@@ -17,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         required=True,
-        help="preset (ml-100k, ml-1m, ml-1m-u2999, synthetic-pairs[:k=v,...]) or a dataset YAML",
+        help=(
+            "preset (ml-100k, ml-1m, ml-1m-u2999, ml-1m-all, synthetic-pairs[:k=v,...]) "
+            "or a dataset YAML"
+        ),
     )
     parser.add_argument(
         "--methods",

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         required=True,
-        help="preset (ml-100k, ml-1m, ml-1m-u2999, taobao) or the path of a dataset YAML",
+        help="preset (ml-100k, ml-1m, ml-1m-u2999, ml-1m-all, taobao) or a dataset YAML's path",
     )
     parser.add_argument(
         "--data-dir", default=None, help="folder holding the dataset folders ($EMERG_DATA_DIR)"

@@ -7,7 +7,12 @@ import pyarrow as pa
 import pytest
 from structlog.testing import capture_logs
 
-from emerg_stream.data import load_dataset, read_movielens_1m, read_movielens_100k
+from emerg_stream.data import (
+    load_dataset,
+    read_movielens_1m,
+    read_movielens_1m_untimed,
+    read_movielens_100k,
+)
 from emerg_stream.data.movielens import ML1M_RATINGS_SHA256, MOVIELENS_SCHEMA
 from emerg_stream.errors import ConfigError, DataError
 
@@ -169,3 +174,42 @@ def test_load_dataset_missing_file_names_path_and_env(tmp_path) -> None:
 def test_load_dataset_unknown_name(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown dataset 'ml-2m'"):
         load_dataset("ml-2m", tmp_path)
+
+
+def write_ml1m_untimed(folder: Path, rows: list[str]) -> Path:
+    write_ml1m(folder)
+    (folder / "supplementary").mkdir()
+    body = "user_id,movie_id,rating,r_item_index\n" + "\n".join(rows) + "\n"
+    (folder / "supplementary" / "ratings_all_no_timestamp.csv").write_text(body)
+    return folder
+
+
+def test_ml1m_untimed_reads_all_rows_drops_unknown_ids_and_orders_by_seed(tmp_path) -> None:
+    rows = [f"{1 + i % 2},{(1193, 661)[i % 2]},{1 + i % 5},{i % 2 + 1}" for i in range(12)]
+    rows.append("2,,5,3")  # a movie whose id the copy could not recover
+    folder = write_ml1m_untimed(tmp_path / "ml-1m", rows)
+    with capture_logs() as logs:
+        log = read_movielens_1m_untimed(folder)
+    assert (log.name, log.n, log.k) == ("ml-1m-all", 200, 20)
+    t = log.table
+    assert t.num_rows == 12
+    assert [e["rows"] for e in logs if e["event"] == "ratings_without_movie_id"] == [1]
+    assert t.column("item_id").to_pylist()[:2] == ["1193", "661"]
+    assert t.column("genres").to_pylist()[1] == ["Animation", "Children's", "Musical"]
+    assert t.column("label").to_pylist()[:5] == [0, 0, 0, 1, 1]
+    assert t.column("occupation").to_pylist()[:2] == ["10", "16"]
+    # The stand-in for time: a permutation of the rows, fixed by the seed, other seeds differ.
+    order = t.column("timestamp").to_pylist()
+    assert sorted(order) == list(range(12))
+    assert order == read_movielens_1m_untimed(folder).table.column("timestamp").to_pylist()
+    assert (
+        order
+        != read_movielens_1m_untimed(folder, order_seed=1).table.column("timestamp").to_pylist()
+    )
+    assert load_dataset("ml-1m-all", tmp_path).table.num_rows == 12
+
+
+def test_ml1m_untimed_bad_movie_id_names_the_file(tmp_path) -> None:
+    folder = write_ml1m_untimed(tmp_path / "ml-1m", ["1,1193,5,1", "1,x661,4,2"])
+    with pytest.raises(DataError, match=r"ratings_all_no_timestamp\.csv: a movie_id is not"):
+        read_movielens_1m_untimed(folder)

@@ -58,3 +58,16 @@ def test_ml1m_u2999_matches_the_documented_scale(data_dir) -> None:
         ).mean()
         > 0.99
     )
+
+
+def test_ml1m_all_has_every_user_and_the_papers_new_items(data_dir) -> None:
+    log = load_dataset("ml-1m-all", data_dir)
+    # 1,000,209 ratings less the 35 whose movie id the untimed copy lost.
+    assert log.table.num_rows == 1_000_174
+    assert len(set(log.table.column("user_id").to_pylist())) == 6040
+    split = split_log(log)
+    print_counts(split)
+    items, rows = split.item_counts(), split.row_counts()
+    # The new items (60..200 ratings) are counted, not timed: 972, as in the paper.
+    assert items["warm_a"] == 972 and items["old"] == 1420
+    assert sum(rows.values()) + split.dropped_rows == 1_000_174

@@ -83,6 +83,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "emerg-joint-fm-3-layers": ("emerg", {**STRUCTURES["joint+fm"], "layers": 3}),
     # a generator twice as wide (one hidden layer of 64)
     "emerg-joint-fm-hyper64": ("emerg", {**STRUCTURES["joint+fm"], "hyper_hidden": 64}),
+    # a new item starts from a zero ID embedding instead of N(0, 0.01²) noise (the cold
+    # phase scores it as it is; DeepFM's cold ID embedding is the same noise)
+    "emerg-joint-fm-zero-id": ("emerg", {**STRUCTURES["joint+fm"], "id_init_std": 0.0}),
+    "deepfm-zero-id": ("deepfm", {"id_init_std": 0.0}),
     # the pairwise FM term alone (the "+fm" structures until the first-order term won)
     "emerg-field-pairwise": ("emerg", {"attention": "field", "fm": True}),
     "emerg-joint-pairwise": ("emerg", {**_JOINT, "fm": True}),

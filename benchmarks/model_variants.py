@@ -13,8 +13,8 @@ never read, so a variant can be chosen from this table without touching them.
         --variants emerg-joint-fm,deepfm,metae
 
 Variants (``--variants``): see :data:`VARIANTS`; every method gets the same grid, epochs
-and selection. ``--alpha``, ``--inner-lr``, ``--weight-decay``, ``--batch-size`` and
-``--multi-pooling`` change the training or the data of every variant of the run.
+and selection. ``--alpha``, ``--inner-lr``, ``--weight-decay``, ``--batch-size``, ``--id-dropout``
+and ``--multi-pooling`` change the training or the data of every variant of the run.
 ``--processes 2`` runs the (seed, variant) units on two worker processes of one thread
 each (on 2 cores, about half the time of one process; each unit's result is the one it
 gives alone).
@@ -201,6 +201,13 @@ def main(argv: list[str] | None = None) -> None:
         "0); applied to every variant of the run",
     )
     p.add_argument(
+        "--id-dropout",
+        type=float,
+        default=None,
+        help="share of pretraining rows whose item ID embedding is zeroed (default: "
+        "TrainConfig's, 0); applied to every variant of the run",
+    )
+    p.add_argument(
         "--multi-pooling",
         choices=["mean", "sum"],
         default="mean",
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "inner_lr": args.inner_lr,
         "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
+        "id_dropout": args.id_dropout,
     }
     cfg = selection_config(**{k: v for k, v in given.items() if v is not None})
     if args.quick:
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         "inner_lr": cfg.inner_lr,
         "weight_decay": cfg.weight_decay,
         "batch_size": cfg.batch_size,
+        "id_dropout": cfg.id_dropout,
         "machine": machine_info(device),
         "runs": runs,
     }

@@ -65,6 +65,9 @@ class TrainConfig:
         second_order: Backpropagate through the inner gradient.
         inner_update: False = ablation without the inner step (φ' = φ⁰).
         chunk_rows: Rows drawn per chunk of a task (bounds a task's cost).
+        id_dropout: Share of pretraining rows whose item ID embedding is replaced by
+            zeros, so the other fields learn to predict an item as a new one (DropoutNet's
+            input dropout; an extension, off by default: docs/RESULTS.md measures it).
     """
 
     seed: int = 0
@@ -80,6 +83,11 @@ class TrainConfig:
     second_order: bool = True
     inner_update: bool = True
     chunk_rows: int = 64
+    id_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
 
 
 EpochCallback = Callable[[str, int], None]
@@ -132,6 +140,9 @@ def pretrain(
         for start in bar:
             b = rows.select(perm[start : start + cfg.batch_size]).to(device)
             phi = model.trained_params(b.tokens, b.weights)
+            if cfg.id_dropout > 0.0:
+                keep = torch.rand(len(b), generator=gen) >= cfg.id_dropout
+                phi["id"] = phi["id"] * keep.to(device=device, dtype=phi["id"].dtype)[:, None]
             loss = F.binary_cross_entropy_with_logits(model(b.tokens, b.weights, phi), b.labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]

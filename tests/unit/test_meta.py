@@ -201,6 +201,27 @@ def test_training_is_deterministic_under_a_seed():
         assert torch.equal(states[0][k], states[1][k])
 
 
+@pytest.mark.parametrize("kind", ["emerg", "deepfm"])
+def test_id_dropout_hides_the_id_embedding_from_pretraining(kind):
+    rows, items = make_data()
+    rows.tokens[:, 1:][rows.tokens[:, 1:] <= len(items)] = len(items) + 1  # ID rows: IDs only
+    ids = torch.unique(rows.tokens[:, 0, 0])
+    moved = {}
+    for p in (0.0, 1 - 1e-9):
+        torch.manual_seed(7)
+        model = build_model(config(kind))
+        before = model.embedding.table.weight.detach().clone()
+        cfg = TrainConfig(seed=3, pretrain_epochs=1, batch_size=64, id_dropout=p)
+        pretrain(model, rows, items, cfg, device=CPU, progress=False)
+        delta = (model.embedding.table.weight.detach() - before).abs()
+        moved[p] = (float(delta[ids].max()), float(delta.max()))
+    assert moved[0.0][0] > 1e-3  # without it, pretraining trains the items' ID rows
+    # With every row's ID zeroed, no gradient reaches the ID rows; the others still train.
+    assert moved[1 - 1e-9][0] == 0.0 and moved[1 - 1e-9][1] > 1e-3
+    with pytest.raises(ValueError, match="id_dropout"):
+        TrainConfig(id_dropout=1.0)
+
+
 def test_tasks_are_consecutive_time_ordered_chunks():
     item = np.array([0] * 8 + [1] * 4)
     ts = np.array([8, 7, 6, 5, 4, 3, 2, 1, 1, 2, 3, 4])

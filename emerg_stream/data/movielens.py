@@ -274,14 +274,18 @@ def read_movielens_1m_untimed(
     )
     movie = raw.column("movie_id").combine_chunks()
     known = pc.not_equal(movie, "")
+    bad = pc.and_(known, pc.invert(pc.match_substring_regex(movie, r"^\d{1,18}$")))
+    if pc.any(bad).as_py():
+        first = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+        raise DataError(
+            f"{ratings_p}: line {first + 2}: movie_id {movie[first].as_py()!r} is not an "
+            "integer (nor empty, which marks a movie the copy could not identify)"
+        )
     unknown = len(movie) - int(pc.sum(known).as_py() or 0)
     if unknown:
         log.warning("ratings_without_movie_id", path=str(ratings_p), rows=unknown)
     raw = raw.filter(known)
-    try:
-        item = pc.cast(raw.column("movie_id"), _I64)
-    except (pa.ArrowInvalid, ValueError) as exc:
-        raise DataError(f"{ratings_p}: a movie_id is not an integer: {exc}") from exc
+    item = pc.cast(raw.column("movie_id"), _I64)
     order = np.random.default_rng(order_seed).permutation(raw.num_rows).astype(np.int64)
     ratings = pa.table(
         {

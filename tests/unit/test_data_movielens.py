@@ -210,6 +210,8 @@ def test_ml1m_untimed_reads_all_rows_drops_unknown_ids_and_orders_by_seed(tmp_pa
 
 
 def test_ml1m_untimed_bad_movie_id_names_the_file(tmp_path) -> None:
-    folder = write_ml1m_untimed(tmp_path / "ml-1m", ["1,1193,5,1", "1,x661,4,2"])
-    with pytest.raises(DataError, match=r"ratings_all_no_timestamp\.csv: a movie_id is not"):
+    folder = write_ml1m_untimed(tmp_path / "ml-1m", ["1,1193,5,1", "2,,4,3", "1,x661,4,2"])
+    with pytest.raises(
+        DataError, match=r"ratings_all_no_timestamp\.csv: line 4: movie_id 'x661' is not"
+    ):
         read_movielens_1m_untimed(folder)

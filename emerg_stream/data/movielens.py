@@ -242,12 +242,12 @@ def read_movielens_1m_untimed(
 
     The file (``user_id,movie_id,rating,...`` with a header; PROVENANCE.md of the data
     folder) has every user's ratings but **no timestamps**. The ``timestamp`` column is
-    therefore a seeded random order: row r gets the rank of r in a permutation of all
-    rows drawn with ``order_seed``. The split takes each item's rows in that order, so a
-    new item's warm-up and test rows are a random partition of its ratings, where the
-    paper's protocol takes them in time order. Rows whose ``movie_id`` is empty (the
-    copy could not recover 20 movies' ids: 35 rows) are left out and logged
-    (``ratings_without_movie_id``).
+    therefore a seeded random order: row r gets entry r of a random permutation of
+    0..R−1 drawn with ``order_seed`` (R = the rows kept). The split takes each item's
+    rows in that order, so a new item's warm-up and test rows are a random partition of
+    its ratings, where the paper's protocol takes them in time order. Rows whose
+    ``movie_id`` is empty (the copy could not recover 20 movies' ids: 35 rows) are left
+    out and logged (``ratings_without_movie_id``).
 
     Args:
         folder: The ``ml-1m`` folder (holds ``users.dat``, ``movies.dat``).
